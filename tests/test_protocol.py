@@ -1,0 +1,161 @@
+"""Codec and framer, pure: every packet type, arbitrary splits, and every kind of bad input."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gproxy.protocol import (
+    BODIES,
+    HEADER,
+    LAYOUTS,
+    NEED_DATA,
+    REQ,
+    RES,
+    AdminLine,
+    Framer,
+    Packet,
+    PacketType,
+    ProtocolError,
+    build_packet,
+    parse_body,
+)
+
+field_bytes = st.binary(max_size=40).map(lambda b: b.replace(b"\0", b""))
+rest_bytes = st.binary(max_size=200)
+
+
+@st.composite
+def packets(draw, magic: bytes = REQ, types=tuple(PacketType)) -> bytes:
+    ptype = draw(st.sampled_from(types))
+    layout = LAYOUTS[ptype]
+    args = {name: draw(field_bytes) for name in layout.fields}
+    if layout.rest:
+        args[layout.rest] = draw(rest_bytes)
+    return build_packet(magic, ptype, **args)
+
+
+admin_lines = st.binary(min_size=1, max_size=60).map(
+    lambda b: b"s" + b.replace(b"\n", b"").replace(b"\0", b"") + b"\r\n"
+)
+
+
+def test_the_table_has_every_type_of_the_notes() -> None:
+    assert len(LAYOUTS) == len(PacketType) == 41
+    assert 5 not in set(PacketType)  # unused: gearmand answers INVALID_COMMAND
+
+
+@pytest.mark.parametrize("ptype", list(PacketType), ids=lambda t: t.name)
+def test_every_type_round_trips_and_compiled_agrees_with_interpreted(ptype: PacketType) -> None:
+    layout = LAYOUTS[ptype]
+    args = {name: f"{name}-1".encode() for name in layout.fields}
+    if layout.rest:
+        args[layout.rest] = b"rest\0with\0nuls"
+    raw = build_packet(RES, ptype, **args)
+    assert raw[:12] == struct.pack(">4sII", RES, ptype, len(raw) - 12)
+    assert parse_body(ptype, raw[12:]) == args
+    interpreted = BODIES[ptype].parse(raw[12:])
+    assert {name: interpreted[name] for name in layout.names} == args
+
+
+@given(packets(magic=RES))
+def test_build_then_parse_is_identity(raw: bytes) -> None:
+    header = HEADER.parse(raw[:12])
+    ptype = PacketType(header.type)
+    assert header.size == len(raw) - 12
+    assert build_packet(RES, ptype, **parse_body(ptype, raw[12:])) == raw
+
+
+def test_header_struct_and_construct_agree() -> None:
+    raw = build_packet(REQ, PacketType.SUBMIT_JOB, function=b"f", unique=b"u", data=b"xyz")
+    assert HEADER.build({"magic": REQ, "type": 7, "size": 7}) == raw[:12]
+
+
+def test_missing_nul_is_a_protocol_error_not_a_short_field() -> None:
+    # The compiled parser does no length checks of its own; a body without its NULs must
+    # still be refused rather than split wrongly.
+    with pytest.raises(ProtocolError, match="malformed JOB_ASSIGN"):
+        parse_body(PacketType.JOB_ASSIGN, b"H:x:1")
+    with pytest.raises(ProtocolError, match="malformed NOOP"):
+        parse_body(PacketType.NOOP, b"unexpected")
+
+
+def test_build_refuses_nul_inside_a_field_and_wrong_arguments() -> None:
+    with pytest.raises(ValueError, match="may not contain NUL"):
+        build_packet(REQ, PacketType.SUBMIT_JOB, function=b"f\0g", unique=b"", data=b"")
+    with pytest.raises(ValueError, match="takes"):
+        build_packet(REQ, PacketType.CAN_DO, name=b"f")
+
+
+@given(
+    st.lists(st.one_of(packets(magic=REQ), admin_lines), min_size=1, max_size=12),
+    st.lists(st.integers(min_value=0, max_value=4000), max_size=20),
+)
+def test_any_split_of_the_stream_gives_the_same_frames(frames: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(frames)
+    framer = Framer(REQ)
+    got: list[bytes] = []
+    start = 0
+    for cut in sorted({c % (len(stream) + 1) for c in cuts}) + [len(stream)]:
+        framer.feed(stream[start:cut])
+        start = cut
+        got.extend(frame.raw for frame in framer)
+    assert got == frames
+    assert framer.buffered == 0
+    assert all(
+        isinstance(f, AdminLine) == (raw[0] != 0) for f, raw in zip(_frames(stream), frames)
+    )
+
+
+def _frames(stream: bytes) -> list[Packet | AdminLine]:
+    framer = Framer(REQ)
+    framer.feed(stream)
+    return list(framer)
+
+
+def test_a_partial_frame_waits_and_reports_what_is_buffered() -> None:
+    raw = build_packet(REQ, PacketType.ECHO_REQ, data=b"hello")
+    framer = Framer(REQ)
+    framer.feed(raw[:-1])
+    assert framer.next_frame() is NEED_DATA
+    assert framer.buffered == len(raw) - 1
+    framer.feed(raw[-1:])
+    assert framer.next_frame() == Packet(PacketType.ECHO_REQ, raw)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\0RES" + struct.pack(">II", 1, 0), "bad magic"),
+        (b"\0RX", "bad magic"),  # refused before the header is even complete
+        (b"\0REQ" + struct.pack(">II", 0, 0), "unknown packet type 0"),
+        (b"\0REQ" + struct.pack(">II", 5, 0), "unknown packet type 5"),
+        (b"\0REQ" + struct.pack(">II", 43, 0), "unknown packet type 43"),
+        (b"\0REQ" + struct.pack(">II", 16, 2048), "exceeds max_packet_size 1024"),
+        (b"x" * 1025, "admin text line longer"),
+    ],
+)
+def test_bad_input_is_refused_as_soon_as_it_is_seen(data: bytes, message: str) -> None:
+    framer = Framer(REQ, max_packet_size=1024)
+    framer.feed(data)  # no body follows: oversized packets are refused from the header alone
+    with pytest.raises(ProtocolError, match=message):
+        framer.next_frame()
+    with pytest.raises(ProtocolError, match=message):  # out of sync for good
+        framer.next_frame()
+
+
+def test_a_large_body_is_framed_whole_and_framing_goes_on_after_it() -> None:
+    payload = bytes(range(256)) * 20000  # 5 MB with NUL bytes
+    raw = build_packet(RES, PacketType.WORK_COMPLETE, handle=b"H:x:1", data=payload)
+    framer = Framer(RES)
+    for i in range(0, len(raw), 65536):
+        framer.feed(raw[i : i + 65536])
+    (frame,) = list(framer)
+    assert frame.args() == {"handle": b"H:x:1", "data": payload}
+    small = build_packet(RES, PacketType.NOOP)
+    framer.feed(small)
+    assert list(framer) == [Packet(PacketType.NOOP, small)]
+    assert framer.buffered == 0
