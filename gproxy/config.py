@@ -1,0 +1,145 @@
+"""Settings from a TOML file and command-line flags, checked once at start.
+
+Every mistake is reported as one ConfigError naming the key, so gproxy stops before it
+listens rather than misbehaving later.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import DEFAULT_MAX_PACKET_SIZE
+
+DEFAULT_LISTEN = "127.0.0.1:4730"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TOP_LEVEL_KEYS = {"listen", "upstream", "metrics_listen", "max_packet_size", "log_level", "routes"}
+_ROUTE_KEYS = {"listen", "upstream"}
+
+
+class ConfigError(Exception):
+    """A missing or wrong setting; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Workers that connect to `listen` are proxied to the gearmand at `upstream`."""
+
+    listen: Address
+    upstream: Address
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    routes: tuple[Route, ...]
+    metrics_listen: Address | None = None
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    log_level: str = "INFO"
+
+
+def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
+    """`HOST:PORT` or `[IPV6]:PORT`; port 0 (any free port) only where we listen."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string HOST:PORT, got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not port_zero_ok):
+        raise ConfigError(f"{key}: port must be 1-65535{' (or 0)' if port_zero_ok else ''}, got {port}")
+    return Address(host, port)
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (if any), apply `overrides` (flags, None = not given), validate everything."""
+    settings: dict[str, Any] = {}
+    if path is not None:
+        settings = _read_toml(path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            settings[key] = value
+    unknown = sorted(set(settings) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+    return Config(
+        routes=_routes(settings),
+        metrics_listen=(
+            parse_address(settings["metrics_listen"], "metrics_listen", port_zero_ok=True)
+            if settings.get("metrics_listen")
+            else None
+        ),
+        max_packet_size=_max_packet_size(settings.get("max_packet_size", DEFAULT_MAX_PACKET_SIZE)),
+        log_level=_log_level(settings.get("log_level", "INFO")),
+    )
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _routes(settings: dict[str, Any]) -> tuple[Route, ...]:
+    if "routes" not in settings:
+        if "upstream" not in settings:
+            raise ConfigError("upstream: required (the gearmand to proxy to, HOST:PORT)")
+        return (_route(settings, "", default_listen=DEFAULT_LISTEN),)
+    for key in ("listen", "upstream"):
+        if key in settings:
+            raise ConfigError(
+                f"{key}: cannot be combined with [[routes]]; give each route its own {key}"
+            )
+    tables = settings["routes"]
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("routes: expected one or more [[routes]] tables")
+    routes = tuple(_route(table, f"routes[{i}].") for i, table in enumerate(tables))
+    seen: set[Address] = set()
+    for i, route in enumerate(routes):
+        if route.listen in seen and route.listen.port != 0:
+            raise ConfigError(f"routes[{i}].listen: {route.listen} is already used by another route")
+        seen.add(route.listen)
+    return routes
+
+
+def _route(table: dict[str, Any], prefix: str, default_listen: str | None = None) -> Route:
+    if prefix:
+        unknown = sorted(set(table) - _ROUTE_KEYS)
+        if unknown:
+            raise ConfigError(f"{prefix}{unknown[0]}: unknown route setting (known: listen, upstream)")
+    for key in ("listen", "upstream"):
+        if key not in table and not (key == "listen" and default_listen):
+            raise ConfigError(f"{prefix}{key}: required")
+    return Route(
+        listen=parse_address(table.get("listen", default_listen), f"{prefix}listen", port_zero_ok=True),
+        upstream=parse_address(table["upstream"], f"{prefix}upstream", port_zero_ok=False),
+    )
+
+
+def _max_packet_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise ConfigError(f"max_packet_size: expected a whole number of bytes >= 1024, got {value!r}")
+    if value > 0xFFFFFFFF:
+        raise ConfigError(f"max_packet_size: at most {0xFFFFFFFF} (the protocol's size field)")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()

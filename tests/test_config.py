@@ -1,0 +1,81 @@
+"""Settings: defaults, flags over file, routes, and one clear message naming each wrong key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gproxy.cli import main
+from gproxy.config import Address, ConfigError, Route, load_config
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gproxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_keep_the_worker_on_its_usual_port() -> None:
+    config = load_config(None, {"upstream": "gearmand.internal:4730"})
+    assert config.routes == (Route(Address("127.0.0.1", 4730), Address("gearmand.internal", 4730)),)
+    assert (config.metrics_listen, config.max_packet_size, config.log_level) == (None, 64 << 20, "INFO")
+
+
+def test_a_flag_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'listen = "0.0.0.0:4730"\nupstream = "a:1"\nmetrics_listen = "[::1]:0"\n')
+    config = load_config(path, {"upstream": "b:2", "listen": None})
+    assert config.routes == (Route(Address("0.0.0.0", 4730), Address("b", 2)),)
+    assert config.metrics_listen == Address("::1", 0)
+    assert str(config.metrics_listen) == "[::1]:0"
+
+
+def test_several_routes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'max_packet_size = 2048\n[[routes]]\nlisten = "127.0.0.1:4730"\nupstream = "g1:4730"\n'
+        '[[routes]]\nlisten = "127.0.0.1:4731"\nupstream = "g2:4730"\n',
+    )
+    config = load_config(path)
+    assert [str(r.upstream) for r in config.routes] == ["g1:4730", "g2:4730"]
+    assert config.max_packet_size == 2048
+
+
+@pytest.mark.parametrize(
+    "text, flags, message",
+    [
+        ("", {}, "upstream: required"),
+        ('upstream = "g:4730"\nlisten = "nope"', {}, "listen: expected HOST:PORT"),
+        ('upstream = "g:0"', {}, "upstream: port must be 1-65535"),
+        ('upstream = "g:70000"', {}, "upstream: port must be"),
+        ('upstream = 4730', {}, "upstream: expected a string"),
+        ('upstream = "g:1"\nmax_packet_size = 10', {}, "max_packet_size: expected a whole number"),
+        ('upstream = "g:1"\nmax_packet_size = "1M"', {}, "max_packet_size"),
+        ('upstream = "g:1"\nlog_level = "loud"', {}, "log_level: expected one of"),
+        ('upstream = "g:1"\nlisten_port = 1', {}, "unknown setting 'listen_port'"),
+        ('[[routes]]\nlisten = "127.0.0.1:1"', {}, r"routes\[0\].upstream: required"),
+        ('[[routes]]\nupstream = "g:1"\nport = 3', {}, r"routes\[0\].port: unknown route setting"),
+        ('[[routes]]\nupstream = "g:1"', {"upstream": "g:2"}, "upstream: cannot be combined with"),
+        (
+            '[[routes]]\nlisten = "127.0.0.1:9"\nupstream = "g:1"\n'
+            '[[routes]]\nlisten = "127.0.0.1:9"\nupstream = "g:2"',
+            {},
+            r"routes\[1\].listen: 127.0.0.1:9 is already used",
+        ),
+        ("upstream = ", {}, "is not valid TOML"),
+    ],
+)
+def test_a_wrong_setting_is_named(tmp_path: Path, text: str, flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), flags)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
+        load_config(str(tmp_path / "missing.toml"))
+
+
+def test_the_command_stops_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--upstream", "g:1", "--listen", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "gproxy: configuration error: listen: expected HOST:PORT, got 'x'\n"
