@@ -1,0 +1,161 @@
+"""The trio shell: listeners, one upstream connection per downstream connection, byte pumps.
+
+All protocol decisions are made by Session (pure); this module only moves bytes, keeps the
+two connections of a pair alive and dead together, and turns every failure of one pair into
+one log line and a closed pair, never into a crashed proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import Address, Config, Route
+from .jobs import TrackedJob
+from .protocol import Framer, ProtocolError
+from .session import Session
+
+log = logging.getLogger("gproxy.proxy")
+
+RECEIVE_SIZE = 65536
+CONNECT_TIMEOUT = 5.0
+"""Seconds to reach gearmand before the downstream connection is refused."""
+HALF_CLOSE_LINGER = 10.0
+"""After one side closes, seconds the other may take to finish before the pair is cut."""
+
+
+@dataclass(slots=True)
+class _Pair:
+    """Why a connection pair ended: the first reason wins, and is logged once."""
+
+    name: str
+    cancel_scope: trio.CancelScope
+    reason: str | None = None
+    level: int = logging.DEBUG
+    eofs: int = field(default=0)
+
+    def fail(self, reason: str, level: int = logging.WARNING) -> None:
+        if self.reason is None:
+            self.reason, self.level = reason, level
+        self.cancel_scope.cancel()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return str(Address(host, port))
+
+
+class Proxy:
+    """Serves every configured route; `tracked_jobs()` shows what workers hold right now."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.listen_addresses: list[Address] = []
+        self._sessions: set[Session] = set()
+
+    def tracked_jobs(self) -> list[TrackedJob]:
+        return [job for session in self._sessions for job in session.jobs]
+
+    async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every route (bind errors raise here), report `self` as started, serve."""
+        bound: list[tuple[Route, list[trio.SocketListener]]] = []
+        for route in self.config.routes:
+            listeners = await trio.open_tcp_listeners(route.listen.port, host=route.listen.host)
+            host, port, *_ = listeners[0].socket.getsockname()
+            self.listen_addresses.append(Address(host, port))
+            log.info("listening on %s, proxying to gearmand %s", Address(host, port), route.upstream)
+            bound.append((route, listeners))
+        async with trio.open_nursery() as nursery:
+            for route, listeners in bound:
+                await nursery.start(
+                    trio.serve_listeners, lambda stream, r=route: self._handle(stream, r), listeners
+                )
+            task_status.started(self)
+
+    async def _handle(self, downstream: trio.SocketStream, route: Route) -> None:
+        name = f"peer {_peer_name(downstream)} (via {route.listen} to gearmand {route.upstream})"
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                upstream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
+            await trio.aclose_forcefully(downstream)
+            return
+        session = Session(f"{_peer_name(upstream)}->{route.upstream}", self.config.max_packet_size)
+        self._sessions.add(session)
+        try:
+            with trio.CancelScope() as scope:
+                pair = _Pair(name, scope)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        self._pump, pair, downstream, upstream, session.downstream,
+                        session.from_downstream, "peer",
+                    )
+                    nursery.start_soon(
+                        self._pump, pair, upstream, downstream, session.upstream,
+                        lambda data: session.from_upstream(data, trio.current_time()), "gearmand",
+                    )
+        except Exception:
+            log.exception("%s: closed: internal error", name)
+        else:
+            log.log(pair.level, "%s: closed: %s", name, pair.reason or "both sides finished")
+        finally:
+            self._sessions.discard(session)
+            session.closed()
+            await trio.aclose_forcefully(upstream)
+            await trio.aclose_forcefully(downstream)
+
+    async def _pump(
+        self,
+        pair: _Pair,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        framer: Framer,
+        transform: Callable[[bytes], bytes],
+        source_name: str,
+    ) -> None:
+        """Move one direction until EOF; the first failure of either direction ends the pair."""
+        sink_name = "gearmand" if source_name == "peer" else "peer"
+        while True:
+            try:
+                data = await source.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                return pair.fail(f"{source_name} connection lost: {exc}", logging.INFO)
+            if not data:
+                break
+            try:
+                out = transform(data)
+            except ProtocolError as exc:
+                return pair.fail(f"protocol error from {source_name}: {exc}")
+            if out:
+                try:
+                    await sink.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    return pair.fail(f"{sink_name} connection lost: {exc}", logging.INFO)
+        if framer.buffered:
+            return pair.fail(
+                f"{source_name} closed mid-packet ({framer.buffered} bytes of an unfinished frame)"
+            )
+        # Mirror the close as a half-close, so replies already on their way still arrive;
+        # the other direction then has a grace period to finish before the pair is cut.
+        pair.eofs += 1
+        if pair.eofs == 1:
+            pair.reason = f"{source_name} closed the connection"
+            pair.cancel_scope.deadline = min(
+                pair.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
+            )
+        try:
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pair.cancel_scope.cancel()
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a Proxy for `config`; `await nursery.start(serve, config)` returns it once listening."""
+    await Proxy(config).serve(task_status=task_status)
