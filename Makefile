@@ -1,0 +1,47 @@
+# Everything the tests, the demo and the benchmark need is installed from here, on a fresh
+# Debian machine: the real Gearman peers from Debian's packages, and a venv with the project.
+
+PYTHON ?= python3
+VENV := .venv
+APT_PACKAGES := gearman-job-server gearman-tools libgearman-client-perl
+BENCH_APT_PACKAGES := haproxy
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test demo bench system-deps bench-deps apt-install clean
+
+test: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m gproxy.demo
+
+bench: system-deps bench-deps $(VENV)/.installed
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+system-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
+
+# Installs only what is missing, so a prepared machine pays nothing.
+apt-install:
+	@missing=""; \
+	for p in $(PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,118 @@
+"""`make demo`: a real gearmand, gproxy in front of it, a libgearman worker behind gproxy, jobs.
+
+Everything runs on loopback ports chosen at start and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: {what} did not start listening on {HOST}:{port}")
+            time.sleep(0.02)
+
+
+def admin(port: int, command: str) -> str:
+    """A text admin command, answered up to its closing '.' line."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(command.encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b".\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.decode()
+
+
+@contextlib.contextmanager
+def process(argv: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_for_worker(port: int, function: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(
+        line.split("\t")[0] == function and line.split("\t")[3].strip() != "0"
+        for line in admin(port, "status").splitlines()
+        if line.count("\t") == 3
+    ):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: no worker registered {function!r}")
+        time.sleep(0.02)
+
+
+def main() -> int:
+    gearmand = shutil.which("gearmand") or "/usr/sbin/gearmand"
+    if not os.path.exists(gearmand) or not shutil.which("gearman"):
+        print("demo: needs gearmand and the gearman CLI (apt-get install gearman-job-server gearman-tools)")
+        return 2
+    gearmand_port, proxy_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="gproxy-demo-") as tmp, contextlib.ExitStack() as stack:
+        stack.enter_context(process([
+            gearmand, f"--listen={HOST}", f"--port={gearmand_port}",
+            f"--log-file={tmp}/gearmand.log", f"--pid-file={tmp}/gearmand.pid",
+        ]))
+        wait_for_port(gearmand_port, "gearmand")
+        print(f"gearmand      listening on {HOST}:{gearmand_port}")
+        stack.enter_context(process([
+            sys.executable, "-m", "gproxy", "--listen", f"{HOST}:{proxy_port}",
+            "--upstream", f"{HOST}:{gearmand_port}", "--log-level", "INFO",
+        ]))
+        wait_for_port(proxy_port, "gproxy")
+        print(f"gproxy        listening on {HOST}:{proxy_port}, proxying to gearmand")
+        stack.enter_context(process(
+            ["gearman", "-w", "-h", HOST, "-p", str(proxy_port), "-f", "shout", "--", "tr", "a-z", "A-Z"]
+        ))
+        wait_for_worker(gearmand_port, "shout")
+        print("worker        `gearman -w -f shout -- tr a-z A-Z`, connected to gproxy\n")
+        print("gearmand's `workers` list, asked through gproxy's port:")
+        print("".join(f"    {line}\n" for line in admin(proxy_port, "workers").splitlines()))
+        for n in range(1, 6):
+            payload = f"hello gearman, job {n}"
+            result = subprocess.run(
+                ["gearman", "-h", HOST, "-p", str(gearmand_port), "-f", "shout", payload],
+                capture_output=True, timeout=10, text=True,
+            )
+            print(f"client -> gearmand -> gproxy -> worker: {payload!r:26} => {result.stdout!r}")
+            if result.returncode != 0 or result.stdout != payload.upper():
+                print(f"demo: job {n} failed: {result.stderr.strip()}")
+                return 1
+        print("\nall 5 jobs went through gproxy to the worker and back.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
