@@ -168,7 +168,7 @@ BODIES: Final[dict[PacketType, Struct]] = {t: _body_struct(lay) for t, lay in LA
 """Interpreted construct definition of each packet type's payload."""
 
 _COMPILED: Final[dict[PacketType, Struct]] = {t: s.compile() for t, s in BODIES.items()}
-_KNOWN_TYPES: Final = frozenset(int(t) for t in PacketType)
+_TYPE_BY_NUMBER: Final[dict[int, PacketType]] = {int(t): t for t in PacketType}
 
 
 class ProtocolError(Exception):
@@ -288,17 +288,18 @@ class Framer:
         magic, ptype, size = _HEADER_STRUCT.unpack_from(buf, pos)
         if magic != self.magic:
             raise ProtocolError(f"bad magic {magic!r} (expected {self.magic!r})")
-        if ptype not in _KNOWN_TYPES:
+        known_type = _TYPE_BY_NUMBER.get(ptype)
+        if known_type is None:
             raise ProtocolError(f"unknown packet type {ptype}")
         end = pos + HEADER_SIZE + size
         if size > self.max_packet_size:
             raise ProtocolError(
-                f"{PacketType(ptype).name} of {size} bytes exceeds max_packet_size "
+                f"{known_type.name} of {size} bytes exceeds max_packet_size "
                 f"{self.max_packet_size}"
             )
         if len(buf) < end:
             return NEED_DATA
-        packet = Packet(PacketType(ptype), bytes(buf[pos:end]))
+        packet = Packet(known_type, bytes(buf[pos:end]))
         self._advance(end)
         return packet
 
