@@ -1,0 +1,78 @@
+"""gproxy running in a thread of the test process, for synchronous tests with real peers.
+
+The real Gearman peers are blocking subprocesses; waiting on them inside a trio test would
+stall the proxy that serves them. So the proxy gets its own trio loop in a thread, and the
+test reads its state through `trio.from_thread`, in the proxy's own thread, never racing it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from gproxy.config import Address, Config, Route
+from gproxy.jobs import TrackedJob
+from gproxy.proxy import Proxy
+
+R = TypeVar("R")
+
+
+class ProxyThread:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.proxy: Proxy | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gproxy", daemon=True)
+
+    @classmethod
+    def to(cls, upstream: tuple[str, int], **settings: Any) -> ProxyThread:
+        """A single route from a free loopback port to `upstream`."""
+        return cls(Config(routes=(Route(Address("127.0.0.1", 0), Address(*upstream)),), **settings))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.proxy is not None
+        listen = self.proxy.listen_addresses[0]
+        return (listen.host, listen.port)
+
+    def __enter__(self) -> ProxyThread:
+        self._thread.start()
+        if not self._started.wait(10):
+            raise TimeoutError("gproxy did not start within 10 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.call(self._cancel_scope.cancel)
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "gproxy did not stop within 10 s"
+        if self._error is not None:
+            raise self._error
+
+    def call(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run `fn` in the proxy's thread, between its steps."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def tracked_jobs(self) -> list[TrackedJob]:
+        assert self.proxy is not None
+        return self.call(self.proxy.tracked_jobs)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported to the test, in the test's thread
+            self._error = exc
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._cancel_scope = nursery.cancel_scope
+            self.proxy = await nursery.start(Proxy(self.config).serve)
+            self._started.set()

@@ -1,0 +1,161 @@
+"""Bad input and lost peers: the pair is closed with one log line, the proxy carries on.
+
+Bad bytes cannot come from a real Gearman library, so the misbehaving side is a raw socket;
+the other side is the real gearmand wherever it can be, and a listener of the test's own
+only where gearmand itself must misbehave or vanish on cue.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+import trio
+
+from gproxy.config import Address, Config, Route
+from gproxy.protocol import NEED_DATA, REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.proxy import Proxy
+
+pytestmark = pytest.mark.timeout(30)
+LOOPBACK = "127.0.0.1"
+
+
+async def start_proxy(nursery: trio.Nursery, upstream: tuple[str, int], **settings) -> Address:
+    config = Config(routes=(Route(Address(LOOPBACK, 0), Address(*upstream)),), **settings)
+    proxy: Proxy = await nursery.start(Proxy(config).serve)
+    return proxy.listen_addresses[0]
+
+
+async def connect(address: Address) -> trio.SocketStream:
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def receive_until_eof(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some():
+            data += chunk
+    return data
+
+
+async def echo_through(address: Address) -> None:
+    """A healthy round trip through the proxy to gearmand: the proxy is alive and serving."""
+    stream = await connect(address)
+    async with stream:
+        await stream.send_all(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
+        framer = Framer(RES)
+        with trio.fail_after(10):
+            while (frame := framer.next_frame()) is NEED_DATA:
+                framer.feed(await stream.receive_some())
+        assert frame == Packet(PacketType.ECHO_RES, build_packet(RES, PacketType.ECHO_RES, data=b"still here"))
+
+
+def pair_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gproxy.proxy" and "closed:" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b"\0REX" + struct.pack(">II", 16, 0), "bad magic"),
+        (b"\0RES" + struct.pack(">II", 16, 0), "bad magic"),
+        (b"\0REQ" + struct.pack(">II", 77, 0), "unknown packet type 77"),
+        (b"\0REQ" + struct.pack(">II", 16, 4096), "ECHO_REQ of 4096 bytes exceeds max_packet_size 2048"),
+        (b"\0REQ" + struct.pack(">II", 13, 5) + b"H:x:1", "malformed WORK_COMPLETE"),
+    ],
+)
+async def test_bad_packet_closes_the_pair_with_one_log_line(
+    nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture, bad: bytes, reason: str
+) -> None:
+    caplog.set_level(logging.DEBUG, "gproxy")
+    address = await start_proxy(nursery, gearmand.address, max_packet_size=2048)
+    stream = await connect(address)
+    await stream.send_all(bad)  # an oversized packet is refused before its body is sent
+    assert await receive_until_eof(stream) == b""
+    (line,) = pair_log_lines(caplog)
+    assert f"peer {LOOPBACK}:" in line and f"protocol error from peer: {reason}" in line
+    assert [r.levelno for r in caplog.records if "closed:" in r.getMessage()] == [logging.WARNING]
+    await echo_through(address)
+
+
+async def test_peer_vanishing_mid_packet_is_logged(
+    nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    address = await start_proxy(nursery, gearmand.address)
+    stream = await connect(address)
+    await stream.send_all(build_packet(REQ, PacketType.ECHO_REQ, data=b"x" * 100)[:50])
+    await stream.send_eof()
+    assert await receive_until_eof(stream) == b""
+    (line,) = pair_log_lines(caplog)
+    assert "peer closed mid-packet (50 bytes of an unfinished frame)" in line
+    await echo_through(address)
+
+
+async def test_unreachable_gearmand_closes_the_peer(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.socket.socket() as unused:  # a port that nothing listens on
+        await unused.bind((LOOPBACK, 0))
+        dead = unused.getsockname()
+    address = await start_proxy(nursery, dead)
+    stream = await connect(address)
+    assert await receive_until_eof(stream) == b""
+    (line,) = pair_log_lines(caplog)
+    assert f"to gearmand {LOOPBACK}:{dead[1]}): closed: gearmand unreachable" in line
+
+
+class FakeGearmand:
+    """A listener of the test's own, for what the real gearmand will not do on cue."""
+
+    def __init__(self) -> None:
+        self.accepted: trio.MemoryReceiveChannel[trio.SocketStream]
+        self._send, self.accepted = trio.open_memory_channel(10)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        self.address = listeners[0].socket.getsockname()[:2]
+        async with listeners[0]:
+            task_status.started()
+            while True:
+                await self._send.send(await listeners[0].accept())
+
+
+@pytest.fixture
+async def fake_gearmand(nursery: trio.Nursery) -> FakeGearmand:
+    fake = FakeGearmand()
+    await nursery.start(fake.serve)
+    return fake
+
+
+async def test_garbage_from_gearmand_closes_both_sides(
+    nursery: trio.Nursery, fake_gearmand: FakeGearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    address = await start_proxy(nursery, fake_gearmand.address)
+    peer = await connect(address)
+    upstream = await fake_gearmand.accepted.receive()
+    await upstream.send_all(b"\0REQ" + struct.pack(">II", 6, 0))  # request magic from a server
+    assert await receive_until_eof(peer) == b""
+    assert await receive_until_eof(upstream) == b""
+    (line,) = pair_log_lines(caplog)
+    assert "protocol error from gearmand: bad magic" in line
+
+
+async def test_either_side_closing_closes_the_other(
+    nursery: trio.Nursery, fake_gearmand: FakeGearmand
+) -> None:
+    address = await start_proxy(nursery, fake_gearmand.address)
+    noop = build_packet(RES, PacketType.NOOP)
+
+    peer = await connect(address)
+    upstream = await fake_gearmand.accepted.receive()
+    await upstream.send_all(noop)
+    await upstream.aclose()
+    assert await receive_until_eof(peer) == noop  # what was in flight still arrives
+
+    peer = await connect(address)
+    upstream = await fake_gearmand.accepted.receive()
+    grab = build_packet(REQ, PacketType.GRAB_JOB_UNIQ)
+    await peer.send_all(grab)
+    await peer.aclose()
+    assert await receive_until_eof(upstream) == grab
