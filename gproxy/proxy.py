@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Address, Config, Route
+from .connection import Connection
 from .jobs import TrackedJob
 from .protocol import Framer, ProtocolError
 from .session import Session
@@ -43,14 +44,6 @@ class _Pair:
         self.cancel_scope.cancel()
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return str(Address(host, port))
-
-
 class Proxy:
     """Serves every configured route; `tracked_jobs()` shows what workers hold right now."""
 
@@ -78,16 +71,18 @@ class Proxy:
                 )
             task_status.started(self)
 
-    async def _handle(self, downstream: trio.SocketStream, route: Route) -> None:
-        name = f"peer {_peer_name(downstream)} (via {route.listen} to gearmand {route.upstream})"
+    async def _handle(self, stream: trio.SocketStream, route: Route) -> None:
+        downstream = Connection.from_stream(stream)
+        name = f"peer {downstream.peer} (via {route.listen} to gearmand {route.upstream})"
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+                upstream_stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
-            await trio.aclose_forcefully(downstream)
+            downstream.close()
             return
-        session = Session(f"{_peer_name(upstream)}->{route.upstream}", self.config.max_packet_size)
+        upstream = Connection.from_stream(upstream_stream)
+        session = Session(f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size)
         self._sessions.add(session)
         try:
             with trio.CancelScope() as scope:
@@ -108,14 +103,14 @@ class Proxy:
         finally:
             self._sessions.discard(session)
             session.closed()
-            await trio.aclose_forcefully(upstream)
-            await trio.aclose_forcefully(downstream)
+            upstream.close()
+            downstream.close()
 
     async def _pump(
         self,
         pair: _Pair,
-        source: trio.SocketStream,
-        sink: trio.SocketStream,
+        source: Connection,
+        sink: Connection,
         framer: Framer,
         transform: Callable[[bytes], bytes],
         source_name: str,
@@ -124,8 +119,8 @@ class Proxy:
         sink_name = "gearmand" if source_name == "peer" else "peer"
         while True:
             try:
-                data = await source.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                data = await source.receive(RECEIVE_SIZE)
+            except OSError as exc:
                 return pair.fail(f"{source_name} connection lost: {exc}", logging.INFO)
             if not data:
                 break
@@ -136,7 +131,7 @@ class Proxy:
             if out:
                 try:
                     await sink.send_all(out)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                except OSError as exc:
                     return pair.fail(f"{sink_name} connection lost: {exc}", logging.INFO)
         if framer.buffered:
             return pair.fail(
@@ -151,8 +146,8 @@ class Proxy:
                 pair.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
             )
         try:
-            await sink.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            sink.send_eof()
+        except OSError:
             pair.cancel_scope.cancel()
 
 
