@@ -7,11 +7,10 @@ assigned a job can finish it. So jobs are tracked per connection, by handle, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class TrackedJob:
+class TrackedJob(NamedTuple):
     handle: bytes
     function: bytes
     unique: bytes

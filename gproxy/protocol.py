@@ -17,11 +17,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from construct import (
     Bytes,
-    ConstructError,
     GreedyBytes,
     Int32ub,
     NullTerminated,
@@ -175,9 +174,11 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not valid Gearman; the connection cannot continue."""
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One complete binary packet, kept as the exact bytes received so it can be forwarded."""
+class Packet(NamedTuple):
+    """One complete binary packet, kept as the exact bytes received so it can be forwarded.
+
+    A NamedTuple, not a dataclass: one is made for every packet that crosses the proxy.
+    """
 
     type: PacketType
     raw: bytes
@@ -192,32 +193,36 @@ class Packet:
 
     def args(self) -> dict[str, bytes]:
         """Split the payload by the type's layout (only for packets the proxy acts on)."""
-        return parse_body(self.type, self.body)
+        return parse_body(self.type, self.raw[HEADER_SIZE:])
 
 
-@dataclass(frozen=True, slots=True)
-class AdminLine:
+class AdminLine(NamedTuple):
     """One line of the text admin protocol, `\\n` included, exactly as received."""
 
     raw: bytes
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
 Frame = Packet | AdminLine
 
 
 def parse_body(ptype: PacketType, body: bytes) -> dict[str, bytes]:
-    """Arguments of a complete payload; a missing NUL or stray bytes is a ProtocolError."""
-    try:
-        parsed = _COMPILED[ptype].parse(body)
-    except ConstructError as exc:
-        raise ProtocolError(f"malformed {ptype.name} payload ({len(body)} bytes)") from exc
-    return {name: parsed[name] for name in LAYOUTS[ptype].names}
+    """Arguments of a complete payload; a missing NUL or stray bytes is a ProtocolError.
+
+    This is the parse that BODIES defines, done with one `bytes.split` (~0.5 us) instead of
+    the compiled construct parser (~9 us) because it runs for every job on the hot path;
+    a property test holds the two equal on arbitrary input, malformed input included.
+    """
+    layout = LAYOUTS[ptype]
+    if layout.rest is None:
+        if body:
+            raise ProtocolError(f"malformed {ptype.name} payload ({len(body)} bytes, expected none)")
+        return {}
+    if not layout.fields:
+        return {layout.rest: body}
+    parts = body.split(b"\0", len(layout.fields))
+    if len(parts) <= len(layout.fields):
+        raise ProtocolError(f"malformed {ptype.name} payload ({len(body)} bytes, too few NULs)")
+    return dict(zip(layout.names, parts))
 
 
 def build_packet(magic: bytes, ptype: PacketType, **args: bytes) -> bytes:
@@ -235,8 +240,10 @@ def build_packet(magic: bytes, ptype: PacketType, **args: bytes) -> bytes:
 class Framer:
     """Cuts one direction of a connection into packets and admin lines.
 
-    h11-style: `feed(bytes)`, then `next_frame()` until it returns NEED_DATA. After a
-    ProtocolError the stream is out of sync and the framer refuses to go on.
+    `receive(bytes)` returns every frame completed by those bytes and keeps the rest for
+    the next call (one call per chunk read, not one per frame: this runs for every chunk
+    that crosses the proxy). After a ProtocolError the stream is out of sync for good and
+    the framer refuses to go on.
     """
 
     def __init__(self, magic: bytes, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
@@ -244,81 +251,66 @@ class Framer:
             raise ValueError(f"magic must be REQ or RES, not {magic!r}")
         self.magic = magic
         self.max_packet_size = max_packet_size
-        self._buf = bytearray()
-        self._pos = 0
+        self._pending = bytearray()
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet framed: non-zero at EOF means the peer left mid-packet."""
-        return len(self._buf) - self._pos
+        """Bytes received but not yet framed: non-zero at EOF means the peer left mid-frame."""
+        return len(self._pending)
 
-    def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
-
-    def __iter__(self):
-        """Every frame that is complete now."""
-        while (frame := self.next_frame()) is not NEED_DATA:
-            yield frame
-
-    def next_frame(self) -> Frame | _NeedData:
+    def receive(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise self._error
+        if self._pending:
+            self._pending += data
+            buf: bytes | bytearray = self._pending
+        else:
+            buf = data  # the usual case: no copy until a frame is cut out
         try:
-            return self._next_frame()
+            frames, consumed = self._cut(buf)
         except ProtocolError as exc:
             self._error = exc
             raise
+        if buf is self._pending:
+            del self._pending[:consumed]
+        elif consumed < len(buf):
+            self._pending = bytearray(buf[consumed:])
+        return frames
 
-    def _next_frame(self) -> Frame | _NeedData:
-        buf, pos = self._buf, self._pos
-        available = len(buf) - pos
-        if not available:
-            return NEED_DATA
-        if buf[pos] != 0:
-            return self._next_line(buf, pos, available)
-        if available < HEADER_SIZE:
-            seen = min(available, 4)
-            if buf[pos : pos + seen] != self.magic[:seen]:
-                raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}")
-            return NEED_DATA
-        magic, ptype, size = _HEADER_STRUCT.unpack_from(buf, pos)
-        if magic != self.magic:
-            raise ProtocolError(f"bad magic {magic!r} (expected {self.magic!r})")
-        known_type = _TYPE_BY_NUMBER.get(ptype)
-        if known_type is None:
-            raise ProtocolError(f"unknown packet type {ptype}")
-        end = pos + HEADER_SIZE + size
-        if size > self.max_packet_size:
-            raise ProtocolError(
-                f"{known_type.name} of {size} bytes exceeds max_packet_size "
-                f"{self.max_packet_size}"
-            )
-        if len(buf) < end:
-            return NEED_DATA
-        packet = Packet(known_type, bytes(buf[pos:end]))
-        self._advance(end)
-        return packet
-
-    def _next_line(self, buf: bytearray, pos: int, available: int) -> Frame | _NeedData:
-        newline = buf.find(b"\n", pos)
-        if newline < 0:
-            if available > self.max_packet_size:
+    def _cut(self, buf: bytes | bytearray) -> tuple[list[Frame], int]:
+        frames: list[Frame] = []
+        pos, total = 0, len(buf)
+        while pos < total:
+            if buf[pos] != 0:  # a text admin line, up to its newline
+                newline = buf.find(b"\n", pos)
+                if newline < 0:
+                    if total - pos > self.max_packet_size:
+                        raise ProtocolError(
+                            f"admin text line longer than max_packet_size {self.max_packet_size}"
+                        )
+                    break
+                frames.append(AdminLine(bytes(buf[pos : newline + 1])))
+                pos = newline + 1
+                continue
+            if total - pos < HEADER_SIZE:
+                seen = min(total - pos, 4)
+                if buf[pos : pos + seen] != self.magic[:seen]:
+                    raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}")
+                break
+            magic, number, size = _HEADER_STRUCT.unpack_from(buf, pos)
+            if magic != self.magic:
+                raise ProtocolError(f"bad magic {magic!r} (expected {self.magic!r})")
+            ptype = _TYPE_BY_NUMBER.get(number)
+            if ptype is None:
+                raise ProtocolError(f"unknown packet type {number}")
+            if size > self.max_packet_size:
                 raise ProtocolError(
-                    f"admin text line longer than max_packet_size {self.max_packet_size}"
+                    f"{ptype.name} of {size} bytes exceeds max_packet_size {self.max_packet_size}"
                 )
-            return NEED_DATA
-        line = AdminLine(bytes(buf[pos : newline + 1]))
-        self._advance(newline + 1)
-        return line
-
-    def _advance(self, end: int) -> None:
-        # Drop consumed bytes once they dominate, so memory stays bounded by one packet.
-        if end > 65536 and end * 2 > len(self._buf):
-            del self._buf[:end]
-            self._pos = 0
-        else:
-            self._pos = end
+            end = pos + HEADER_SIZE + size
+            if end > total:
+                break
+            frames.append(Packet(ptype, bytes(buf[pos:end])))
+            pos = end
+        return frames, pos

@@ -49,27 +49,25 @@ class Session:
 
     def from_downstream(self, data: bytes) -> bytes:
         """Bytes from the worker or client; returns what to send to gearmand."""
-        framer = self.downstream
-        framer.feed(data)
-        out: list[bytes] = []
-        for frame in framer:
-            if type(frame) is Packet and frame.type in _WATCHED_DOWNSTREAM:
-                out.append(self._downstream_packet(frame))
-            else:
-                out.append(frame.raw)
-        return b"".join(out)
+        return b"".join(
+            [
+                self._downstream_packet(frame)
+                if type(frame) is Packet and frame.type in _WATCHED_DOWNSTREAM
+                else frame.raw
+                for frame in self.downstream.receive(data)
+            ]
+        )
 
     def from_upstream(self, data: bytes, now: float) -> bytes:
         """Bytes from gearmand; returns what to send to the worker or client."""
-        framer = self.upstream
-        framer.feed(data)
-        out: list[bytes] = []
-        for frame in framer:
-            if type(frame) is Packet and frame.type in _WATCHED_UPSTREAM:
-                out.append(self._upstream_packet(frame, now))
-            else:
-                out.append(frame.raw)
-        return b"".join(out)
+        return b"".join(
+            [
+                self._upstream_packet(frame, now)
+                if type(frame) is Packet and frame.type in _WATCHED_UPSTREAM
+                else frame.raw
+                for frame in self.upstream.receive(data)
+            ]
+        )
 
     def closed(self) -> list[TrackedJob]:
         """The upstream connection is gone: gearmand requeues whatever it still held."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from construct import ConstructError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from gproxy.protocol import (
     BODIES,
     HEADER,
     LAYOUTS,
-    NEED_DATA,
     REQ,
     RES,
     AdminLine,
@@ -24,6 +24,7 @@ from gproxy.protocol import (
     parse_body,
 )
 
+COMPILED = {ptype: body.compile() for ptype, body in BODIES.items()}
 field_bytes = st.binary(max_size=40).map(lambda b: b.replace(b"\0", b""))
 rest_bytes = st.binary(max_size=200)
 
@@ -69,6 +70,20 @@ def test_build_then_parse_is_identity(raw: bytes) -> None:
     assert build_packet(RES, ptype, **parse_body(ptype, raw[12:])) == raw
 
 
+@given(st.sampled_from(list(PacketType)), st.binary(max_size=60).map(lambda b: b.replace(b"\1", b"\0")))
+def test_the_fast_parse_is_the_construct_definition(ptype: PacketType, body: bytes) -> None:
+    """parse_body splits with bytes.split on the hot path; it must mean what BODIES says."""
+    layout = LAYOUTS[ptype]
+    try:
+        parsed = COMPILED[ptype].parse(body)
+        expected = {name: parsed[name] for name in layout.names}
+    except ConstructError:
+        with pytest.raises(ProtocolError):
+            parse_body(ptype, body)
+    else:
+        assert parse_body(ptype, body) == expected
+
+
 def test_header_struct_and_construct_agree() -> None:
     raw = build_packet(REQ, PacketType.SUBMIT_JOB, function=b"f", unique=b"u", data=b"xyz")
     assert HEADER.build({"magic": REQ, "type": 7, "size": 7}) == raw[:12]
@@ -97,33 +112,23 @@ def test_build_refuses_nul_inside_a_field_and_wrong_arguments() -> None:
 def test_any_split_of_the_stream_gives_the_same_frames(frames: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(frames)
     framer = Framer(REQ)
-    got: list[bytes] = []
+    got: list[Packet | AdminLine] = []
     start = 0
     for cut in sorted({c % (len(stream) + 1) for c in cuts}) + [len(stream)]:
-        framer.feed(stream[start:cut])
+        got.extend(framer.receive(stream[start:cut]))
         start = cut
-        got.extend(frame.raw for frame in framer)
-    assert got == frames
+    assert [frame.raw for frame in got] == frames
+    assert [isinstance(frame, AdminLine) for frame in got] == [raw[0] != 0 for raw in frames]
     assert framer.buffered == 0
-    assert all(
-        isinstance(f, AdminLine) == (raw[0] != 0) for f, raw in zip(_frames(stream), frames)
-    )
-
-
-def _frames(stream: bytes) -> list[Packet | AdminLine]:
-    framer = Framer(REQ)
-    framer.feed(stream)
-    return list(framer)
 
 
 def test_a_partial_frame_waits_and_reports_what_is_buffered() -> None:
     raw = build_packet(REQ, PacketType.ECHO_REQ, data=b"hello")
     framer = Framer(REQ)
-    framer.feed(raw[:-1])
-    assert framer.next_frame() is NEED_DATA
+    assert framer.receive(raw[:-1]) == []
     assert framer.buffered == len(raw) - 1
-    framer.feed(raw[-1:])
-    assert framer.next_frame() == Packet(PacketType.ECHO_REQ, raw)
+    assert framer.receive(raw[-1:] + raw[:3]) == [Packet(PacketType.ECHO_REQ, raw)]
+    assert framer.buffered == 3
 
 
 @pytest.mark.parametrize(
@@ -140,22 +145,24 @@ def test_a_partial_frame_waits_and_reports_what_is_buffered() -> None:
 )
 def test_bad_input_is_refused_as_soon_as_it_is_seen(data: bytes, message: str) -> None:
     framer = Framer(REQ, max_packet_size=1024)
-    framer.feed(data)  # no body follows: oversized packets are refused from the header alone
+    ok = build_packet(REQ, PacketType.NOOP)
+    # No body follows: an oversized packet is refused from its header alone.
     with pytest.raises(ProtocolError, match=message):
-        framer.next_frame()
+        framer.receive(ok + data)
     with pytest.raises(ProtocolError, match=message):  # out of sync for good
-        framer.next_frame()
+        framer.receive(ok)
 
 
 def test_a_large_body_is_framed_whole_and_framing_goes_on_after_it() -> None:
     payload = bytes(range(256)) * 20000  # 5 MB with NUL bytes
     raw = build_packet(RES, PacketType.WORK_COMPLETE, handle=b"H:x:1", data=payload)
-    framer = Framer(RES)
-    for i in range(0, len(raw), 65536):
-        framer.feed(raw[i : i + 65536])
-    (frame,) = list(framer)
-    assert frame.args() == {"handle": b"H:x:1", "data": payload}
     small = build_packet(RES, PacketType.NOOP)
-    framer.feed(small)
-    assert list(framer) == [Packet(PacketType.NOOP, small)]
+    framer = Framer(RES)
+    frames = []
+    for i in range(0, len(raw), 65536):
+        frames += framer.receive(raw[i : i + 65536])
+        assert framer.buffered == min(i + 65536, len(raw)) % len(raw)
+    (frame,) = frames
+    assert frame.args() == {"handle": b"H:x:1", "data": payload}
+    assert framer.receive(small) == [Packet(PacketType.NOOP, small)]
     assert framer.buffered == 0
