@@ -21,6 +21,7 @@ class Connection:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._fd = sock.fileno()
         try:
             host, port, *_ = sock.getpeername()
             self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -36,7 +37,7 @@ class Connection:
     async def receive(self, max_bytes: int) -> bytes:
         """The next bytes, or b"" at EOF. Raises OSError if the connection broke."""
         while True:
-            await trio.lowlevel.wait_readable(self.sock)
+            await trio.lowlevel.wait_readable(self._fd)
             try:
                 return self.sock.recv(max_bytes)
             except BlockingIOError:  # woken without data (it happens): wait again
@@ -44,12 +45,19 @@ class Connection:
 
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting only while the kernel's buffer is full (backpressure)."""
-        view = memoryview(data)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):  # the usual case: the kernel took it all at once
+            return
+        view = memoryview(data)[sent:]
         while view:
+            await trio.lowlevel.wait_writable(self._fd)
             try:
                 view = view[self.sock.send(view) :]
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                continue
 
     def send_eof(self) -> None:
         """Half-close: the peer reads EOF, and can still send to us."""
