@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from . import __version__
-from .config import LOG_LEVELS, ConfigError, load_config
-from .proxy import serve
+from .config import LOG_LEVELS, Config, ConfigError, load_config
+from .proxy import Proxy
 
 log = logging.getLogger("gproxy")
 
@@ -49,10 +50,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        trio.run(serve, config)
+        trio.run(run_until_signalled, config)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except KeyboardInterrupt:
-        log.info("interrupted, exiting")
     return 0
+
+
+async def run_until_signalled(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then close every connection (gearmand requeues what
+    the workers held) and return, so the process exits 0."""
+    proxy = Proxy(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await proxy.listen()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            async for signum in signals:
+                log.info("%s received, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -30,6 +30,10 @@ class Address:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

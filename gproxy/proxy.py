@@ -51,21 +51,27 @@ class Proxy:
         self.config = config
         self.listen_addresses: list[Address] = []
         self._sessions: set[Session] = set()
+        self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
 
     def tracked_jobs(self) -> list[TrackedJob]:
         return [job for session in self._sessions for job in session.jobs]
 
-    async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on every route (bind errors raise here), report `self` as started, serve."""
-        bound: list[tuple[Route, list[trio.SocketListener]]] = []
+    async def listen(self) -> None:
+        """Bind every route's listen address; an OSError here (address in use) is plain, not
+        wrapped in an exception group, so the command can report it in one line."""
         for route in self.config.routes:
             listeners = await trio.open_tcp_listeners(route.listen.port, host=route.listen.host)
             host, port, *_ = listeners[0].socket.getsockname()
             self.listen_addresses.append(Address(host, port))
             log.info("listening on %s, proxying to gearmand %s", Address(host, port), route.upstream)
-            bound.append((route, listeners))
+            self._bound.append((route, listeners))
+
+    async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen (unless `listen()` was awaited already), report `self` as started, serve."""
+        if not self._bound:
+            await self.listen()
         async with trio.open_nursery() as nursery:
-            for route, listeners in bound:
+            for route, listeners in self._bound:
                 await nursery.start(
                     trio.serve_listeners, lambda stream, r=route: self._handle(stream, r), listeners
                 )
@@ -149,8 +155,3 @@ class Proxy:
             sink.send_eof()
         except OSError:
             pair.cancel_scope.cancel()
-
-
-async def serve(config: Config, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a Proxy for `config`; `await nursery.start(serve, config)` returns it once listening."""
-    await Proxy(config).serve(task_status=task_status)

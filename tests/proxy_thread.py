@@ -36,8 +36,7 @@ class ProxyThread:
     @property
     def address(self) -> tuple[str, int]:
         assert self.proxy is not None
-        listen = self.proxy.listen_addresses[0]
-        return (listen.host, listen.port)
+        return self.proxy.listen_addresses[0].host_port
 
     def __enter__(self) -> ProxyThread:
         self._thread.start()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gproxy.config import Address, Config, Route
 from tests.gearmand import Gearmand, admin, parse_workers, wait_for
 from tests.peer_procs import (
     PeerProcess,
@@ -172,3 +173,16 @@ def test_gearmand_restarted_under_the_proxy(fresh_gearmand: Gearmand, caplog: py
         after = run_pyclient(fresh_gearmand.address, "echo", "after")
     assert (after.returncode, after.stdout) == (0, b"after"), after.stderr
     assert any("gearmand closed the connection" in r.getMessage() for r in caplog.records)
+
+
+def test_one_process_serves_several_routes(gearmand: Gearmand, fresh_gearmand: Gearmand) -> None:
+    routes = tuple(
+        Route(Address("127.0.0.1", 0), Address(*server.address)) for server in (gearmand, fresh_gearmand)
+    )
+    with ProxyThread(Config(routes=routes)) as proxy, PeerSet() as peers:
+        first, second = (listen.host_port for listen in proxy.proxy.listen_addresses)
+        peers.add(start_cli_worker(first, "route-a", ["printf", "a"], admin_address=gearmand.address))
+        peers.add(start_cli_worker(second, "route-b", ["printf", "b"], admin_address=fresh_gearmand.address))
+        assert run_cli_client(gearmand.address, "route-a", "x").stdout == b"a"
+        assert run_cli_client(fresh_gearmand.address, "route-b", "x").stdout == b"b"
+        assert "route-b" not in gearmand.status() and "route-a" not in fresh_gearmand.status()
