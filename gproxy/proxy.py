@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -36,7 +36,7 @@ class _Pair:
     cancel_scope: trio.CancelScope
     reason: str | None = None
     level: int = logging.DEBUG
-    eofs: int = field(default=0)
+    eofs: int = 0
 
     def fail(self, reason: str, level: int = logging.WARNING) -> None:
         if self.reason is None:
