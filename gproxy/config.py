@@ -7,14 +7,18 @@ listens rather than misbehaving later.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .protocol import DEFAULT_MAX_PACKET_SIZE
+from .retry import Mode, Policies, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TOP_LEVEL_KEYS = {"listen", "upstream", "metrics_listen", "max_packet_size", "log_level", "routes"}
+_TOP_LEVEL_KEYS = {
+    "listen", "upstream", "metrics_listen", "max_packet_size", "log_level", "routes", "retry",
+    "functions",
+}
 _ROUTE_KEYS = {"listen", "upstream"}
 
 
@@ -49,6 +53,7 @@ class Config:
     metrics_listen: Address | None = None
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     log_level: str = "INFO"
+    policies: Policies = field(default_factory=Policies)
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
@@ -86,6 +91,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         ),
         max_packet_size=_max_packet_size(settings.get("max_packet_size", DEFAULT_MAX_PACKET_SIZE)),
         log_level=_log_level(settings.get("log_level", "INFO")),
+        policies=_policies(settings.get("retry", {}), settings.get("functions", {})),
     )
 
 
@@ -147,3 +153,73 @@ def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return value.upper()
+
+
+def _policies(retry: Any, functions: Any) -> Policies:
+    default = _policy(retry, RetryPolicy(), "retry")
+    if not isinstance(functions, dict):
+        raise ConfigError('functions: expected tables like [functions."NAME"]')
+    return Policies(
+        default,
+        {
+            name.encode(): _policy(table, default, f'functions."{name}"')
+            for name, table in functions.items()
+        },
+    )
+
+
+_POLICY_KEYS = [f.name for f in fields(RetryPolicy)]
+
+
+def _policy(table: Any, base: RetryPolicy, prefix: str) -> RetryPolicy:
+    """`base` with the keys of `table` applied, each checked."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table")
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _POLICY_KEYS:
+            raise ConfigError(f"{prefix}.{key}: unknown retry setting (known: {', '.join(_POLICY_KEYS)})")
+        changes[key] = _policy_value(key, value, f"{prefix}.{key}")
+    return replace(base, **changes)
+
+
+def _policy_value(key: str, value: Any, name: str) -> Any:
+    def number(minimum: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"{name}: expected a number >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def whole(minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    def text(allow_empty: bool) -> str:
+        if not isinstance(value, str) or not (value or allow_empty):
+            raise ConfigError(f"{name}: expected a {'' if allow_empty else 'non-empty '}string, got {value!r}")
+        return value
+
+    match key:
+        case "exception_marker":
+            return text(allow_empty=False).encode()
+        case "fatal_marker":
+            return text(allow_empty=True).encode()
+        case "on_fail" | "jitter":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            return value
+        case "max_attempts":
+            return whole(1)
+        case "backoff_initial" | "backoff_max" | "budget_ratio":
+            return number(0)
+        case "backoff_multiplier":
+            return number(1)
+        case "budget_min":
+            return whole(0)
+        case "dead_letter":
+            return text(allow_empty=True)
+        case "mode":
+            if value not in ("enforce", "observe"):
+                raise ConfigError(f"{name}: expected \"enforce\" or \"observe\", got {value!r}")
+            return Mode(value)
+    raise AssertionError(key)

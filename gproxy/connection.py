@@ -16,12 +16,14 @@ import trio
 
 
 class Connection:
-    """A connected non-blocking socket. One task may read and one other task write at a time."""
+    """A connected non-blocking socket: one task reads; any number of tasks may write, each
+    write arrives whole and in the order the writes began."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
+        self._send_lock = trio.StrictFIFOLock()
         try:
             host, port, *_ = sock.getpeername()
             self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -44,14 +46,30 @@ class Connection:
                 continue
 
     async def send_all(self, data: bytes) -> None:
-        """Send everything, waiting only while the kernel's buffer is full (backpressure)."""
+        """Send everything, waiting only while the kernel's buffer is full (backpressure).
+
+        The lock is taken only when a write has to wait, so the usual write (the kernel takes
+        it all at once) costs one send and no scheduling; a write that finds another one
+        waiting queues behind it rather than interleaving with it.
+        """
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:
+                await self._send_rest(memoryview(data))
+            return
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
-        if sent == len(data):  # the usual case: the kernel took it all at once
+        if sent == len(data):
             return
-        view = memoryview(data)[sent:]
+        lock.acquire_nowait()  # no checkpoint since locked() was False: nobody got in between
+        try:
+            await self._send_rest(memoryview(data)[sent:])
+        finally:
+            lock.release()
+
+    async def _send_rest(self, view: memoryview) -> None:
         while view:
             await trio.lowlevel.wait_writable(self._fd)
             try:

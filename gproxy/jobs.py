@@ -7,6 +7,7 @@ assigned a job can finish it. So jobs are tracked per connection, by handle, and
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 
@@ -24,9 +25,11 @@ class TrackedJob(NamedTuple):
 class JobTable:
     """Jobs assigned through one upstream connection and not yet ended or handed back."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, running: Counter[bytes] | None = None) -> None:
         self.upstream = upstream
         self._jobs: dict[bytes, TrackedJob] = {}
+        self.running: Counter[bytes] = running if running is not None else Counter()
+        """Jobs assigned and not ended, per function; shared by every table of a process."""
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -41,22 +44,36 @@ class JobTable:
         self, handle: bytes, function: bytes, unique: bytes, payload: bytes, now: float
     ) -> TrackedJob:
         job = TrackedJob(handle, function, unique, payload, self.upstream, now)
+        if handle in self._jobs:
+            self._forget(self._jobs[handle])
         self._jobs[handle] = job
+        self.running[function] += 1
         return job
 
     def ended(self, handle: bytes) -> TrackedJob | None:
         """The worker sent the job's final result (or gearmand took it back)."""
-        return self._jobs.pop(handle, None)
+        job = self._jobs.pop(handle, None)
+        if job is not None:
+            self._forget(job)
+        return job
 
     def released_function(self, function: bytes) -> list[TrackedJob]:
         """CANT_DO: gearmand silently requeues the connection's jobs of that function."""
         released = [job for job in self._jobs.values() if job.function == function]
         for job in released:
             del self._jobs[job.handle]
+            self._forget(job)
         return released
 
     def released_all(self) -> list[TrackedJob]:
         """RESET_ABILITIES or a closed connection: gearmand requeues every job it holds."""
         released = list(self._jobs.values())
         self._jobs.clear()
+        for job in released:
+            self._forget(job)
         return released
+
+    def _forget(self, job: TrackedJob) -> None:
+        self.running[job.function] -= 1
+        if not self.running[job.function]:
+            del self.running[job.function]

@@ -8,6 +8,7 @@ import pytest
 
 from gproxy.cli import main
 from gproxy.config import Address, ConfigError, Route, load_config
+from gproxy.retry import Mode, RetryPolicy
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -63,11 +64,33 @@ def test_several_routes(tmp_path: Path) -> None:
             r"routes\[1\].listen: 127.0.0.1:9 is already used",
         ),
         ("upstream = ", {}, "is not valid TOML"),
+        ('upstream = "g:1"\n[retry]\nmax_attempts = 0', {}, "retry.max_attempts: expected a whole number >= 1"),
+        ('upstream = "g:1"\n[retry]\nbackoff_multiplier = 0.5', {}, "retry.backoff_multiplier: expected a number >= 1"),
+        ('upstream = "g:1"\n[retry]\njitter = "yes"', {}, "retry.jitter: expected true or false"),
+        ('upstream = "g:1"\n[retry]\nmode = "dry-run"', {}, 'retry.mode: expected "enforce" or "observe"'),
+        ('upstream = "g:1"\n[retry]\nexception_marker = ""', {}, "retry.exception_marker: expected a non-empty string"),
+        ('upstream = "g:1"\n[retry]\nretries = 3', {}, "retry.retries: unknown retry setting"),
+        ('upstream = "g:1"\n[functions.resize]\nbudget_min = -1', {}, 'functions."resize".budget_min: expected a whole'),
+        ('upstream = "g:1"\nfunctions = 3', {}, "functions: expected tables"),
     ],
 )
 def test_a_wrong_setting_is_named(tmp_path: Path, text: str, flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text), flags)
+
+
+def test_function_tables_override_the_retry_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'upstream = "g:1"\n[retry]\nmax_attempts = 3\nmode = "observe"\n'
+        '[functions."resize"]\non_fail = true\nbackoff_initial = 0.5\ndead_letter = "dead.{function}"\n',
+    )
+    policies = load_config(path).policies
+    assert policies.for_function(b"other") == RetryPolicy(max_attempts=3, mode=Mode.OBSERVE)
+    assert policies.for_function(b"resize") == RetryPolicy(
+        max_attempts=3, mode=Mode.OBSERVE, on_fail=True, backoff_initial=0.5, dead_letter="dead.{function}"
+    )
+    assert policies.for_function(b"resize").dead_letter_function(b"resize") == b"dead.resize"
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
