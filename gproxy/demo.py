@@ -1,6 +1,9 @@
-"""`make demo`: a real gearmand, gproxy in front of it, a libgearman worker behind gproxy, jobs.
+"""`make demo`: a real gearmand, gproxy in front of it, libgearman workers behind gproxy, jobs.
 
-Everything runs on loopback ports chosen at start and is stopped at the end.
+First plain jobs flow through the proxy; then a flaky worker, whose first attempt at every
+job fails, runs the same jobs directly against gearmand (they all fail) and behind gproxy
+(they all succeed on their second attempt). Everything runs on loopback ports chosen at
+start and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -74,6 +77,38 @@ def wait_for_worker(port: int, function: str, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+# A worker command that fails (exit 1: libgearman sends WORK_FAIL) the first time it sees a
+# payload and succeeds the second time: a transient error, like a deadlock or a timeout.
+FLAKY_WORKER = r"""
+key=$(cat | cksum | cut -d' ' -f1)
+if [ -e "$1/$key" ]; then printf 'done on attempt 2'; else : > "$1/$key"; exit 1; fi
+"""
+
+GPROXY_CONFIG = """
+listen = "{listen}"
+upstream = "{upstream}"
+
+[functions."flaky"]
+on_fail = true          # this worker's WORK_FAIL means "transient"
+backoff_initial = 0.2   # seconds before the first retry
+"""
+
+
+def run_jobs(port: int, function: str, label: str, count: int = 5) -> int:
+    """Submit `count` jobs one by one; returns how many succeeded."""
+    succeeded = 0
+    for n in range(1, count + 1):
+        payload = f"{label} job {n}"
+        result = subprocess.run(
+            ["gearman", "-h", HOST, "-p", str(port), "-f", function, payload],
+            capture_output=True, timeout=20, text=True,
+        )
+        ok = result.returncode == 0 and result.stdout == "done on attempt 2"
+        succeeded += ok
+        print(f"  {payload!r:22} => {result.stdout or result.stderr.strip() or 'failed'}")
+    return succeeded
+
+
 def main() -> int:
     gearmand = shutil.which("gearmand") or "/usr/sbin/gearmand"
     if not os.path.exists(gearmand) or not shutil.which("gearman"):
@@ -87,10 +122,10 @@ def main() -> int:
         ]))
         wait_for_port(gearmand_port, "gearmand")
         print(f"gearmand      listening on {HOST}:{gearmand_port}")
-        stack.enter_context(process([
-            sys.executable, "-m", "gproxy", "--listen", f"{HOST}:{proxy_port}",
-            "--upstream", f"{HOST}:{gearmand_port}", "--log-level", "INFO",
-        ]))
+        config = os.path.join(tmp, "gproxy.toml")
+        with open(config, "w") as f:
+            f.write(GPROXY_CONFIG.format(listen=f"{HOST}:{proxy_port}", upstream=f"{HOST}:{gearmand_port}"))
+        stack.enter_context(process([sys.executable, "-m", "gproxy", "--config", config]))
         wait_for_port(proxy_port, "gproxy")
         print(f"gproxy        listening on {HOST}:{proxy_port}, proxying to gearmand")
         stack.enter_context(process(
@@ -110,7 +145,25 @@ def main() -> int:
             if result.returncode != 0 or result.stdout != payload.upper():
                 print(f"demo: job {n} failed: {result.stderr.strip()}")
                 return 1
-        print("\nall 5 jobs went through gproxy to the worker and back.")
+        print("\nall 5 jobs went through gproxy to the worker and back.\n")
+
+        direct_state, proxied_state = os.path.join(tmp, "direct"), os.path.join(tmp, "proxied")
+        os.mkdir(direct_state)
+        os.mkdir(proxied_state)
+        print("A flaky worker (its first attempt at each job fails with WORK_FAIL), directly on gearmand:")
+        with process(["gearman", "-w", "-h", HOST, "-p", str(gearmand_port), "-f", "flaky", "--",
+                      "sh", "-c", FLAKY_WORKER, "flaky", direct_state], stderr=subprocess.DEVNULL):
+            wait_for_worker(gearmand_port, "flaky")
+            direct = run_jobs(gearmand_port, "flaky", "direct")
+        print(f"  {direct} of 5 jobs succeeded\n")
+        print("The same worker behind gproxy (`on_fail = true` for this function), same jobs:")
+        with process(["gearman", "-w", "-h", HOST, "-p", str(proxy_port), "-f", "flaky", "--",
+                      "sh", "-c", FLAKY_WORKER, "flaky", proxied_state], stderr=subprocess.DEVNULL):
+            wait_for_worker(gearmand_port, "flaky")
+            proxied = run_jobs(gearmand_port, "flaky", "proxied")
+        print(f"  {proxied} of 5 jobs succeeded, each on its second attempt (see gproxy's log lines)\n")
+        if proxied != 5:
+            return 1
     return 0
 
 
