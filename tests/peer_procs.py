@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -244,19 +245,24 @@ def start_pyworker(
     *,
     client_id: str | None = None,
     echo: bool = True,
+    state_dir: Path | None = None,
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
 ) -> PeerProcess:
     """Start tests/peers/pyworker.py (GRAB_JOB_UNIQ) and wait for its `ready` line.
 
     With echo=True (default) `ready` means gearmand processed its CAN_DOs (an ECHO round
-    trip after them); echo=False keeps the library's exact packet sequence.
+    trip after them); echo=False keeps the library's exact packet sequence. `state_dir`
+    receives the flaky functions' attempt counters and seen.log (see attempt_count(),
+    seen_uniques()); without it the worker uses a private temp dir.
     """
     argv = [PYTHON, str(PYWORKER), address_str(address)]
     if client_id is not None:
         argv += ["--client-id", client_id]
     if not echo:
         argv.append("--no-echo")
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
     return _start_ready_worker("pyworker", argv, timeout, log_dir)
 
 
@@ -265,16 +271,78 @@ def start_perlworker(
     *,
     client_id: str | None = None,
     echo: bool = True,
+    state_dir: Path | None = None,
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
 ) -> PeerProcess:
-    """Start tests/peers/worker.pl (Perl Gearman::Worker, plain GRAB_JOB); wait for `ready`."""
+    """Start tests/peers/worker.pl (Perl Gearman::Worker, plain GRAB_JOB); wait for `ready`.
+
+    `state_dir` receives the `flaky` attempt counters, keyed by payload (attempt_count()).
+    """
     argv = [PERL, str(PERLWORKER), address_str(address)]
     if client_id is not None:
         argv += ["--client-id", client_id]
     if not echo:
         argv.append("--no-echo")
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
     return _start_ready_worker("perlworker", argv, timeout, log_dir)
+
+
+# `gearman -w -f F -- sh -c FLAKY_CLI_SCRIPT flaky_cli STATE_DIR`: payload `N:rest` on stdin;
+# the first N attempts per payload exit 1 with nothing on stdout (libgearman then sends
+# WORK_FAIL; any stdout of a failing command would go out first as WORK_DATA), later ones
+# print `ok after <attempt>` (no newline), which libgearman sends as WORK_COMPLETE. The
+# counter STATE_DIR/flaky-<sha1sum(payload)> grows by one byte per attempt under flock(1),
+# so several CLI workers may share the dir. A payload that is not N:rest exits 2 (WORK_FAIL).
+FLAKY_CLI_SCRIPT = r"""
+dir=$1
+tmp=$(mktemp "$dir/flaky_cli-payload.XXXXXX") || exit 2
+cat >"$tmp"
+key=$(sha1sum <"$tmp" | cut -d' ' -f1)
+wanted=$(head -c 32 "$tmp" | sed -n '1s/^\([0-9][0-9]*\):.*/\1/p')
+rm -f "$tmp"
+case $wanted in
+    '' | *[!0-9]*) echo "flaky_cli: payload is not N:rest" >&2; exit 2 ;;
+esac
+counter="$dir/flaky-$key"
+exec 9>>"$counter"
+flock 9
+printf x >&9
+attempt=$(wc -c <"$counter")
+exec 9>&-
+if [ "$attempt" -le "$wanted" ]; then
+    echo "flaky_cli: transient failure $attempt" >&2
+    exit 1
+fi
+printf 'ok after %s' "$attempt"
+"""
+
+
+def flaky_cli_command(state_dir: Path | str) -> list[str]:
+    """Command argv for start_cli_worker() that fails the first N attempts per payload
+    (see FLAKY_CLI_SCRIPT); its counters are readable with attempt_count(state_dir, payload)."""
+    return ["sh", "-c", FLAKY_CLI_SCRIPT, "flaky_cli", str(state_dir)]
+
+
+def attempt_count(state_dir: Path | str, key: bytes | str) -> int:
+    """How many attempts a flaky function made for `key` (0 if none): the unique for the
+    pyworker functions, the payload for Perl's `flaky` and for flaky_cli_command()."""
+    raw = key.encode() if isinstance(key, str) else key
+    path = Path(state_dir) / f"flaky-{hashlib.sha1(raw).hexdigest()}"
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def seen_uniques(state_dir: Path | str) -> list[str]:
+    """The unique of every attempt of the pyworker's flaky-family functions, in order."""
+    try:
+        text = (Path(state_dir) / "seen.log").read_bytes().decode("utf-8", "backslashreplace")
+    except FileNotFoundError:
+        return []
+    return text.splitlines()
 
 
 def start_cli_worker(
@@ -366,11 +434,14 @@ def start_pyclient(
     background: bool = False,
     priority: str | None = None,
     out: Path | None = None,
+    exceptions: bool = False,
     timeout: float = 30.0,
 ) -> PyClientProcess:
     """Start tests/peers/pyclient.py without waiting (e.g. to unblock a `block` job later).
 
     Bytes payloads go through a temp file (binary safe, any size); str via --payload.
+    exceptions=True sends OPTION_REQ exceptions: a WORK_EXCEPTION then ends the job with
+    its payload in report["exception"] (otherwise gearmand turns it into a WORK_FAIL).
     """
     argv = [PYTHON, str(PYCLIENT), address_str(address), function, "--timeout", str(timeout)]
     payload_path: Path | None = None
@@ -390,6 +461,8 @@ def start_pyclient(
         argv += ["--priority", priority]
     if out is not None:
         argv += ["--out", str(out)]
+    if exceptions:
+        argv.append("--exceptions")
     proc = PyClientProcess(
         argv,
         log_path=None,
@@ -411,11 +484,13 @@ def run_pyclient(
     background: bool = False,
     priority: str | None = None,
     out: Path | None = None,
+    exceptions: bool = False,
     timeout: float = 30.0,
 ) -> ClientRun:
     """Run pyclient.py to completion. returncode: 0 COMPLETE (or background JOB_CREATED),
     1 FAILED/error, 2 timeout; stdout is the raw result (or the background handle);
-    `.report` is the parsed JSON line (state, data_updates, warning_updates, status...)."""
+    `.report` is the parsed JSON line (state, data_updates, warning_updates, status,
+    exception, exception_updates, stray_nul_fail...)."""
     return start_pyclient(
         address,
         function,
@@ -424,6 +499,7 @@ def run_pyclient(
         background=background,
         priority=priority,
         out=out,
+        exceptions=exceptions,
         timeout=timeout,
     ).result()
 

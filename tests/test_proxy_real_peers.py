@@ -130,9 +130,10 @@ def test_admin_commands_through_the_proxy_port(gearmand: Gearmand, proxy: ProxyT
         for command in ("status", "version", "getpid", "show jobs", "maxqueue reverse"):
             assert admin(proxy.address, command) == admin(gearmand.address, command), command
         workers = parse_workers(admin(proxy.address, "workers"))
-        assert ("through-gproxy", {"reverse", "echo", "stream", "block", "unique"}) in [
-            (client_id, set(functions)) for _, client_id, functions in workers
-        ], workers
+        assert any(
+            client_id == "through-gproxy" and {"reverse", "echo", "stream", "block"} <= set(functions)
+            for _, client_id, functions in workers
+        ), workers
     for flag in ("--status", "--workers", "--server-version"):
         result = subprocess.run(
             ["gearadmin", "-h", proxy.address[0], "-p", str(proxy.address[1]), flag],

@@ -3,19 +3,25 @@
 
 Usage: pyclient.py HOST:PORT FUNCTION [--background] [--unique U] [--priority P]
                    [--payload-file F | --payload-hex HEX | --payload STR]
-                   [--out FILE] [--timeout S]
+                   [--out FILE] [--timeout S] [--exceptions]
 
 Foreground: waits for the outcome. The result goes raw to --out (or stdout); stderr gets one
 JSON line {"state", "handle", "unique", "data_updates", "warning_updates", "status",
-"status_updates", "exception", "result_len", "error"} so tests can check streamed updates
+"status_updates", "exception", "exception_updates", "stray_nul_fail", "result_len",
+"elapsed", "error"} so tests can check streamed updates
 (byte strings are decoded as UTF-8 with backslash escapes). Exit 0 on COMPLETE, 1 on FAILED
 or any error (connection lost, protocol error), 2 on timeout.
 Background: exits 0 once JOB_CREATED arrived and prints the handle on stdout (2 on timeout).
 
 pygearman replaces an empty --unique with a random 32-hex-digit one (so it cannot submit an
 empty unique); it keeps only the last WORK_STATUS, so this script records all of them.
-The client never sets OPTION_REQ exceptions, so a worker's WORK_EXCEPTION reaches it as
-WORK_FAIL (gearmand 1.1.20 appends a stray NUL to that handle; see the protocol notes).
+By default the client does not set OPTION_REQ exceptions, so a worker's WORK_EXCEPTION
+reaches it as WORK_FAIL (gearmand 1.1.20 appends a stray NUL to that handle; see the protocol
+notes). --exceptions sends OPTION_REQ `exceptions` first on the connection; gearmand then
+forwards the WORK_EXCEPTION itself and no WORK_FAIL (the exception is final), so this script
+treats a WORK_EXCEPTION as the end of the job: state FAILED, payload in "exception" (the
+library would only store it and keep waiting). "exception_updates" lists every
+WORK_EXCEPTION payload received (the library keeps only the last; it has no such list).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import gearman
 from gearman.client_handler import GearmanClientCommandHandler
+from gearman.protocol import GEARMAN_COMMAND_OPTION_REQ
 from gearman.constants import (
     JOB_COMPLETE,
     JOB_CREATED,
@@ -43,7 +50,25 @@ _PRIORITIES = {"normal": PRIORITY_NONE, "high": PRIORITY_HIGH, "low": PRIORITY_L
 
 
 class _Handler(GearmanClientCommandHandler):
-    """Records every WORK_STATUS (the library keeps only the last) and a stray-NUL WORK_FAIL."""
+    """Records every WORK_STATUS (the library keeps only the last) and a stray-NUL WORK_FAIL;
+    with --exceptions, sets OPTION_REQ exceptions and ends the job on WORK_EXCEPTION."""
+
+    def initial_state(self, exceptions: bool = False, **kwargs: Any) -> None:
+        super().initial_state(**kwargs)
+        self.exceptions_option = exceptions
+        if exceptions:  # sent before any SUBMIT_JOB: gearmand handles a connection in order
+            self.send_command(GEARMAN_COMMAND_OPTION_REQ, option_name=b"exceptions")
+
+    def recv_option_res(self, option_name: bytes) -> bool:
+        return True
+
+    def recv_work_exception(self, job_handle: bytes, data: bytes) -> bool:
+        request = self.handle_to_request_map[job_handle]
+        request.__dict__.setdefault("exception_updates", []).append(self.decode_data(data))
+        result = super().recv_work_exception(job_handle, data)
+        if self.exceptions_option:
+            request.state = JOB_FAILED  # gearmand sends nothing after it (see module doc)
+        return result
 
     def recv_work_status(self, job_handle: bytes, numerator: bytes, denominator: bytes) -> bool:
         request = self.handle_to_request_map[job_handle]
@@ -97,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--payload")
     parser.add_argument("--out", help="write the result here (raw bytes) instead of stdout")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument(
+        "--exceptions", action="store_true", help="send OPTION_REQ exceptions (see above)"
+    )
     args = parser.parse_args(argv)
 
     # Backstop in case the library blocks outside its own poll timeout (e.g. in connect()).
@@ -104,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(int(args.timeout) + 5)
 
     client = Client([args.address])
+    client.handler_initial_state["exceptions"] = args.exceptions
     unique = args.unique.encode() if args.unique is not None else None
     started = time.monotonic()
     try:
@@ -136,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "status_updates": getattr(request, "status_updates", []),
         "exception": _text(request.exception),
+        "exception_updates": [_text(e) for e in getattr(request, "exception_updates", [])],
         "stray_nul_fail": getattr(request, "stray_nul_fail", False),
         "result_len": None if request.result is None else len(request.result),
         "elapsed": round(time.monotonic() - started, 3),

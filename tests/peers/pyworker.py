@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real python-gearman worker (pygearman 0.2.6) for integration tests.
 
-Usage: pyworker.py HOST:PORT [--client-id ID] [--no-echo]
+Usage: pyworker.py HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
 
 Why this library: python-gearman only sends GRAB_JOB_UNIQ and expects JOB_ASSIGN_UNIQ, and it
 sends PRE_SLEEP after every job: a proxy must keep that exchange intact.
@@ -14,6 +14,31 @@ Functions (bytes names; pygearman on py3.11 needs bytes names and payloads):
   block    payload is a path P: writes the job's unique to P.started, waits (10 ms polls,
            up to 60 s) until P exists, returns b"unblocked" (fails the job on timeout)
   unique   returns the unique id it received
+
+Retry-test functions (payload `N:rest`, N decimal). Each attempt appends one line
+`<unique>\\n` to DIR/seen.log, so a test can prove which unique the worker saw each time,
+and one byte to DIR/flaky-<sha1(unique) hex>; the file offset after that O_APPEND write
+is the attempt number (1, 2, ...), atomic even with several workers sharing DIR:
+  flaky           attempt <= N: WORK_EXCEPTION `RETRY: transient failure <attempt>` then
+                  WORK_FAIL; else completes with `ok after <attempt>`
+  flaky_hint      the same with the exception `RETRY after=0.2: rate limited`
+  flaky_fail      attempt <= N: a plain WORK_FAIL (the handler raises, see below)
+  stream_flaky    every attempt first sends WORK_DATA `data <attempt>` and WORK_STATUS
+                  <attempt>/10, then behaves like flaky
+  fatal           always WORK_EXCEPTION `FATAL: broken input` then WORK_FAIL (any payload)
+  plain_exception always WORK_EXCEPTION `boom` then WORK_FAIL (any payload)
+--state-dir defaults to a private temp dir removed at exit.
+
+How pygearman fails a job (read from gearman/worker.py 0.2.6):
+- a handler that raises makes on_job_exception() send WORK_FAIL alone (no exception);
+- worker.send_job_exception(job, data) sends WORK_EXCEPTION *and* WORK_FAIL, but if the
+  handler then returns, on_job_complete() also sends WORK_COMPLETE for the dead handle
+  (gearmand answers ERROR JOB_NOT_FOUND), and if it raises, a second WORK_FAIL follows.
+So the exception functions call send_job_exception() and then raise JobAlreadyFinished,
+which Worker.on_job_exception() swallows: exactly WORK_EXCEPTION, WORK_FAIL, like Perl's
+Gearman::Worker and python-gearman's documented exception path. gearmand treats the
+WORK_EXCEPTION as final and answers the WORK_FAIL with ERROR JOB_NOT_FOUND; this worker
+logs that and keeps working (see Worker.on_gearman_error for the library bug avoided).
 
 Ready signal: after (re)connecting, the worker sends its usual RESET_ABILITIES + CAN_DOs
 and then one ECHO_REQ; gearmand answers packets of a connection in order, so the ECHO_RES
@@ -28,11 +53,15 @@ worker, this script reconnects (pygearman allows one connect per second). SIGTER
 from __future__ import annotations
 
 import argparse
+import atexit
+import hashlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import gearman
 from gearman.errors import ServerUnavailable
@@ -41,6 +70,16 @@ from gearman.worker_handler import GearmanWorkerCommandHandler
 
 BLOCK_TIMEOUT_S = 60.0
 BLOCK_POLL_S = 0.01
+SEEN_LOG = "seen.log"
+
+
+class JobAlreadyFinished(Exception):
+    """Raised by a handler that already sent the job's final packets itself, so that the
+    library sends nothing more for that handle (see the module doc)."""
+
+
+class TransientFailure(Exception):
+    """Raised by flaky_fail: the library's default exception path sends a plain WORK_FAIL."""
 
 
 class _Handler(GearmanWorkerCommandHandler):
@@ -61,9 +100,10 @@ class _Handler(GearmanWorkerCommandHandler):
 class Worker(gearman.GearmanWorker):
     command_handler_class = _Handler
 
-    def __init__(self, host_list: list[str], use_echo: bool) -> None:
+    def __init__(self, host_list: list[str], use_echo: bool, state_dir: str) -> None:
         super().__init__(host_list)
         self.use_echo = use_echo
+        self.state_dir = state_dir
         self.registrations = 0
         self._pending_plain_ready = False
 
@@ -85,6 +125,19 @@ class Worker(gearman.GearmanWorker):
             self._pending_plain_ready = False
             self.registered()
         return True
+
+    def on_gearman_error(self, error_code: bytes, error_text: bytes) -> bool:
+        """Log it and keep reading. The library returns False here, which stops its loop over
+        the packets already parsed from one read: a NOOP that arrived in the same read as the
+        ERROR JOB_NOT_FOUND (the answer to the WORK_FAIL after a WORK_EXCEPTION) would sit
+        unprocessed until more bytes arrive, and the worker would not grab the next job."""
+        print(f"pyworker: server error {error_code!r}: {error_text!r}", file=sys.stderr, flush=True)
+        return True
+
+    def on_job_exception(self, current_job: Any, exc_info: Any) -> bool:
+        if isinstance(exc_info[1], JobAlreadyFinished):
+            return False  # the handler already sent WORK_EXCEPTION + WORK_FAIL
+        return bool(super().on_job_exception(current_job, exc_info))
 
 
 def do_reverse(worker: Worker, job: Any) -> bytes:
@@ -123,6 +176,82 @@ def do_unique(worker: Worker, job: Any) -> bytes:
     return job.unique if job.unique is not None else b""
 
 
+def _append(path: str, data: bytes) -> int:
+    """Append `data` with one O_APPEND write and return the file offset after it, i.e. the
+    file's size right after our write even if other processes append concurrently."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    finally:
+        os.close(fd)
+
+
+def _attempt(worker: Worker, job: Any) -> int:
+    """Record this attempt (seen.log line, per-unique counter); return its number (1-based)."""
+    unique = job.unique if job.unique is not None else b""
+    _append(os.path.join(worker.state_dir, SEEN_LOG), unique + b"\n")
+    key = hashlib.sha1(unique).hexdigest()
+    return _append(os.path.join(worker.state_dir, f"flaky-{key}"), b"x")
+
+
+def _failures_wanted(job: Any) -> int:
+    """N of an `N:rest` payload (ValueError, hence WORK_FAIL, on anything else)."""
+    head, sep, _rest = bytes(job.data).partition(b":")
+    if not sep:
+        raise ValueError(f"payload {bytes(job.data)[:40]!r} is not N:rest")
+    return int(head)
+
+
+def _exception(worker: Worker, job: Any, payload: bytes) -> NoReturn:
+    """WORK_EXCEPTION payload then WORK_FAIL, and nothing else for this handle."""
+    worker.send_job_exception(job, payload)
+    raise JobAlreadyFinished()
+
+
+def _flaky(worker: Worker, job: Any, exception_payload: bytes | None) -> bytes:
+    """Fail the first N attempts (with that exception, or a plain WORK_FAIL if None)."""
+    wanted = _failures_wanted(job)
+    attempt = _attempt(worker, job)
+    if attempt <= wanted:
+        if exception_payload is None:
+            raise TransientFailure(f"attempt {attempt}")
+        _exception(worker, job, exception_payload.replace(b"<attempt>", str(attempt).encode()))
+    return f"ok after {attempt}".encode()
+
+
+def do_flaky(worker: Worker, job: Any) -> bytes:
+    return _flaky(worker, job, b"RETRY: transient failure <attempt>")
+
+
+def do_flaky_hint(worker: Worker, job: Any) -> bytes:
+    return _flaky(worker, job, b"RETRY after=0.2: rate limited")
+
+
+def do_flaky_fail(worker: Worker, job: Any) -> bytes:
+    return _flaky(worker, job, None)
+
+
+def do_stream_flaky(worker: Worker, job: Any) -> bytes:
+    wanted = _failures_wanted(job)
+    attempt = _attempt(worker, job)
+    worker.send_job_data(job, f"data {attempt}".encode())
+    worker.send_job_status(job, attempt, 10)
+    if attempt <= wanted:
+        _exception(worker, job, f"RETRY: transient failure {attempt}".encode())
+    return f"ok after {attempt}".encode()
+
+
+def do_fatal(worker: Worker, job: Any) -> bytes:
+    _attempt(worker, job)
+    _exception(worker, job, b"FATAL: broken input")
+
+
+def do_plain_exception(worker: Worker, job: Any) -> bytes:
+    _attempt(worker, job)
+    _exception(worker, job, b"boom")
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -132,10 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("address", help="HOST:PORT of gearmand or of the proxy")
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--no-echo", action="store_true", help="do not send the readiness ECHO_REQ")
+    parser.add_argument("--state-dir", default=None, help="attempt counters and seen.log")
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    worker = Worker([args.address], use_echo=not args.no_echo)
+    state_dir = args.state_dir
+    if state_dir is None:
+        state_dir = tempfile.mkdtemp(prefix="pyworker-state-")
+        atexit.register(shutil.rmtree, state_dir, True)
+    os.makedirs(state_dir, exist_ok=True)
+    worker = Worker([args.address], use_echo=not args.no_echo, state_dir=state_dir)
     if args.client_id is not None:
         worker.set_client_id(args.client_id.encode())
     worker.register_task(b"reverse", do_reverse)
@@ -143,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     worker.register_task(b"stream", do_stream)
     worker.register_task(b"block", do_block)
     worker.register_task(b"unique", do_unique)
+    worker.register_task(b"flaky", do_flaky)
+    worker.register_task(b"flaky_hint", do_flaky_hint)
+    worker.register_task(b"flaky_fail", do_flaky_fail)
+    worker.register_task(b"stream_flaky", do_stream_flaky)
+    worker.register_task(b"fatal", do_fatal)
+    worker.register_task(b"plain_exception", do_plain_exception)
     down = False
     while True:
         try:

@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 # A real Perl Gearman::Worker (2.004) for integration tests.
 #
-# Usage: worker.pl HOST:PORT [--client-id ID] [--no-echo]
+# Usage: worker.pl HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
 #
 # Why this library: it sends plain GRAB_JOB, so gearmand answers JOB_ASSIGN (no unique);
 # it sends SET_CLIENT_ID before every CAN_DO; after a GRAB_JOB it waits only 0.5 s for the
@@ -14,6 +14,17 @@
 #   block    payload is a path P: writes the job HANDLE to P.started (Gearman::Job has no
 #            unique: JOB_ASSIGN does not carry one), waits (10 ms polls, up to 60 s) until
 #            P exists, returns "unblocked" (returns undef -> WORK_FAIL on timeout)
+#   flaky    payload `N:rest` (N decimal): attempt <= N dies with
+#            "RETRY: transient failure <attempt>\n", else returns "ok after <attempt>".
+#            The attempt counter is DIR/flaky-<sha1_hex(payload)>, one byte appended per
+#            attempt (O_APPEND; the offset after the write is the attempt number). It is
+#            keyed by the payload: this worker never sees the unique, and a retried job gets
+#            a new handle. The die makes Gearman::Worker send WORK_EXCEPTION with the
+#            Storable::nfreeze(\$err) of the message (binary, not the text itself) and then
+#            WORK_FAIL; gearmand answers that WORK_FAIL with ERROR JOB_NOT_FOUND, which the
+#            library reads as the reply to its next GRAB_JOB and dies ("unexpected packet
+#            type: error"): this process then exits non-zero.
+#            --state-dir defaults to a temp dir removed at exit.
 # There is no `unique` function: a GRAB_JOB worker never learns the unique id.
 #
 # Ready signal: after registering (SET_CLIENT_ID + CAN_DO per function, sent synchronously
@@ -23,6 +34,9 @@
 use strict;
 use warnings;
 
+use Digest::SHA qw(sha1_hex);
+use Fcntl qw(O_WRONLY O_APPEND O_CREAT SEEK_CUR);
+use File::Temp qw(tempdir);
 use Getopt::Long qw(GetOptions);
 use IO::Handle;
 use Time::HiRes qw(sleep time);
@@ -32,10 +46,13 @@ use Gearman::Util;
 my $BLOCK_TIMEOUT_S = 60;
 my $BLOCK_POLL_S    = 0.01;
 
-my ($client_id, $no_echo);
-GetOptions("client-id=s" => \$client_id, "no-echo" => \$no_echo)
-    or die "usage: $0 HOST:PORT [--client-id ID] [--no-echo]\n";
-my $address = shift @ARGV or die "usage: $0 HOST:PORT [--client-id ID] [--no-echo]\n";
+my $USAGE = "usage: $0 HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]\n";
+my ($client_id, $no_echo, $state_dir);
+GetOptions("client-id=s" => \$client_id, "no-echo" => \$no_echo, "state-dir=s" => \$state_dir)
+    or die $USAGE;
+my $address = shift @ARGV or die $USAGE;
+$state_dir //= tempdir("perlworker-state-XXXXXX", TMPDIR => 1, CLEANUP => 1);
+-d $state_dir or mkdir $state_dir or die "worker.pl: mkdir $state_dir: $!\n";
 
 $SIG{TERM} = sub { exit 0 };
 STDOUT->autoflush(1);
@@ -49,6 +66,7 @@ my %functions = (
     reverse => sub { return scalar reverse $_[0]->arg },
     echo    => sub { return $_[0]->arg },
     block   => \&do_block,
+    flaky   => \&do_flaky,
 );
 
 for my $name (sort keys %functions) {
@@ -88,4 +106,24 @@ sub do_block {
         sleep $BLOCK_POLL_S;
     }
     return "unblocked";
+}
+
+# Append one byte to $path with a single O_APPEND write; the offset after it is the file's
+# size right after our write, even with other processes appending: the attempt number.
+sub next_attempt {
+    my ($path) = @_;
+    sysopen(my $fh, $path, O_WRONLY | O_APPEND | O_CREAT, 0644) or die "open $path: $!";
+    defined syswrite($fh, "x") or die "write $path: $!";
+    my $attempt = sysseek($fh, 0, SEEK_CUR) or die "seek $path: $!";
+    close $fh;
+    return $attempt + 0;  # sysseek returns "0 but true" for 0
+}
+
+sub do_flaky {
+    my ($job) = @_;
+    my $payload = $job->arg;
+    my ($wanted) = $payload =~ /\A(\d+):/ or die "payload is not N:rest\n";
+    my $attempt = next_attempt("$state_dir/flaky-" . sha1_hex($payload));
+    die "RETRY: transient failure $attempt\n" if $attempt <= $wanted;
+    return "ok after $attempt";
 }

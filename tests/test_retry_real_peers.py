@@ -1,0 +1,166 @@
+"""Retries through gproxy, with real worker libraries and a real gearmand.
+
+Without gproxy every one of these jobs fails on its first attempt (tests/test_flaky_peers_direct.py
+shows the baseline); through gproxy the client sees only the outcome of the last attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gproxy.config import Address, Config, Route
+from gproxy.retry import Policies, RetryPolicy
+from tests.gearmand import Gearmand, wait_for
+from tests.peer_procs import (
+    PeerSet,
+    flaky_cli_command,
+    run_pyclient,
+    seen_uniques,
+    start_cli_worker,
+    start_perlworker,
+    start_pyclient,
+    start_pyworker,
+)
+from tests.proxy_thread import ProxyThread
+
+WAIT_S = 15.0
+FAST = RetryPolicy(backoff_initial=0.02, jitter=False)
+
+
+def proxy_to(gearmand: Gearmand, policy: RetryPolicy = FAST, **functions: RetryPolicy) -> ProxyThread:
+    route = Route(Address("127.0.0.1", 0), Address(*gearmand.address))
+    policies = Policies(policy, {name.encode(): p for name, p in functions.items()})
+    return ProxyThread(Config(routes=(route,), policies=policies))
+
+
+@pytest.mark.parametrize("function", ["flaky", "flaky_hint", "stream_flaky"])
+def test_retryable_exceptions_end_in_success_and_the_worker_sees_the_original_unique(
+    gearmand: Gearmand, tmp_path: Path, function: str
+) -> None:
+    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, function, "2:job", unique=f"{function}-u1", exceptions=True)
+    assert (run.returncode, run.state, run.stdout) == (0, "COMPLETE", b"ok after 3"), run.stderr
+    assert run.report["exception_updates"] == []  # the held failures never reached the client
+    assert seen_uniques(tmp_path) == [f"{function}-u1"] * 3
+    if function == "stream_flaky":  # every attempt's updates are relayed as the original's
+        assert run.report["data_updates"] == ["data 1", "data 2", "data 3"]
+        assert run.report["status_updates"] == [[1, 10], [2, 10], [3, 10]]
+
+
+def test_work_fail_is_retried_only_where_on_fail_is_set(gearmand: Gearmand, tmp_path: Path) -> None:
+    on_fail = replace(FAST, on_fail=True)
+    with proxy_to(gearmand, flaky_cli=on_fail) as proxy, PeerSet() as peers:
+        peers.add(start_cli_worker(proxy.address, "flaky_cli", flaky_cli_command(tmp_path), admin_address=gearmand.address))
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path / "py"))
+        retried = run_pyclient(gearmand.address, "flaky_cli", "1:cli")
+        not_retried = run_pyclient(gearmand.address, "flaky_fail", "1:py", unique="fail-u1")
+    assert (retried.returncode, retried.stdout) == (0, b"ok after 2"), retried.stderr
+    assert (not_retried.returncode, not_retried.state) == (1, "FAILED"), not_retried.stderr
+    assert seen_uniques(tmp_path / "py") == ["fail-u1"]
+
+
+@pytest.mark.parametrize("function, payload", [("fatal", "FATAL: broken input"), ("plain_exception", "boom")])
+def test_fatal_and_unmarked_exceptions_pass_through_at_once(
+    gearmand: Gearmand, tmp_path: Path, function: str, payload: str
+) -> None:
+    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, function, "x", unique=f"{function}-1", exceptions=True)
+        assert proxy.call(lambda: dict(proxy.proxy.retrier.held)) == {}
+    assert (run.state, run.report["exception"]) == ("FAILED", payload), run.stderr
+    assert seen_uniques(tmp_path) == [f"{function}-1"]
+
+
+def test_exhausted_jobs_fail_with_the_last_exception_and_go_to_the_dead_letter_queue(
+    gearmand: Gearmand, tmp_path: Path
+) -> None:
+    policy = replace(FAST, max_attempts=3, dead_letter="dead.{function}")
+    with proxy_to(gearmand, policy) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, "flaky", "9:payload", unique="exhaust-1", exceptions=True)
+        assert (run.state, run.report["exception"]) == ("FAILED", "RETRY: transient failure 3"), run.stderr
+        assert seen_uniques(tmp_path) == ["exhaust-1"] * 3
+        gearmand.wait_for_queue("dead.flaky", total=1, running=0)  # no worker: it stays queued
+
+
+def test_perl_worker_survives_its_trailing_work_fail(gearmand: Gearmand, tmp_path: Path) -> None:
+    # Perl's Gearman::Worker sends WORK_FAIL right after its WORK_EXCEPTION. Forwarded, it
+    # would delete the held job; and the ERROR gearmand answers with kills the worker.
+    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+        worker = peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
+        first = run_pyclient(gearmand.address, "flaky", "1:perl-a", exceptions=True)
+        second = run_pyclient(gearmand.address, "flaky", "1:perl-b", exceptions=True)
+        assert worker.poll() is None, worker.log_text()
+    assert (first.stdout, second.stdout) == (b"ok after 2", b"ok after 2"), (first.stderr, second.stderr)
+
+
+def test_background_jobs_are_retried(gearmand: Gearmand, tmp_path: Path) -> None:
+    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, "flaky", "2:bg", unique="bg-retry-1", background=True)
+        assert run.returncode == 0, run.stderr
+        wait_for(lambda: len(seen_uniques(tmp_path)) == 3, WAIT_S, "three attempts")
+        gearmand.wait_for_queue("flaky", total=0)
+    assert seen_uniques(tmp_path) == ["bg-retry-1"] * 3
+
+
+def test_a_second_client_of_the_same_unique_gets_the_retried_result(gearmand: Gearmand, tmp_path: Path) -> None:
+    slow = replace(FAST, backoff_initial=1.0)
+    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        first = peers.add(start_pyclient(gearmand.address, "flaky", "1:shared", unique="shared-1"))
+        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        second = run_pyclient(gearmand.address, "flaky", "other payload, discarded", unique="shared-1")
+        first_run = first.result()
+    assert (first_run.stdout, second.stdout) == (b"ok after 2", b"ok after 2"), (first_run.stderr, second.stderr)
+    assert seen_uniques(tmp_path) == ["shared-1"] * 2
+
+
+def test_behind_two_gproxies_the_one_holding_the_original_owns_the_loop(
+    gearmand: Gearmand, tmp_path: Path
+) -> None:
+    slow = replace(FAST, backoff_initial=0.5)
+    with proxy_to(gearmand, slow) as owner, proxy_to(gearmand, FAST) as other, PeerSet() as peers:
+        first = start_pyworker(owner.address, state_dir=tmp_path)
+        client = peers.add(start_pyclient(gearmand.address, "flaky", "2:two", unique="two-proxies"))
+        wait_for(lambda: owner.call(lambda: len(owner.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        # The first worker leaves; its gproxy keeps the held job's gearmand connection open.
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(WAIT_S)
+        peers.add(start_pyworker(other.address, state_dir=tmp_path))
+        run = client.result()
+        assert other.call(lambda: dict(other.proxy.retrier.held)) == {}
+    assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr
+    assert seen_uniques(tmp_path) == ["two-proxies"] * 3
+
+
+def test_gproxy_killed_while_holding_loses_no_job(gearmand: Gearmand, tmp_path: Path) -> None:
+    config = tmp_path / "gproxy.toml"
+    host, port = gearmand.address
+    config.write_text(f'listen = "127.0.0.1:0"\nupstream = "{host}:{port}"\n[retry]\nbackoff_initial = 60\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gproxy", "--config", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        proxy_port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+        with PeerSet() as peers:
+            peers.add(start_pyworker(("127.0.0.1", proxy_port), state_dir=tmp_path))
+            client = peers.add(start_pyclient(gearmand.address, "flaky", "1:crash", unique="crash-1"))
+            wait_for(lambda: len(seen_uniques(tmp_path)) == 1, WAIT_S, "the first attempt")
+            gearmand.wait_for_queue("flaky", total=1, running=1)  # held: still running in gearmand
+            proc.kill()
+            proc.wait(WAIT_S)
+            # gearmand requeued the held job when gproxy's connection dropped; a direct worker runs it.
+            peers.add(start_pyworker(gearmand.address, state_dir=tmp_path))
+            run = client.result()
+    finally:
+        proc.kill()
+        proc.wait(WAIT_S)
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
