@@ -1,15 +1,15 @@
-"""The trio shell: listeners, one upstream connection per downstream connection, byte pumps.
+"""The trio shell: listeners, upstream connections per downstream connection, byte pumps.
 
-All protocol decisions are made by Session (pure); this module only moves bytes, keeps the
-two connections of a pair alive and dead together, and turns every failure of one pair into
-one log line and a closed pair, never into a crashed proxy.
+All protocol decisions are made by Session and Retrier (pure); this module only moves bytes,
+executes their actions, keeps a downstream connection and its upstream ones alive and dead
+together, and turns every failure of one pair into one log line and a closed pair, never
+into a crashed proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,10 +18,10 @@ import trio
 from .config import Address, Config, Route
 from .connection import Connection
 from .jobs import TrackedJob
-from .protocol import Framer, PacketType, ProtocolError
+from .protocol import ProtocolError
 from .retry import Action, Released, Retrier, SendUpstream, Submit, Wakeup
-from .session import Session
-from .submitter import HELLO, Created, JobPacket, Refused, Submitter
+from .retry_client import RetryClient
+from .session import CloseUpstream, OpenUpstream, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 
@@ -33,24 +33,42 @@ HALF_CLOSE_LINGER = 10.0
 
 
 @dataclass(slots=True)
+class _Upstream:
+    connection: Connection
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass(slots=True, eq=False)
 class _Pair:
-    """One downstream connection and its upstream one; why they ended: the first reason wins,
-    and is logged once."""
+    """A downstream connection with its upstream ones, and why they ended: the first reason
+    wins, and is logged once."""
 
     name: str
+    session: Session
+    downstream: Connection
     cancel_scope: trio.CancelScope
-    upstream: Connection
+    nursery: trio.Nursery | None = None
+    upstreams: dict[UpstreamLink, _Upstream] = field(default_factory=dict)
     reason: str | None = None
     level: int = logging.DEBUG
     eofs: int = 0
     worker_gone: bool = False
-    """The worker left while the upstream connection held retries: it stays open for them."""
+    """The worker left while retries were held: their connections stay open for them."""
     released: trio.Event = field(default_factory=trio.Event)
 
     def fail(self, reason: str, level: int = logging.WARNING) -> None:
         if self.reason is None:
             self.reason, self.level = reason, level
         self.cancel_scope.cancel()
+
+    def closing(self, reason: str) -> None:
+        """One side closed: the other gets a grace period to finish, then the pair is cut."""
+        self.eofs += 1
+        if self.eofs == 1:
+            self.reason = reason
+            self.cancel_scope.deadline = min(
+                self.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
+            )
 
 
 class Proxy:
@@ -60,14 +78,15 @@ class Proxy:
         self.config = config
         self.retrier = retrier or Retrier(config.policies)
         self.listen_addresses: list[Address] = []
-        self._pairs: dict[Session, _Pair] = {}
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
+        self._pairs: set[_Pair] = set()
+        self._owners: dict[UpstreamLink, _Pair] = {}
         self._running: Counter[bytes] = Counter()
         self._retry_clients: dict[Route, RetryClient] = {}
         self._nursery: trio.Nursery | None = None
 
     def tracked_jobs(self) -> list[TrackedJob]:
-        return [job for session in self._pairs for job in session.jobs]
+        return [job for pair in self._pairs for job in pair.session.tracked_jobs()]
 
     async def listen(self) -> None:
         """Bind every route's listen address; an OSError here (address in use) is plain, not
@@ -91,117 +110,187 @@ class Proxy:
                 )
             task_status.started(self)
 
+    # -- one downstream connection
+
     async def _handle(self, stream: trio.SocketStream, route: Route) -> None:
         downstream = Connection.from_stream(stream)
         name = f"peer {downstream.peer} (via {route.listen} to gearmand {route.upstream})"
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                upstream_stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+            upstream = await _connect(route)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
             downstream.close()
             return
-        upstream = Connection.from_stream(upstream_stream)
         session = Session(
             f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
             retrier=self.retrier, route=route, running=self._running,
         )
+        pair = _Pair(name, session, downstream, trio.CancelScope())
+        self._pairs.add(pair)
         try:
-            with trio.CancelScope() as scope:
-                pair = self._pairs[session] = _Pair(name, scope, upstream)
+            with pair.cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        self._pump, pair, session, downstream, upstream, session.downstream,
-                        lambda data: session.from_downstream(data, trio.current_time()), "peer",
-                    )
-                    nursery.start_soon(
-                        self._pump, pair, session, upstream, downstream, session.upstream,
-                        lambda data: session.from_upstream(data, trio.current_time()), "gearmand",
-                    )
+                    pair.nursery = nursery
+                    self._attach(pair, session.current, upstream)
+                    nursery.start_soon(self._downstream_pump, pair)
         except Exception:
             log.exception("%s: closed: internal error", name)
         else:
             log.log(pair.level, "%s: closed: %s", name, pair.reason or "both sides finished")
         finally:
-            del self._pairs[session]
-            session.closed()
-            self.retrier.owner_lost(session)
-            upstream.close()
+            self._pairs.discard(pair)
+            for link in list(pair.upstreams):
+                self._detach(pair, link)
             downstream.close()
 
-    async def _pump(
-        self,
-        pair: _Pair,
-        session: Session,
-        source: Connection,
-        sink: Connection,
-        framer: Framer,
-        transform: Callable[[bytes], bytes],
-        source_name: str,
-    ) -> None:
-        """Move one direction until EOF; the first failure of either direction ends the pair."""
-        sink_name = "gearmand" if source_name == "peer" else "peer"
+    def _attach(self, pair: _Pair, link: UpstreamLink, connection: Connection) -> None:
+        assert pair.nursery is not None
+        upstream = pair.upstreams[link] = _Upstream(connection)
+        self._owners[link] = pair
+        pair.nursery.start_soon(self._upstream_pump, pair, link, upstream)
+
+    def _detach(self, pair: _Pair, link: UpstreamLink) -> None:
+        """`link`'s connection closes: gearmand requeues whatever it still owns."""
+        upstream = pair.upstreams.pop(link, None)
+        if upstream is None:
+            return
+        self._owners.pop(link, None)
+        pair.session.link_closed(link)
+        self.retrier.owner_lost(link)
+        upstream.connection.close()
+
+    async def _downstream_pump(self, pair: _Pair) -> None:
+        """Worker to gearmand, until the worker leaves; then what it left behind is settled."""
+        session, source = pair.session, pair.downstream
         while True:
             try:
                 data = await source.receive(RECEIVE_SIZE)
             except OSError as exc:
-                return pair.fail(f"{source_name} connection lost: {exc}", logging.INFO)
+                return pair.fail(f"peer connection lost: {exc}", logging.INFO)
             if not data:
                 break
             try:
-                out = transform(data)
+                out = session.from_downstream(data, trio.current_time())
             except ProtocolError as exc:
-                return pair.fail(f"protocol error from {source_name}: {exc}")
+                return pair.fail(f"protocol error from peer: {exc}")
             if session.actions:
                 actions, session.actions = session.actions, []
                 await self.execute(actions)
-            if out and not pair.worker_gone:
+            if out:
+                upstream = pair.upstreams.get(session.current)
                 try:
-                    await sink.send_all(out)
+                    if upstream is None:
+                        raise OSError("closed")
+                    await upstream.connection.send_all(out)
                 except OSError as exc:
-                    return pair.fail(f"{sink_name} connection lost: {exc}", logging.INFO)
-        if framer.buffered:
+                    return pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
+        if session.downstream.buffered:
             return pair.fail(
-                f"{source_name} closed mid-packet ({framer.buffered} bytes of an unfinished frame)"
+                f"peer closed mid-packet ({session.downstream.buffered} bytes of an unfinished frame)"
             )
-        if source_name == "peer" and self.retrier.holds(session):
-            # Closing upstream now would make gearmand requeue the held jobs: keep it open,
-            # retry what the worker was still running, and close once nothing is held.
-            pair.worker_gone, pair.released = True, trio.Event()
-            log.info("%s: worker left while retries are held; keeping its gearmand connection", pair.name)
-            await self.execute(
-                self.retrier.worker_left(session, session.route, session.jobs.released_all(), trio.current_time())
-            )
-            await pair.released.wait()
-        # Mirror the close as a half-close, so replies already on their way still arrive;
-        # the other direction then has a grace period to finish before the pair is cut.
-        pair.eofs += 1
-        if pair.eofs == 1:
-            pair.reason = f"{source_name} closed the connection"
-            pair.cancel_scope.deadline = min(
-                pair.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
-            )
-        try:
-            sink.send_eof()
-        except OSError:
-            pair.cancel_scope.cancel()
+        if any(self.retrier.holds(link) for link in session.links):
+            await self._keep_for_held_retries(pair)
+        pair.closing("peer closed the connection")
+        for upstream in list(pair.upstreams.values()):
+            with contextlib.suppress(OSError):
+                upstream.connection.send_eof()
 
-    async def execute(self, actions: list[Action]) -> None:
-        """Carry out what the Retrier asked for."""
+    async def _keep_for_held_retries(self, pair: _Pair) -> None:
+        """The worker left, but closing its gearmand connections would requeue the jobs gproxy
+        holds for retries: keep those open, retry what the worker was still running on them
+        (as gearmand would have), and return once nothing is held."""
+        session = pair.session
+        pair.worker_gone, pair.released = True, trio.Event()
+        log.info("%s: worker left while retries are held; keeping their gearmand connections", pair.name)
+        actions: list[Action] = []
+        for link in session.links:
+            if self.retrier.holds(link):
+                running = link.jobs.released_all()
+                actions += self.retrier.worker_left(link, session.route, running, trio.current_time())
+            elif (upstream := pair.upstreams.get(link)) is not None:
+                with contextlib.suppress(OSError):
+                    upstream.connection.send_eof()  # its running jobs requeue natively
+        await self.execute(actions)
+        await pair.released.wait()
+
+    async def _upstream_pump(self, pair: _Pair, link: UpstreamLink, upstream: _Upstream) -> None:
+        """gearmand to the worker on one of the pair's upstream connections."""
+        session, connection = pair.session, upstream.connection
+        try:
+            with upstream.scope:
+                while True:
+                    try:
+                        data = await connection.receive(RECEIVE_SIZE)
+                    except OSError as exc:
+                        if link is session.current and not pair.worker_gone:
+                            pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
+                        return
+                    if not data:
+                        break
+                    try:
+                        out = session.from_upstream(link, data, trio.current_time())
+                    except ProtocolError as exc:
+                        return pair.fail(f"protocol error from gearmand: {exc}")
+                    if out and not pair.worker_gone:
+                        try:
+                            await pair.downstream.send_all(out)
+                        except OSError as exc:
+                            return pair.fail(f"peer connection lost: {exc}", logging.INFO)
+                if link.framer.buffered:
+                    return pair.fail(
+                        f"gearmand closed mid-packet ({link.framer.buffered} bytes of an unfinished frame)"
+                    )
+                if link is session.current and not pair.worker_gone:
+                    pair.closing("gearmand closed the connection")
+                    with contextlib.suppress(OSError):
+                        pair.downstream.send_eof()
+        finally:
+            if link is not session.current or pair.worker_gone:
+                self._detach(pair, link)
+
+    # -- what the pure parts ask for
+
+    async def execute(self, actions: list[Action | OpenUpstream | CloseUpstream]) -> None:
         for action in actions:
             if type(action) is Wakeup:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._wake, action.key, action.delay)
+            elif type(action) is SendUpstream:
+                pair = self._owners.get(action.owner)
+                upstream = pair.upstreams.get(action.owner) if pair is not None else None
+                if upstream is not None:
+                    with contextlib.suppress(OSError):  # that link's own pump reports a loss
+                        await upstream.connection.send_all(action.data)
+            elif type(action) is Released:
+                if (pair := self._owners.get(action.owner)) is not None:
+                    self._settle(pair, action.owner)
             elif type(action) is Submit:
                 await self._retry_client(action.route).submit(action)
-            elif type(action) is SendUpstream:
-                pair = self._pairs.get(action.owner)
-                if pair is not None:
-                    with contextlib.suppress(OSError):  # the pair's own pump reports a lost link
-                        await pair.upstream.send_all(action.data)
-            elif type(action) is Released:
-                if (pair := self._pairs.get(action.owner)) is not None:
-                    pair.released.set()
+            elif type(action) is OpenUpstream:
+                await self._open_upstream(action)
+            elif type(action) is CloseUpstream:
+                if (pair := self._owners.get(action.link)) is not None:
+                    pair.upstreams[action.link].scope.cancel()
+
+    def _settle(self, pair: _Pair, link: UpstreamLink) -> None:
+        """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
+        if pair.session.idle(link) and link in pair.upstreams:
+            pair.upstreams[link].scope.cancel()
+        if pair.worker_gone and not any(self.retrier.holds(l) for l in pair.session.links):
+            pair.released.set()
+
+    async def _open_upstream(self, action: OpenUpstream) -> None:
+        """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
+        pair = next((p for p in self._pairs if p.session is action.session), None)
+        if pair is None:
+            return
+        try:
+            connection = await _connect(pair.session.route)
+            await connection.send_all(action.replay)
+        except (OSError, trio.TooSlowError) as exc:
+            return pair.fail(f"gearmand unreachable for a fresh connection: {exc or 'timed out'}")
+        log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", pair.name)
+        self._attach(pair, action.link, connection)
 
     async def _wake(self, key: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -214,58 +303,7 @@ class Proxy:
         return self._retry_clients[route]
 
 
-class RetryClient:
-    """gproxy's own client connection to a route's gearmand, for retry jobs; opened on first
-    use, and opened again after a loss (the Retrier then resubmits what was in flight)."""
-
-    def __init__(self, proxy: Proxy, route: Route, nursery: trio.Nursery) -> None:
-        self.proxy = proxy
-        self.route = route
-        self._nursery = nursery
-        self._connection: Connection | None = None
-        self._submitter = Submitter()
-        self._connecting = trio.Lock()
-
-    async def submit(self, action: Submit) -> None:
-        try:
-            connection = await self._connected()
-            await connection.send_all(
-                self._submitter.submit(action.key, action.function, action.unique, action.payload)
-            )
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("retry client to gearmand %s: cannot submit: %s", self.route.upstream, exc or "timed out")
-            if action.key is not None:
-                await self.proxy.execute(self.proxy.retrier.retry_rejected(action.key, b"gearmand unreachable"))
-
-    async def _connected(self) -> Connection:
-        async with self._connecting:
-            if self._connection is None:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(self.route.upstream.host, self.route.upstream.port)
-                connection = Connection.from_stream(stream)
-                self._submitter = Submitter()
-                await connection.send_all(HELLO)
-                self._connection = connection
-                self._nursery.start_soon(self._read, connection)
-            return self._connection
-
-    async def _read(self, connection: Connection) -> None:
-        retrier, route = self.proxy.retrier, self.route
-        try:
-            while data := await connection.receive(RECEIVE_SIZE):
-                for event in self._submitter.receive(data):
-                    if type(event) is JobPacket:
-                        actions = retrier.retry_packet(route, event.type, event.args)
-                    elif type(event) is Created:
-                        actions = retrier.retry_created(event.key, event.handle)
-                    else:
-                        assert type(event) is Refused
-                        actions = retrier.retry_rejected(event.key, event.error)
-                    await self.proxy.execute(actions)
-            reason = "gearmand closed it"
-        except (OSError, ProtocolError) as exc:
-            reason = str(exc)
-        self._connection = None
-        connection.close()
-        log.warning("retry client to gearmand %s lost (%s); resubmitting retries in flight", route.upstream, reason)
-        await self.proxy.execute(retrier.retry_connection_lost(route))
+async def _connect(route: Route) -> Connection:
+    with trio.fail_after(CONNECT_TIMEOUT):
+        stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+    return Connection.from_stream(stream)

@@ -6,6 +6,7 @@ shows the baseline); through gproxy the client sees only the outcome of the last
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -164,3 +165,25 @@ def test_gproxy_killed_while_holding_loses_no_job(gearmand: Gearmand, tmp_path: 
         proc.kill()
         proc.wait(WAIT_S)
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+
+
+def test_reset_abilities_while_holding_moves_the_worker_and_requeues_nothing(
+    gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gproxy")
+    slow = replace(FAST, backoff_initial=1.0)
+    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        client = peers.add(start_pyclient(gearmand.address, "flaky", "1:moved", unique="moved-1"))
+        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        # python-gearman sends RESET_ABILITIES + CAN_DOs on its connection; there, gearmand
+        # would requeue the held job and it would run once more.
+        assert run_pyclient(gearmand.address, "unregister", "echo").stdout == b"unregistered"
+        assert gearmand.status()["flaky"][:2] == (1, 1)  # still assigned, not queued again
+        run = client.result()
+        # The worker's abilities are what it asked for, on its new connection.
+        wait_for(lambda: gearmand.status().get("echo", (0, 0, 0))[2] == 0, WAIT_S, "echo to be unregistered")
+        assert gearmand.status()["reverse"][2] == 1
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert seen_uniques(tmp_path) == ["moved-1"] * 2  # the original and one retry, no requeue
+    assert any("moved to a fresh gearmand connection" in r.getMessage() for r in caplog.records)

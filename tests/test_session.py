@@ -32,7 +32,7 @@ def session() -> Session:
 
 def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: Session) -> None:
     assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
-    got = session.from_upstream(assign_uniq(b"H:x:1", data=b"pay\0load"), now=7.0)
+    got = session.from_upstream(session.current, assign_uniq(b"H:x:1", data=b"pay\0load"), now=7.0)
     assert got == res(P.JOB_ASSIGN, handle=b"H:x:1", function=b"f", data=b"pay\0load")
     (job,) = session.jobs
     assert (job.handle, job.function, job.unique, job.payload) == (b"H:x:1", b"f", b"u-1", b"pay\0load")
@@ -54,7 +54,7 @@ def test_other_grabs_and_their_assigns_pass_unchanged_and_are_tracked(
     session: Session, grab: PacketType, reply: bytes
 ) -> None:
     assert session.from_downstream(req(grab), now=0.0) == req(grab)
-    assert session.from_upstream(reply, now=1.0) == reply
+    assert session.from_upstream(session.current, reply, now=1.0) == reply
     assert [(j.handle, j.unique) for j in session.jobs] == [(b"H:x:2", b"u-1")]
 
 
@@ -62,14 +62,14 @@ def test_pipelined_grabs_are_answered_in_order(session: Session) -> None:
     sent = session.from_downstream(req(P.GRAB_JOB) + req(P.GRAB_JOB_UNIQ) + req(P.GRAB_JOB), now=0.0)
     assert sent == req(P.GRAB_JOB_UNIQ) * 3
     replies = assign_uniq(b"H:1") + assign_uniq(b"H:2") + res(P.NO_JOB)
-    assert session.from_upstream(replies, now=0.0) == (
+    assert session.from_upstream(session.current, replies, now=0.0) == (
         res(P.JOB_ASSIGN, handle=b"H:1", function=b"f", data=b"d")
         + assign_uniq(b"H:2")
         + res(P.NO_JOB)
     )
     # NO_JOB answered the third grab: the next reply belongs to a new grab.
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
-    assert session.from_upstream(assign_uniq(b"H:3"), now=0.0) == assign_uniq(b"H:3")
+    assert session.from_upstream(session.current, assign_uniq(b"H:3"), now=0.0) == assign_uniq(b"H:3")
 
 
 @pytest.mark.parametrize(
@@ -82,14 +82,14 @@ def test_pipelined_grabs_are_answered_in_order(session: Session) -> None:
 )
 def test_a_final_result_ends_the_job_and_passes_through(session: Session, result: bytes) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
-    session.from_upstream(assign_uniq(b"H:1") + assign_uniq(b"H:2"), now=0.0)
+    session.from_upstream(session.current, assign_uniq(b"H:1") + assign_uniq(b"H:2"), now=0.0)
     assert session.from_downstream(result, now=0.0) == result
     assert [j.handle for j in session.jobs] == [b"H:2"]
 
 
 def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
-    session.from_upstream(assign_uniq(b"H:1", function=b"a") + assign_uniq(b"H:2", function=b"b"), now=0.0)
+    session.from_upstream(session.current, assign_uniq(b"H:1", function=b"a") + assign_uniq(b"H:2", function=b"b"), now=0.0)
     assert session.from_downstream(req(P.CANT_DO, function=b"a"), now=0.0) == req(P.CANT_DO, function=b"a")
     assert [j.handle for j in session.jobs] == [b"H:2"]
     session.from_downstream(req(P.RESET_ABILITIES), now=0.0)
@@ -98,8 +98,8 @@ def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
 
 def test_closing_hands_back_everything(session: Session) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
-    session.from_upstream(assign_uniq(b"H:1"), now=0.0)
-    assert [j.handle for j in session.closed()] == [b"H:1"]
+    session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
+    assert [j.handle for j in session.link_closed(session.current)] == [b"H:1"]
     assert len(session.jobs) == 0
 
 
@@ -131,6 +131,6 @@ def test_everything_else_passes_byte_for_byte_in_order(
     down_stream, up_stream = b"".join(down), b"".join(up)
     sent = b"".join(session.from_downstream(down_stream[i : i + chunk], now=0.0) for i in range(0, len(down_stream), chunk))
     received = b"".join(
-        session.from_upstream(up_stream[i : i + chunk], now=0.0) for i in range(0, len(up_stream), chunk)
+        session.from_upstream(session.current, up_stream[i : i + chunk], now=0.0) for i in range(0, len(up_stream), chunk)
     )
     assert (sent, received) == (down_stream, up_stream)

@@ -14,6 +14,7 @@ Functions (bytes names; pygearman on py3.11 needs bytes names and payloads):
   block    payload is a path P: writes the job's unique to P.started, waits (10 ms polls,
            up to 60 s) until P exists, returns b"unblocked" (fails the job on timeout)
   unique   returns the unique id it received
+  unregister  unregisters the function named by the payload (RESET_ABILITIES + CAN_DOs)
 
 Retry-test functions (payload `N:rest`, N decimal). Each attempt appends one line
 `<unique>\\n` to DIR/seen.log, so a test can prove which unique the worker saw each time,
@@ -247,6 +248,13 @@ def do_fatal(worker: Worker, job: Any) -> bytes:
     _exception(worker, job, b"FATAL: broken input")
 
 
+def do_unregister(worker: Worker, job: Any) -> bytes:
+    """Drop the ability named by the payload, mid-job: python-gearman then sends
+    RESET_ABILITIES and a CAN_DO for each function it keeps, on its open connection."""
+    worker.unregister_task(bytes(job.data))
+    return b"unregistered"
+
+
 def do_plain_exception(worker: Worker, job: Any) -> bytes:
     _attempt(worker, job)
     _exception(worker, job, b"boom")
@@ -284,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.register_task(b"stream_flaky", do_stream_flaky)
     worker.register_task(b"fatal", do_fatal)
     worker.register_task(b"plain_exception", do_plain_exception)
+    worker.register_task(b"unregister", do_unregister)
     down = False
     while True:
         try:
