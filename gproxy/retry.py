@@ -365,16 +365,26 @@ class Retrier:
         return [self._schedule(job, verdict)]
 
     def retry_connection_lost(self, route: Hashable) -> list[Action]:
-        """The retry-client connection to `route` broke: every retry that was submitted on it
-        is submitted again with the same unique id. gearmand coalesces it onto the retry job if
-        that still exists (it keeps running jobs whose client left), else it runs anew."""
+        """The retry-client connection to `route` broke. gearmand abandons the retry jobs that
+        were submitted on it (a queued one is dropped when a worker would take it, even if a
+        new client attached to its unique id meanwhile), so each is submitted again as the
+        next attempt, with a new unique id; one that has no attempt left is given up."""
         actions: list[Action] = []
-        for job in self.held.values():
-            if job.route != route or job.state is State.WAITING:
+        for job in [job for job in self.held.values() if job.route == route]:
+            if job.state is State.WAITING:
                 continue
             if job.retry_handle is not None:
                 del self._by_retry_handle[(job.route, job.retry_handle)]
-            job.state, job.retry_handle = State.SUBMITTING, None
+            job.retry_handle = None
+            if job.attempt >= job.policy.max_attempts:
+                actions += self._give_up(job)
+                continue
+            job.attempt += 1
+            job.state = State.SUBMITTING
+            log.info(
+                "retry connection lost: resubmitting %s %s as attempt %d of %d",
+                _text(job.function), _text(job.handle), job.attempt, job.policy.max_attempts,
+            )
             unique = retry_unique(job.unique, job.handle, job.attempt)
             actions.append(Submit(job.route, job.key, job.function, unique, job.payload))
         return actions

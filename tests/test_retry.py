@@ -182,17 +182,25 @@ def test_the_budget_grows_with_the_jobs_running() -> None:
     assert t.fail(handle=b"H:3") is None  # max(1, 0.5 * 4) = 2 held at most
 
 
-def test_a_lost_retry_connection_resubmits_what_was_in_flight_with_the_same_unique() -> None:
-    t = Transcript()
+def test_a_lost_retry_connection_resubmits_what_was_in_flight_as_the_next_attempt() -> None:
+    t = Transcript(replace(POLICY, max_attempts=3))
     t.fail(handle=b"H:1", unique=b"a")
     t.fail(handle=b"H:5", unique=b"b")
     t.submit_and_create(1, b"H:2")  # job 2 is still waiting for its timer
-    assert t.retrier.retry_connection_lost("route") == [Submit("route", 1, b"f", b"gpr:2:a", b"payload")]
+    # A new unique: gearmand would drop the abandoned retry job even with a client reattached.
+    assert t.retrier.retry_connection_lost("route") == [Submit("route", 1, b"f", b"gpr:3:a", b"payload")]
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"stale") == []
     t.retrier.retry_created(1, b"H:7")
     assert t.retry(P.WORK_COMPLETE, handle=b"H:7", data=b"ok")[0] == SendUpstream(
         "up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     )
+    t.submit_and_create(2, b"H:8")  # attempt 2 of job 2
+    assert t.retrier.retry_connection_lost("route") == [Submit("route", 2, b"f", b"gpr:3:b", b"payload")]
+    # Lost again with no attempt left: the client gets the last failure.
+    assert t.retrier.retry_connection_lost("route") == [
+        SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:5", data=b"RETRY: x")),
+        Released("up-1"),
+    ]
 
 
 def test_a_refused_retry_gives_the_client_the_last_failure() -> None:
