@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.session import Session
+from gproxy.retry import Policies, Retrier, RetryPolicy, SendUpstream, Wakeup
+from gproxy.session import OpenUpstream, Session
 from tests.test_protocol import admin_lines, packets
 
 P = PacketType
@@ -134,3 +135,41 @@ def test_everything_else_passes_byte_for_byte_in_order(
         session.from_upstream(session.current, up_stream[i : i + chunk], now=0.0) for i in range(0, len(up_stream), chunk)
     )
     assert (sent, received) == (down_stream, up_stream)
+
+
+def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None:
+    session = Session("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route="r")
+    old = session.current
+    registration = req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"f") + req(
+        P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"
+    )
+    assert session.from_downstream(registration + req(P.GRAB_JOB_UNIQ) * 2, now=0.0) == (
+        registration + req(P.GRAB_JOB_UNIQ) * 2
+    )
+    session.from_upstream(old, assign_uniq(b"H:1", function=b"f") + assign_uniq(b"H:2", function=b"g"), now=0.0)
+    assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0) == b""
+    assert session.actions == [Wakeup(1, 1.0)]
+    session.actions.clear()
+
+    # CANT_DO f on `old` would make gearmand requeue the held H:1: not sent there.
+    sent = session.from_downstream(
+        req(P.WORK_DATA, handle=b"H:2", data=b"d") + req(P.CANT_DO, function=b"f") + req(P.GRAB_JOB_UNIQ),
+        now=0.0,
+    )
+    new = session.current
+    assert new is not old and session.retired == [old]
+    assert session.actions == [
+        SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
+        OpenUpstream(session, new, req(P.SET_CLIENT_ID, client_id=b"w1")
+                     + req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000")),
+    ]
+    assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
+    session.actions.clear()
+
+    # H:2 still runs on `old`: its result goes there, and `old`, holding H:1, stays.
+    assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"), now=0.0) == b""
+    assert session.actions == [SendUpstream(old, req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"))]
+    assert not session.idle(old)
+    session.actions.clear()
+    session.retrier.owner_lost(old)  # once nothing is held there, it may close
+    assert session.idle(old)
