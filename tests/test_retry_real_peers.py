@@ -22,6 +22,7 @@ from gproxy.retry import Policies, RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
     PeerSet,
+    attempt_count,
     flaky_cli_command,
     run_pyclient,
     seen_uniques,
@@ -219,3 +220,24 @@ def test_a_lost_retry_client_connection_resubmits_and_no_client_waits_forever(
     # The lost retry never ran; the one submitted in its place is attempt 3.
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
     assert seen_uniques(tmp_path) == ["cut-1"] * 2
+
+
+def test_cant_do_while_holding_moves_the_perl_worker_and_requeues_nothing(
+    gearmand: Gearmand, tmp_path: Path
+) -> None:
+    slow = replace(FAST, backoff_initial=1.0)
+    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+        worker = peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
+        client = peers.add(start_pyclient(gearmand.address, "flaky", "1:perl-moved"))
+        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        # Gearman::Worker sends CANT_DO flaky: on its connection, the held job would be requeued.
+        assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
+        assert gearmand.status()["flaky"][:2] == (1, 1)  # the held original: still assigned, not requeued
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path / "py"))
+        run = client.result()
+        assert worker.poll() is None, worker.log_text()
+    # The Perl worker ran the original once (no requeue); the pygearman worker, counting by
+    # unique id on its own, failed the first retry and completed the second.
+    assert attempt_count(tmp_path, "1:perl-moved") == 1
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert seen_uniques(tmp_path / "py") == [run.report["unique"]] * 2

@@ -25,6 +25,8 @@
 #            library reads as the reply to its next GRAB_JOB and dies ("unexpected packet
 #            type: error"): this process then exits non-zero.
 #            --state-dir defaults to a temp dir removed at exit.
+#   unregister  unregisters the function named by the payload, mid-job (Gearman::Worker
+#            sends CANT_DO on its open connection)
 # There is no `unique` function: a GRAB_JOB worker never learns the unique id.
 #
 # Ready signal: after registering (SET_CLIENT_ID + CAN_DO per function, sent synchronously
@@ -67,6 +69,7 @@ my %functions = (
     echo    => sub { return $_[0]->arg },
     block   => \&do_block,
     flaky   => \&do_flaky,
+    unregister => sub { $worker->unregister_function($_[0]->arg); return "unregistered" },
 );
 
 for my $name (sort keys %functions) {
