@@ -109,6 +109,17 @@ def run_jobs(port: int, function: str, label: str, count: int = 5) -> int:
     return succeeded
 
 
+def flaky_round(worker_port: int, gearmand_port: int, label: str, tmp: str) -> int:
+    """The flaky worker connected to `worker_port`, five jobs from a client of gearmand."""
+    state = os.path.join(tmp, label)
+    os.mkdir(state)
+    worker = ["gearman", "-w", "-h", HOST, "-p", str(worker_port), "-f", "flaky", "--",
+              "sh", "-c", FLAKY_WORKER, "flaky", state]
+    with process(worker, stderr=subprocess.DEVNULL):
+        wait_for_worker(gearmand_port, "flaky")
+        return run_jobs(gearmand_port, "flaky", label)
+
+
 def main() -> int:
     gearmand = shutil.which("gearmand") or "/usr/sbin/gearmand"
     if not os.path.exists(gearmand) or not shutil.which("gearman"):
@@ -147,20 +158,11 @@ def main() -> int:
                 return 1
         print("\nall 5 jobs went through gproxy to the worker and back.\n")
 
-        direct_state, proxied_state = os.path.join(tmp, "direct"), os.path.join(tmp, "proxied")
-        os.mkdir(direct_state)
-        os.mkdir(proxied_state)
         print("A flaky worker (its first attempt at each job fails with WORK_FAIL), directly on gearmand:")
-        with process(["gearman", "-w", "-h", HOST, "-p", str(gearmand_port), "-f", "flaky", "--",
-                      "sh", "-c", FLAKY_WORKER, "flaky", direct_state], stderr=subprocess.DEVNULL):
-            wait_for_worker(gearmand_port, "flaky")
-            direct = run_jobs(gearmand_port, "flaky", "direct")
+        direct = flaky_round(gearmand_port, gearmand_port, "direct", tmp)
         print(f"  {direct} of 5 jobs succeeded\n")
         print("The same worker behind gproxy (`on_fail = true` for this function), same jobs:")
-        with process(["gearman", "-w", "-h", HOST, "-p", str(proxy_port), "-f", "flaky", "--",
-                      "sh", "-c", FLAKY_WORKER, "flaky", proxied_state], stderr=subprocess.DEVNULL):
-            wait_for_worker(gearmand_port, "flaky")
-            proxied = run_jobs(gearmand_port, "flaky", "proxied")
+        proxied = flaky_round(proxy_port, gearmand_port, "proxied", tmp)
         print(f"  {proxied} of 5 jobs succeeded, each on its second attempt (see gproxy's log lines)\n")
         if proxied != 5:
             return 1
