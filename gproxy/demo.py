@@ -35,7 +35,7 @@ def wait_for_port(port: int, what: str, timeout: float = 10.0) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"demo: {what} did not start listening on {HOST}:{port}")
+                raise SystemExit(f"demo: {what} did not start listening on {HOST}:{port}") from None
             time.sleep(0.02)
 
 

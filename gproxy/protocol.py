@@ -222,7 +222,7 @@ def parse_body(ptype: PacketType, body: bytes) -> dict[str, bytes]:
     parts = body.split(b"\0", len(layout.fields))
     if len(parts) <= len(layout.fields):
         raise ProtocolError(f"malformed {ptype.name} payload ({len(body)} bytes, too few NULs)")
-    return dict(zip(layout.names, parts))
+    return dict(zip(layout.names, parts, strict=True))
 
 
 def build_packet(magic: bytes, ptype: PacketType, **args: bytes) -> bytes:

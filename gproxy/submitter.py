@@ -47,10 +47,6 @@ class Submitter:
         self._awaiting: deque[int | None] = deque()
         """Keys of submissions not yet answered, oldest first (None: a background job)."""
 
-    @property
-    def pending(self) -> list[int]:
-        return [key for key in self._awaiting if key is not None]
-
     def submit(self, key: int | None, function: bytes, unique: bytes, payload: bytes) -> bytes:
         """A foreground SUBMIT_JOB, or with key None a background one (dead letters)."""
         self._awaiting.append(key)

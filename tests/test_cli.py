@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from tests.gearmand import Gearmand, wait_for
+from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, run_cli_client, start_cli_worker
 
 GPROXY = [sys.executable, "-m", "gproxy"]
