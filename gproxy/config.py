@@ -11,13 +11,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .protocol import DEFAULT_MAX_PACKET_SIZE
+from .metrics import DEFAULT_MAX_FUNCTIONS
 from .retry import Mode, Policies, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOP_LEVEL_KEYS = {
-    "listen", "upstream", "metrics_listen", "max_packet_size", "log_level", "routes", "retry",
-    "functions",
+    "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
+    "log_level", "routes", "retry", "functions",
 }
 _ROUTE_KEYS = {"listen", "upstream"}
 
@@ -54,6 +55,7 @@ class Config:
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     log_level: str = "INFO"
     policies: Policies = field(default_factory=Policies)
+    metrics_max_functions: int = DEFAULT_MAX_FUNCTIONS
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
@@ -92,7 +94,16 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         max_packet_size=_max_packet_size(settings.get("max_packet_size", DEFAULT_MAX_PACKET_SIZE)),
         log_level=_log_level(settings.get("log_level", "INFO")),
         policies=_policies(settings.get("retry", {}), settings.get("functions", {})),
+        metrics_max_functions=_whole(
+            settings.get("metrics_max_functions", DEFAULT_MAX_FUNCTIONS), "metrics_max_functions", 1
+        ),
     )
+
+
+def _whole(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: expected a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def _read_toml(path: str) -> dict[str, Any]:

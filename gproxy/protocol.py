@@ -171,7 +171,14 @@ _TYPE_BY_NUMBER: Final[dict[int, PacketType]] = {int(t): t for t in PacketType}
 
 
 class ProtocolError(Exception):
-    """The peer sent bytes that are not valid Gearman; the connection cannot continue."""
+    """The peer sent bytes that are not valid Gearman; the connection cannot continue.
+
+    `reason` is a short stable word for metrics: bad_magic, unknown_type, oversized, malformed.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Packet(NamedTuple):
@@ -246,11 +253,18 @@ class Framer:
     the framer refuses to go on.
     """
 
-    def __init__(self, magic: bytes, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
+    def __init__(
+        self,
+        magic: bytes,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        counts: list[int] | None = None,
+    ) -> None:
         if magic not in (REQ, RES):
             raise ValueError(f"magic must be REQ or RES, not {magic!r}")
         self.magic = magic
         self.max_packet_size = max_packet_size
+        self.counts = counts if counts is not None else [0] * (max(PacketType) + 1)
+        """Packets framed, by type number (shared across framers, read by the metrics)."""
         self._pending = bytearray()
         self._error: ProtocolError | None = None
 
@@ -280,6 +294,7 @@ class Framer:
 
     def _cut(self, buf: bytes | bytearray) -> tuple[list[Frame], int]:
         frames: list[Frame] = []
+        counts = self.counts
         pos, total = 0, len(buf)
         while pos < total:
             if buf[pos] != 0:  # a text admin line, up to its newline
@@ -287,7 +302,8 @@ class Framer:
                 if newline < 0:
                     if total - pos > self.max_packet_size:
                         raise ProtocolError(
-                            f"admin text line longer than max_packet_size {self.max_packet_size}"
+                            f"admin text line longer than max_packet_size {self.max_packet_size}",
+                            "oversized",
                         )
                     break
                 frames.append(AdminLine(bytes(buf[pos : newline + 1])))
@@ -296,21 +312,23 @@ class Framer:
             if total - pos < HEADER_SIZE:
                 seen = min(total - pos, 4)
                 if buf[pos : pos + seen] != self.magic[:seen]:
-                    raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}")
+                    raise ProtocolError(f"bad magic {bytes(buf[pos:pos + 4])!r}", "bad_magic")
                 break
             magic, number, size = _HEADER_STRUCT.unpack_from(buf, pos)
             if magic != self.magic:
-                raise ProtocolError(f"bad magic {magic!r} (expected {self.magic!r})")
+                raise ProtocolError(f"bad magic {magic!r} (expected {self.magic!r})", "bad_magic")
             ptype = _TYPE_BY_NUMBER.get(number)
             if ptype is None:
-                raise ProtocolError(f"unknown packet type {number}")
+                raise ProtocolError(f"unknown packet type {number}", "unknown_type")
             if size > self.max_packet_size:
                 raise ProtocolError(
-                    f"{ptype.name} of {size} bytes exceeds max_packet_size {self.max_packet_size}"
+                    f"{ptype.name} of {size} bytes exceeds max_packet_size {self.max_packet_size}",
+                    "oversized",
                 )
             end = pos + HEADER_SIZE + size
             if end > total:
                 break
             frames.append(Packet(ptype, bytes(buf[pos:end])))
+            counts[number] += 1
             pos = end
         return frames, pos

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -18,6 +17,8 @@ import trio
 from .config import Address, Config, Route
 from .connection import Connection
 from .jobs import TrackedJob
+from .http_endpoint import serve_http
+from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import Action, Released, Retrier, SendUpstream, Submit, Wakeup
 from .retry_client import RetryClient
@@ -28,6 +29,8 @@ log = logging.getLogger("gproxy.proxy")
 RECEIVE_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach gearmand before the downstream connection is refused."""
+READY_TIMEOUT = 2.0
+"""Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
 HALF_CLOSE_LINGER = 10.0
 """After one side closes, seconds the other may take to finish before the pair is cut."""
 
@@ -74,16 +77,33 @@ class _Pair:
 class Proxy:
     """Serves every configured route; `tracked_jobs()` shows what workers hold right now."""
 
-    def __init__(self, config: Config, retrier: Retrier | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
-        self.retrier = retrier or Retrier(config.policies)
+        self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
+        self.metrics.connections = self._connection_counts
+        self.retrier = Retrier(config.policies, metrics=self.metrics)
         self.listen_addresses: list[Address] = []
+        self.metrics_address: Address | None = None
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
         self._pairs: set[_Pair] = set()
         self._owners: dict[UpstreamLink, _Pair] = {}
-        self._running: Counter[bytes] = Counter()
         self._retry_clients: dict[Route, RetryClient] = {}
         self._nursery: trio.Nursery | None = None
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready when every route's gearmand accepts a connection now."""
+        problems = []
+        for route in self.config.routes:
+            try:
+                with trio.fail_after(READY_TIMEOUT):
+                    (await self.connect(route)).close()
+            except (OSError, trio.TooSlowError) as exc:
+                problems.append(f"gearmand {route.upstream} unreachable: {exc or 'timed out'}")
+        return (not problems, "; ".join(problems) or "ready")
+
+    def _connection_counts(self) -> dict[str, int]:
+        upstream = len(self._owners) + sum(client.connected for client in self._retry_clients.values())
+        return {"worker": len(self._pairs), "upstream": upstream}
 
     def tracked_jobs(self) -> list[TrackedJob]:
         return [job for pair in self._pairs for job in pair.session.tracked_jobs()]
@@ -104,6 +124,10 @@ class Proxy:
             await self.listen()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.config.metrics_listen is not None:
+                self.metrics_address = await nursery.start(
+                    serve_http, self.config.metrics_listen, self.metrics.registry, self.ready
+                )
             for route, listeners in self._bound:
                 await nursery.start(
                     trio.serve_listeners, lambda stream, r=route: self._handle(stream, r), listeners
@@ -116,14 +140,14 @@ class Proxy:
         downstream = Connection.from_stream(stream)
         name = f"peer {downstream.peer} (via {route.listen} to gearmand {route.upstream})"
         try:
-            upstream = await _connect(route)
+            upstream = await self.connect(route)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
             downstream.close()
             return
         session = Session(
             f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
-            retrier=self.retrier, route=route, running=self._running,
+            retrier=self.retrier, route=route, metrics=self.metrics,
         )
         pair = _Pair(name, session, downstream, trio.CancelScope())
         self._pairs.add(pair)
@@ -172,6 +196,7 @@ class Proxy:
             try:
                 out = session.from_downstream(data, trio.current_time())
             except ProtocolError as exc:
+                self.metrics.protocol_errors.labels(exc.reason).inc()
                 return pair.fail(f"protocol error from peer: {exc}")
             if session.actions:
                 actions, session.actions = session.actions, []
@@ -185,6 +210,7 @@ class Proxy:
                 except OSError as exc:
                     return pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
         if session.downstream.buffered:
+            self.metrics.protocol_errors.labels("mid_packet").inc()
             return pair.fail(
                 f"peer closed mid-packet ({session.downstream.buffered} bytes of an unfinished frame)"
             )
@@ -230,6 +256,7 @@ class Proxy:
                     try:
                         out = session.from_upstream(link, data, trio.current_time())
                     except ProtocolError as exc:
+                        self.metrics.protocol_errors.labels(exc.reason).inc()
                         return pair.fail(f"protocol error from gearmand: {exc}")
                     if out and not pair.worker_gone:
                         try:
@@ -237,6 +264,7 @@ class Proxy:
                         except OSError as exc:
                             return pair.fail(f"peer connection lost: {exc}", logging.INFO)
                 if link.framer.buffered:
+                    self.metrics.protocol_errors.labels("mid_packet").inc()
                     return pair.fail(
                         f"gearmand closed mid-packet ({link.framer.buffered} bytes of an unfinished frame)"
                     )
@@ -285,7 +313,7 @@ class Proxy:
         if pair is None:
             return
         try:
-            connection = await _connect(pair.session.route)
+            connection = await self.connect(pair.session.route)
             await connection.send_all(action.replay)
         except (OSError, trio.TooSlowError) as exc:
             return pair.fail(f"gearmand unreachable for a fresh connection: {exc or 'timed out'}")
@@ -296,14 +324,21 @@ class Proxy:
         await trio.sleep(delay)
         await self.execute(self.retrier.timer_fired(key, trio.current_time()))
 
+    async def connect(self, route: Route) -> Connection:
+        """A new connection to the route's gearmand; failures are counted and raised."""
+        up = self.metrics.upstream_up.labels(str(route.upstream))
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+        except (OSError, trio.TooSlowError):
+            self.metrics.upstream_connect_errors.inc()
+            up.set(0)
+            raise
+        up.set(1)
+        return Connection.from_stream(stream)
+
     def _retry_client(self, route: Route) -> RetryClient:
         if route not in self._retry_clients:
             assert self._nursery is not None
             self._retry_clients[route] = RetryClient(self, route, self._nursery)
         return self._retry_clients[route]
-
-
-async def _connect(route: Route) -> Connection:
-    with trio.fail_after(CONNECT_TIMEOUT):
-        stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
-    return Connection.from_stream(stream)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Final, Hashable
 
 from .jobs import TrackedJob
+from .metrics import Metrics
 from .protocol import REQ, PacketType, build_packet
 
 log = logging.getLogger("gproxy.retry")
@@ -221,9 +222,13 @@ _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
 class Retrier:
     """Every held job of the process. Each method takes an event and returns the actions."""
 
-    def __init__(self, policies: Policies, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, policies: Policies, rng: random.Random | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.policies = policies
         self.rng = rng or random.Random()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.held = lambda: self._held_per_function
         self.held: dict[int, HeldJob] = {}
         self._by_retry_handle: dict[tuple[Hashable, bytes], int] = {}
         self._held_per_function: Counter[bytes] = Counter()
@@ -266,12 +271,15 @@ class Retrier:
             return None
         if policy.mode is Mode.OBSERVE:
             log.info("observe: would retry %s %s (%s)", name, _text(handle), verdict.reason.value)
+            self.metrics.count(self.metrics.observed, function)
             return None
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
+            self.metrics.count(self.metrics.exhausted, function)
             return None
         budget = max(policy.budget_min, policy.budget_ratio * running)
         if self._held_per_function[function] >= budget:
+            self.metrics.count(self.metrics.budget_rejections, function)
             log.warning(
                 "retry budget exhausted for %s (%d held, budget %g): %s failure forwarded",
                 name, self._held_per_function[function], budget, _text(handle),
@@ -285,6 +293,7 @@ class Retrier:
         )
         self.held[job.key] = job
         self._held_per_function[function] += 1
+        self.metrics.count(self.metrics.jobs, function, "retried")
         return [self._schedule(job, verdict)]
 
     def worker_left(
@@ -303,6 +312,7 @@ class Retrier:
             )
             self.held[job.key] = job
             self._held_per_function[job.function] += 1
+            self.metrics.count(self.metrics.jobs, job.function, "retried")
             actions.append(self._schedule(job, Verdict(Reason.DISCONNECT, 0.0)))
         return actions
 
@@ -323,7 +333,7 @@ class Retrier:
         self._by_retry_handle[(job.route, retry_handle)] = key
         return []
 
-    def retry_rejected(self, key: int, error: bytes) -> list[Action]:
+    def retry_rejected(self, key: int, error: bytes, now: float) -> list[Action]:
         """gearmand refused the retry submission (e.g. a full queue): give up on this job."""
         job = self.held.get(key)
         if job is None:
@@ -332,9 +342,11 @@ class Retrier:
             "retry of %s %s refused by gearmand (%s): last failure forwarded",
             _text(job.function), _text(job.handle), _text(error),
         )
-        return self._give_up(job)
+        return self._give_up(job, now)
 
-    def retry_packet(self, route: Hashable, ptype: PacketType, args: dict[str, bytes]) -> list[Action]:
+    def retry_packet(
+        self, route: Hashable, ptype: PacketType, args: dict[str, bytes], now: float
+    ) -> list[Action]:
         """A packet for a retry job H2, seen on the retry-client connection."""
         key = self._by_retry_handle.get((route, args.get("handle", b"")))
         job = self.held.get(key) if key is not None else None
@@ -347,6 +359,7 @@ class Retrier:
                 "retry succeeded: %s %s on attempt %d",
                 _text(job.function), _text(job.handle), job.attempt,
             )
+            self.metrics.job_ended(job.function, "complete", now - job.started_at)
             return self._finish(job, _for_handle(ptype, job.handle, args))
         if ptype not in (P.WORK_FAIL, P.WORK_EXCEPTION):
             return []
@@ -359,12 +372,12 @@ class Retrier:
                 "retry failed for good: %s %s on attempt %d (not retryable), forwarded",
                 _text(job.function), _text(job.handle), job.attempt,
             )
-            return self._give_up(job, exhausted=False)
+            return self._give_up(job, now, exhausted=False)
         if job.attempt >= job.policy.max_attempts:
-            return self._give_up(job)
+            return self._give_up(job, now)
         return [self._schedule(job, verdict)]
 
-    def retry_connection_lost(self, route: Hashable) -> list[Action]:
+    def retry_connection_lost(self, route: Hashable, now: float) -> list[Action]:
         """The retry-client connection to `route` broke. gearmand abandons the retry jobs that
         were submitted on it (a queued one is dropped when a worker would take it, even if a
         new client attached to its unique id meanwhile), so each is submitted again as the
@@ -377,7 +390,7 @@ class Retrier:
                 del self._by_retry_handle[(job.route, job.retry_handle)]
             job.retry_handle = None
             if job.attempt >= job.policy.max_attempts:
-                actions += self._give_up(job)
+                actions += self._give_up(job, now)
                 continue
             job.attempt += 1
             job.state = State.SUBMITTING
@@ -405,6 +418,7 @@ class Retrier:
     def _schedule(self, job: HeldJob, verdict: Verdict) -> Wakeup:
         delay = verdict.delay if verdict.delay is not None else job.policy.backoff(job.attempt, self.rng)
         job.state, job.retry_handle = State.WAITING, None
+        self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
         log.info(
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
             _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
@@ -412,9 +426,12 @@ class Retrier:
         )
         return Wakeup(job.key, delay)
 
-    def _give_up(self, job: HeldJob, exhausted: bool = True) -> list[Action]:
+    def _give_up(self, job: HeldJob, now: float, exhausted: bool = True) -> list[Action]:
         ptype, failure = job.last_failure
+        outcome = "exception" if ptype is P.WORK_EXCEPTION else "fail"
+        self.metrics.job_ended(job.function, outcome, now - job.started_at)
         if exhausted:
+            self.metrics.count(self.metrics.exhausted, job.function)
             log.warning(
                 "retry exhausted: %s %s failed %d attempts, last failure forwarded",
                 _text(job.function), _text(job.handle), job.attempt,
@@ -426,6 +443,7 @@ class Retrier:
         actions = self._finish(job, packet)
         dead_letter = job.policy.dead_letter_function(job.function)
         if exhausted and dead_letter:
+            self.metrics.count(self.metrics.jobs, job.function, "dead_lettered")
             actions.insert(0, Submit(job.route, None, dead_letter, b"", job.payload))
         return actions
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
-CONNECT_TIMEOUT = 5.0
 
 
 class RetryClient:
@@ -36,6 +35,10 @@ class RetryClient:
         self._submitter = Submitter()
         self._connecting = trio.Lock()
 
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
     async def submit(self, action: Submit) -> None:
         try:
             connection = await self._connected()
@@ -45,14 +48,12 @@ class RetryClient:
         except (OSError, trio.TooSlowError) as exc:
             log.warning("retry client to gearmand %s: cannot submit: %s", self.route.upstream, exc or "timed out")
             if action.key is not None:
-                await self.proxy.execute(self.proxy.retrier.retry_rejected(action.key, b"gearmand unreachable"))
+                await self.proxy.execute(self.proxy.retrier.retry_rejected(action.key, b"gearmand unreachable", trio.current_time()))
 
     async def _connected(self) -> Connection:
         async with self._connecting:
             if self._connection is None:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(self.route.upstream.host, self.route.upstream.port)
-                connection = Connection.from_stream(stream)
+                connection = await self.proxy.connect(self.route)
                 self._submitter = Submitter()
                 await connection.send_all(HELLO)
                 self._connection = connection
@@ -65,12 +66,12 @@ class RetryClient:
             while data := await connection.receive(RECEIVE_SIZE):
                 for event in self._submitter.receive(data):
                     if type(event) is JobPacket:
-                        actions = retrier.retry_packet(route, event.type, event.args)
+                        actions = retrier.retry_packet(route, event.type, event.args, trio.current_time())
                     elif type(event) is Created:
                         actions = retrier.retry_created(event.key, event.handle)
                     else:
                         assert type(event) is Refused
-                        actions = retrier.retry_rejected(event.key, event.error)
+                        actions = retrier.retry_rejected(event.key, event.error, trio.current_time())
                     await self.proxy.execute(actions)
             reason = "gearmand closed it"
         except (OSError, ProtocolError) as exc:
@@ -78,4 +79,4 @@ class RetryClient:
         self._connection = None
         connection.close()
         log.warning("retry client to gearmand %s lost (%s); resubmitting retries in flight", route.upstream, reason)
-        await self.proxy.execute(retrier.retry_connection_lost(route))
+        await self.proxy.execute(retrier.retry_connection_lost(route, trio.current_time()))

@@ -20,12 +20,13 @@ Only those few packet types are parsed at all; everything else is passed through
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
 from .jobs import JobTable, TrackedJob
+from .metrics import Metrics
 from .protocol import (
     DEFAULT_MAX_PACKET_SIZE,
     HEADER_SIZE,
@@ -57,10 +58,10 @@ class UpstreamLink:
     """One gearmand connection of a session: the jobs assigned through it (only it can
     finish them) and the grabs it has yet to answer. The Retrier's owner of held jobs."""
 
-    def __init__(self, name: str, max_packet_size: int, running: Counter[bytes] | None) -> None:
+    def __init__(self, name: str, max_packet_size: int, metrics: Metrics) -> None:
         self.name = name
-        self.jobs = JobTable(name, running)
-        self.framer = Framer(RES, max_packet_size)
+        self.jobs = JobTable(name, metrics.running)
+        self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"])
         # One entry per GRAB sent and not yet answered, oldest first: True where the worker
         # asked for a plain GRAB_JOB and so must get a plain JOB_ASSIGN back. gearmand
         # answers every GRAB with exactly one JOB_ASSIGN* or NO_JOB, in order.
@@ -122,15 +123,15 @@ class Session:
         *,
         retrier: Retrier | None = None,
         route: Hashable = None,
-        running: Counter[bytes] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.max_packet_size = max_packet_size
-        self.running = running
-        self.current = UpstreamLink(upstream_name, max_packet_size, running)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.current = UpstreamLink(upstream_name, max_packet_size, self.metrics)
         """The connection new requests go to."""
         self.retired: list[UpstreamLink] = []
         """Older connections, kept open only for the jobs they still own."""
-        self.downstream = Framer(REQ, max_packet_size)
+        self.downstream = Framer(REQ, max_packet_size, self.metrics.packets["to_gearmand"])
         self.registration = Registration()
         self.retrier = retrier
         self.route = route
@@ -207,8 +208,13 @@ class Session:
                 self._drop_trailing_fail.discard(handle)
                 return b""
             link, job = self._owner_of(handle, ended=True)
-            if job is not None and ptype is not P.WORK_COMPLETE and self._held(link, job, packet, now):
-                return b""
+            if job is not None:
+                self.metrics.attempt_ended(job.function, now - job.started_at)
+                retry = _is_retry(job)
+                if ptype is not P.WORK_COMPLETE and self._held(link, job, retry, packet, now):
+                    return b""
+                if not retry:  # a retry's outcome is the original's, counted where it is held
+                    self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
             return self._route(link, packet.raw)
         if ptype in _UPDATES:
             return self._route(self._owner_of(_handle_of(packet), ended=False)[0], packet.raw)
@@ -234,7 +240,7 @@ class Session:
         self._moves += 1
         old = self.current
         self.retired.append(old)
-        self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.running)
+        self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics)
         self.actions.append(OpenUpstream(self, self.current, self.registration.replay()))
 
     def _owner_of(self, handle: bytes, ended: bool) -> tuple[UpstreamLink, TrackedJob | None]:
@@ -256,9 +262,10 @@ class Session:
             self.actions.append(CloseUpstream(link))
         return b""
 
-    def _held(self, link: UpstreamLink, job: TrackedJob, packet: Packet, now: float) -> bool:
+    def _held(
+        self, link: UpstreamLink, job: TrackedJob, is_retry: bool, packet: Packet, now: float
+    ) -> bool:
         """Hand a failure to the Retrier; True if it holds the job (the failure must not go on)."""
-        is_retry = job.unique.startswith(b"gpr:") and parse_retry_unique(job.unique) is not None
         if is_retry:
             # The gproxy that holds the original owns the retry loop: pass the failure on,
             # but spare the worker the ERROR a trailing WORK_FAIL would earn it.
@@ -294,6 +301,13 @@ class Session:
         if unique.startswith(b"gpr:") and (retry := parse_retry_unique(unique)) is not None:
             return build_packet(RES, packet.type, **{**args, "unique": retry[1]})
         return packet.raw
+
+
+_OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
+
+
+def _is_retry(job: TrackedJob) -> bool:
+    return job.unique.startswith(b"gpr:") and parse_retry_unique(job.unique) is not None
 
 
 def _handle_of(packet: Packet) -> bytes:

@@ -22,9 +22,12 @@ LOOPBACK = "127.0.0.1"
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: tuple[str, int], **settings) -> Address:
+    return (await start(nursery, upstream, **settings)).listen_addresses[0]
+
+
+async def start(nursery: trio.Nursery, upstream: tuple[str, int], **settings) -> Proxy:
     config = Config(routes=(Route(Address(LOOPBACK, 0), Address(*upstream)),), **settings)
-    proxy: Proxy = await nursery.start(Proxy(config).serve)
-    return proxy.listen_addresses[0]
+    return await nursery.start(Proxy(config).serve)
 
 
 async def connect(address: Address) -> trio.SocketStream:
@@ -57,26 +60,28 @@ def pair_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "bad, reason",
+    "bad, reason, metric",
     [
-        (b"\0REX" + struct.pack(">II", 16, 0), "bad magic"),
-        (b"\0RES" + struct.pack(">II", 16, 0), "bad magic"),
-        (b"\0REQ" + struct.pack(">II", 77, 0), "unknown packet type 77"),
-        (b"\0REQ" + struct.pack(">II", 16, 4096), "ECHO_REQ of 4096 bytes exceeds max_packet_size 2048"),
-        (b"\0REQ" + struct.pack(">II", 13, 5) + b"H:x:1", "malformed WORK_COMPLETE"),
+        (b"\0REX" + struct.pack(">II", 16, 0), "bad magic", "bad_magic"),
+        (b"\0RES" + struct.pack(">II", 16, 0), "bad magic", "bad_magic"),
+        (b"\0REQ" + struct.pack(">II", 77, 0), "unknown packet type 77", "unknown_type"),
+        (b"\0REQ" + struct.pack(">II", 16, 4096), "ECHO_REQ of 4096 bytes exceeds max_packet_size 2048", "oversized"),
+        (b"\0REQ" + struct.pack(">II", 13, 5) + b"H:x:1", "malformed WORK_COMPLETE", "malformed"),
     ],
 )
 async def test_bad_packet_closes_the_pair_with_one_log_line(
-    nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture, bad: bytes, reason: str
+    nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture, bad: bytes, reason: str, metric: str
 ) -> None:
     caplog.set_level(logging.DEBUG, "gproxy")
-    address = await start_proxy(nursery, gearmand.address, max_packet_size=2048)
+    proxy = await start(nursery, gearmand.address, max_packet_size=2048)
+    address = proxy.listen_addresses[0]
     stream = await connect(address)
     await stream.send_all(bad)  # an oversized packet is refused before its body is sent
     assert await receive_until_eof(stream) == b""
     (line,) = pair_log_lines(caplog)
     assert f"peer {LOOPBACK}:" in line and f"protocol error from peer: {reason}" in line
     assert [r.levelno for r in caplog.records if "closed:" in r.getMessage()] == [logging.WARNING]
+    assert proxy.metrics.registry.get_sample_value("gproxy_protocol_errors_total", {"reason": metric}) == 1
     await echo_through(address)
 
 

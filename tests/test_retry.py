@@ -115,7 +115,7 @@ class Transcript:
         return submit
 
     def retry(self, ptype: PacketType, **args: bytes) -> list:
-        return self.retrier.retry_packet("route", ptype, args)
+        return self.retrier.retry_packet("route", ptype, args, now=2.0)
 
 
 def test_a_held_job_is_retried_and_its_retry_completes_the_original() -> None:
@@ -188,16 +188,16 @@ def test_a_lost_retry_connection_resubmits_what_was_in_flight_as_the_next_attemp
     t.fail(handle=b"H:5", unique=b"b")
     t.submit_and_create(1, b"H:2")  # job 2 is still waiting for its timer
     # A new unique: gearmand would drop the abandoned retry job even with a client reattached.
-    assert t.retrier.retry_connection_lost("route") == [Submit("route", 1, b"f", b"gpr:3:a", b"payload")]
+    assert t.retrier.retry_connection_lost("route", now=2.0) == [Submit("route", 1, b"f", b"gpr:3:a", b"payload")]
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"stale") == []
     t.retrier.retry_created(1, b"H:7")
     assert t.retry(P.WORK_COMPLETE, handle=b"H:7", data=b"ok")[0] == SendUpstream(
         "up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     )
     t.submit_and_create(2, b"H:8")  # attempt 2 of job 2
-    assert t.retrier.retry_connection_lost("route") == [Submit("route", 2, b"f", b"gpr:3:b", b"payload")]
+    assert t.retrier.retry_connection_lost("route", now=2.0) == [Submit("route", 2, b"f", b"gpr:3:b", b"payload")]
     # Lost again with no attempt left: the client gets the last failure.
-    assert t.retrier.retry_connection_lost("route") == [
+    assert t.retrier.retry_connection_lost("route", now=2.0) == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:5", data=b"RETRY: x")),
         Released("up-1"),
     ]
@@ -207,7 +207,7 @@ def test_a_refused_retry_gives_the_client_the_last_failure() -> None:
     t = Transcript()
     t.fail(failure=b"RETRY: first")
     t.retrier.timer_fired(1, now=1.0)
-    assert t.retrier.retry_rejected(1, b"QUEUE_ERROR") == [
+    assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: first")),
         Released("up-1"),
     ]

@@ -1,0 +1,87 @@
+"""`/metrics`, `/healthz` and `/readyz` over plain HTTP, served by the proxy's own trio loop.
+
+A scrape or a probe is one short request: no keep-alive, no thread, a deadline per request,
+so a stuck client cannot hold anything for long.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .config import Address
+
+log = logging.getLogger("gproxy.http")
+REQUEST_DEADLINE = 10.0
+MAX_REQUEST = 8192
+
+Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+async def serve_http(
+    address: Address,
+    registry: CollectorRegistry,
+    ready: Readiness,
+    *,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    host, port, *_ = listeners[0].socket.getsockname()
+    bound = Address(host, port)
+    log.info("metrics on http://%s/metrics (health: /healthz, readiness: /readyz)", bound)
+    task_status.started(bound)
+    await trio.serve_listeners(partial(_handle, registry, ready), listeners)
+
+
+async def _handle(registry: CollectorRegistry, ready: Readiness, stream: trio.SocketStream) -> None:
+    async with stream:
+        with trio.move_on_after(REQUEST_DEADLINE):
+            try:
+                request = await _read_head(stream)
+                if request is not None:
+                    await stream.send_all(await _respond(request, registry, ready))
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        if len(data) > MAX_REQUEST:
+            return None
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+async def _respond(request: bytes, registry: CollectorRegistry, ready: Readiness) -> bytes:
+    parts = request.split(b"\n", 1)[0].split()
+    if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+        return _response(405, b"method not allowed\n")
+    path = parts[1].split(b"?", 1)[0]
+    head_only = parts[0] == b"HEAD"
+    if path == b"/metrics":
+        return _response(200, generate_latest(registry), CONTENT_TYPE_LATEST, head_only)
+    if path == b"/healthz":
+        return _response(200, b"ok\n", head_only=head_only)
+    if path == b"/readyz":
+        is_ready, detail = await ready()
+        return _response(200 if is_ready else 503, detail.encode() + b"\n", head_only=head_only)
+    return _response(404, b"not found\n", head_only=head_only)
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + (b"" if head_only else body)

@@ -1,0 +1,91 @@
+"""Metrics: counted from what real workers do through gproxy, and served over HTTP."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from gproxy.config import Address, Config, Route
+from gproxy.metrics import OTHER, Metrics
+from gproxy.retry import Mode, Policies, RetryPolicy
+from tests.gearmand import Gearmand
+from tests.peer_procs import PeerSet, run_pyclient, start_pyworker
+from tests.proxy_thread import ProxyThread
+
+FAST = RetryPolicy(backoff_initial=0.01, jitter=False)
+
+
+def proxy_with_metrics(upstream: tuple[str, int], policy: RetryPolicy = FAST, **functions: RetryPolicy) -> ProxyThread:
+    route = Route(Address("127.0.0.1", 0), Address(*upstream))
+    policies = Policies(policy, {name.encode(): p for name, p in functions.items()})
+    return ProxyThread(Config(routes=(route,), policies=policies, metrics_listen=Address("127.0.0.1", 0)))
+
+
+def http_get(address: Address, path: str) -> tuple[int, str]:
+    with socket.create_connection((address.host, address.port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: gproxy\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def sample(proxy: ProxyThread, name: str, **labels: str) -> float | None:
+    return proxy.call(lambda: proxy.proxy.metrics.registry.get_sample_value(name, labels))
+
+
+def test_counters_match_what_the_workers_did(gearmand: Gearmand, tmp_path: Path) -> None:
+    exhausting = replace(FAST, max_attempts=2, dead_letter="dead.{function}")
+    observing = replace(FAST, mode=Mode.OBSERVE)
+    with proxy_with_metrics(gearmand.address, flaky_hint=exhausting, stream_flaky=observing) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        for n in range(4):  # four jobs that succeed on their third attempt
+            assert run_pyclient(gearmand.address, "flaky", "2:x", unique=f"m-{n}").stdout == b"ok after 3"
+        assert run_pyclient(gearmand.address, "flaky_hint", "5:x", unique="m-exhaust").returncode == 1
+        assert run_pyclient(gearmand.address, "stream_flaky", "1:x", unique="m-observe").returncode == 1
+        assert run_pyclient(gearmand.address, "reverse", "abc").stdout == b"cba"
+
+        assert sample(proxy, "gproxy_jobs_total", function="flaky", outcome="complete") == 4
+        assert sample(proxy, "gproxy_jobs_total", function="flaky", outcome="retried") == 4
+        assert sample(proxy, "gproxy_retries_total", function="flaky", reason="exception") == 8
+        assert sample(proxy, "gproxy_attempt_duration_seconds_count", function="flaky") == 12
+        assert sample(proxy, "gproxy_job_duration_seconds_count", function="flaky") == 4
+        assert sample(proxy, "gproxy_retries_total", function="flaky_hint", reason="worker_hint") == 1
+        assert sample(proxy, "gproxy_retries_exhausted_total", function="flaky_hint") == 1
+        assert sample(proxy, "gproxy_jobs_total", function="flaky_hint", outcome="exception") == 1
+        assert sample(proxy, "gproxy_jobs_total", function="flaky_hint", outcome="dead_lettered") == 1
+        assert sample(proxy, "gproxy_retries_observed_total", function="stream_flaky") == 1
+        assert sample(proxy, "gproxy_jobs_total", function="stream_flaky", outcome="exception") == 1
+        assert sample(proxy, "gproxy_jobs_total", function="reverse", outcome="complete") == 1
+        assert sample(proxy, "gproxy_jobs_running", function="flaky") == 0
+        assert sample(proxy, "gproxy_jobs_held", function="flaky") == 0
+        assert sample(proxy, "gproxy_connections", side="worker") == 1
+        assert sample(proxy, "gproxy_packets_total", direction="to_gearmand", type="WORK_EXCEPTION") == 8 + 2 + 1
+        assert sample(proxy, "gproxy_upstream_up", upstream=f"{gearmand.address[0]}:{gearmand.address[1]}") == 1
+
+        status, text = http_get(proxy.proxy.metrics_address, "/metrics")
+        assert status == 200
+        assert 'gproxy_jobs_total{function="flaky",outcome="complete"} 4.0' in text
+        assert http_get(proxy.proxy.metrics_address, "/healthz") == (200, "ok\n")
+        assert http_get(proxy.proxy.metrics_address, "/readyz") == (200, "ready\n")
+        assert http_get(proxy.proxy.metrics_address, "/nope")[0] == 404
+
+
+def test_readiness_fails_while_gearmand_is_unreachable(fresh_gearmand: Gearmand) -> None:
+    with proxy_with_metrics(fresh_gearmand.address) as proxy:
+        fresh_gearmand.stop()
+        status, body = http_get(proxy.proxy.metrics_address, "/readyz")
+        assert status == 503 and "unreachable" in body
+        assert http_get(proxy.proxy.metrics_address, "/healthz")[0] == 200
+        assert sample(proxy, "gproxy_upstream_connect_errors_total") >= 1
+
+
+def test_function_labels_are_capped() -> None:
+    metrics = Metrics(max_functions=2)
+    labels = [metrics.function(name) for name in (b"a", b"b", b"c", b"d", b"a")]
+    assert labels == ["a", "b", OTHER, OTHER, "a"]
+    metrics.job_ended(b"c", "complete", 0.1)
+    metrics.job_ended(b"d", "complete", 0.1)
+    assert metrics.registry.get_sample_value("gproxy_jobs_total", {"function": OTHER, "outcome": "complete"}) == 2
