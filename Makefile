@@ -1,9 +1,10 @@
 # Everything the tests, the demo and the benchmark need is installed from here, on a fresh
-# Debian machine: the real Gearman peers from Debian's packages, and a venv with the project.
+# Debian machine: the real Gearman peers and Prometheus (server and promtool, for the alert
+# rule tests and the live dashboard test) from Debian's packages, and a venv with the project.
 
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := gearman-job-server gearman-tools libgearman-client-perl
+APT_PACKAGES := gearman-job-server gearman-tools libgearman-client-perl prometheus
 BENCH_APT_PACKAGES := haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
