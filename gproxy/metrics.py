@@ -65,6 +65,8 @@ class Metrics:
                 self.jobs.labels(label, outcome)
             for reason in REASONS:
                 self.retries.labels(label, reason)
+            for counter in (self.exhausted, self.budget_rejections, self.observed):
+                counter.labels(label)
         return label
 
     def job_ended(self, function: bytes, outcome: str, duration: float) -> None:
