@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -22,11 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gproxy",
         description="Gearman proxy: workers connect here instead of to gearmand.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML config file")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="where workers connect (default 127.0.0.1:4730)")
-    parser.add_argument("--upstream", metavar="HOST:PORT", help="the gearmand to proxy to")
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT", help="where to serve metrics")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="default INFO")
+    env = os.environ.get
+    parser.add_argument("--config", metavar="FILE", default=env("GPROXY_CONFIG"), help="TOML config file [GPROXY_CONFIG]")
+    parser.add_argument("--listen", metavar="HOST:PORT", default=env("GPROXY_LISTEN"), help="where workers connect (default 127.0.0.1:4730) [GPROXY_LISTEN]")
+    parser.add_argument("--upstream", metavar="HOST:PORT", default=env("GPROXY_UPSTREAM"), help="the gearmand to proxy to [GPROXY_UPSTREAM]")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", default=env("GPROXY_METRICS_LISTEN"), help="where to serve /metrics, /healthz, /readyz [GPROXY_METRICS_LISTEN]")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=env("GPROXY_LOG_LEVEL"), help="default INFO [GPROXY_LOG_LEVEL]")
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -58,14 +60,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run_until_signalled(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM, then close every connection (gearmand requeues what
-    the workers held) and return, so the process exits 0."""
+    """Serve until SIGINT or SIGTERM; then drain for up to the grace period (a second signal
+    cuts it short), close every connection (gearmand requeues whatever is left) and return,
+    so the process exits 0."""
     proxy = Proxy(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         await proxy.listen()
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
-            async for signum in signals:
-                log.info("%s received, stopping", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+            signum = await signals.__anext__()
+            log.info("%s received: stopping (send it again to stop at once)", signal.Signals(signum).name)
+            async with trio.open_nursery() as draining:
+                draining.start_soon(_cancel_on_next_signal, signals, draining.cancel_scope)
+                await proxy.shutdown(config.shutdown_grace_period)
+                draining.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _cancel_on_next_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    signum = await signals.__anext__()
+    log.warning("%s received again: stopping now", signal.Signals(signum).name)
+    scope.cancel()

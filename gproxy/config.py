@@ -18,8 +18,9 @@ DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOP_LEVEL_KEYS = {
     "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
-    "log_level", "routes", "retry", "functions",
+    "log_level", "routes", "retry", "functions", "shutdown_grace_period",
 }
+DEFAULT_SHUTDOWN_GRACE_PERIOD = 25.0
 _ROUTE_KEYS = {"listen", "upstream"}
 
 
@@ -56,6 +57,7 @@ class Config:
     log_level: str = "INFO"
     policies: Policies = field(default_factory=Policies)
     metrics_max_functions: int = DEFAULT_MAX_FUNCTIONS
+    shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
@@ -97,7 +99,16 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         metrics_max_functions=_whole(
             settings.get("metrics_max_functions", DEFAULT_MAX_FUNCTIONS), "metrics_max_functions", 1
         ),
+        shutdown_grace_period=_seconds(
+            settings.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD), "shutdown_grace_period"
+        ),
     )
+
+
+def _seconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: expected a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _whole(value: Any, key: str, minimum: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
 from dataclasses import dataclass, field
 
 import trio
@@ -32,6 +33,8 @@ CONNECT_TIMEOUT = 5.0
 READY_TIMEOUT = 2.0
 """Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
 HALF_CLOSE_LINGER = 10.0
+DRAIN_POLL = 0.05
+"""While draining, how often to look whether the last job has finished."""
 """After one side closes, seconds the other may take to finish before the pair is cut."""
 
 
@@ -84,6 +87,8 @@ class Proxy:
         self.retrier = Retrier(config.policies, metrics=self.metrics)
         self.listen_addresses: list[Address] = []
         self.metrics_address: Address | None = None
+        self.draining = False
+        self._accepting = trio.CancelScope()
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
         self._pairs: set[_Pair] = set()
         self._owners: dict[UpstreamLink, _Pair] = {}
@@ -91,7 +96,9 @@ class Proxy:
         self._nursery: trio.Nursery | None = None
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready when every route's gearmand accepts a connection now."""
+        """Ready when every route's gearmand accepts a connection now (and not shutting down)."""
+        if self.draining:
+            return (False, "draining: shutting down")
         problems = []
         for route in self.config.routes:
             try:
@@ -128,11 +135,46 @@ class Proxy:
                 self.metrics_address = await nursery.start(
                     serve_http, self.config.metrics_listen, self.metrics.registry, self.ready
                 )
-            for route, listeners in self._bound:
-                await nursery.start(
-                    trio.serve_listeners, lambda stream, r=route: self._handle(stream, r), listeners
-                )
+            await nursery.start(self._accept)
             task_status.started(self)
+
+    async def _accept(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on every route until shutdown; connections live on in the outer nursery."""
+        with self._accepting:
+            async with trio.open_nursery() as listeners:
+                for route, bound in self._bound:
+                    await listeners.start(
+                        partial(trio.serve_listeners, handler_nursery=self._nursery),
+                        lambda stream, r=route: self._handle(stream, r),
+                        bound,
+                    )
+                task_status.started()
+
+    async def shutdown(self, grace_period: float) -> None:
+        """Stop accepting and stop handing out jobs, then wait up to `grace_period` seconds
+        for running jobs and held retries to finish. What is left when this returns is
+        handed back to gearmand when the caller closes the connections: nothing is lost."""
+        self.draining = True
+        self._accepting.cancel()
+        for pair in self._pairs:
+            pair.session.draining = True
+        log.info(
+            "draining: no new connections or jobs; waiting up to %gs for %d running and %d held jobs",
+            grace_period, self._running_total(), len(self.retrier.held),
+        )
+        with trio.move_on_after(grace_period):
+            while self._running_total() or self.retrier.held:
+                await trio.sleep(DRAIN_POLL)
+        if self._running_total() or self.retrier.held:
+            log.warning(
+                "grace period over: %d running and %d held jobs handed back to gearmand",
+                self._running_total(), len(self.retrier.held),
+            )
+        else:
+            log.info("drained: every job finished")
+
+    def _running_total(self) -> int:
+        return sum(self.metrics.running.values())
 
     # -- one downstream connection
 
@@ -201,6 +243,12 @@ class Proxy:
             if session.actions:
                 actions, session.actions = session.actions, []
                 await self.execute(actions)
+            if session.replies:
+                replies, session.replies = b"".join(session.replies), []
+                try:
+                    await pair.downstream.send_all(replies)
+                except OSError as exc:
+                    return pair.fail(f"peer connection lost: {exc}", logging.INFO)
             if out:
                 upstream = pair.upstreams.get(session.current)
                 try:

@@ -51,6 +51,8 @@ _REGISTRATION: Final = frozenset(
 )
 _WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _REGISTRATION
 _WATCHED_WITH_RETIRED: Final = _WATCHED_DOWNSTREAM | _UPDATES
+_WATCHED_DRAINING: Final = _WATCHED_WITH_RETIRED | {P.PRE_SLEEP}
+_NO_JOB: Final = build_packet(RES, P.NO_JOB)
 _WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB}
 
 
@@ -141,6 +143,10 @@ class Session:
         # WORK_EXCEPTION is dropped. Libraries send it at once, before grabbing again.
         self._drop_trailing_fail: set[bytes] = set()
         self._moves = 0
+        self.draining = False
+        """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
+        self.replies: list[bytes] = []
+        """Packets gproxy answers the downstream peer itself; the caller sends and clears them."""
 
     @property
     def jobs(self) -> JobTable:
@@ -156,7 +162,11 @@ class Session:
     def from_downstream(self, data: bytes, now: float) -> bytes:
         """Bytes from the worker or client; returns what to send on `self.current` (which a
         CANT_DO may have replaced: what was due before it goes out as an action)."""
-        watched = _WATCHED_WITH_RETIRED if self.retired else _WATCHED_DOWNSTREAM
+        watched = (
+            _WATCHED_DRAINING if self.draining
+            else _WATCHED_WITH_RETIRED if self.retired
+            else _WATCHED_DOWNSTREAM
+        )
         out: list[bytes] = []
         for frame in self.downstream.receive(data):
             if type(frame) is Packet and frame.type in watched:
@@ -198,6 +208,11 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
+        if self.draining and (ptype in _GRABS or ptype is P.PRE_SLEEP):
+            # No new jobs while shutting down; a sleeping worker is simply never woken.
+            if ptype is not P.PRE_SLEEP:
+                self.replies.append(_NO_JOB)
+            return b""
         if ptype in _GRABS:
             self._drop_trailing_fail.clear()
             self.current.grabs_pending.append(ptype is P.GRAB_JOB)

@@ -173,3 +173,14 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     session.actions.clear()
     session.retrier.owner_lost(old)  # once nothing is held there, it may close
     assert session.idle(old)
+
+
+def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Session) -> None:
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
+    session.draining = True
+    assert session.from_downstream(req(P.GRAB_JOB) + req(P.PRE_SLEEP), now=0.0) == b""
+    assert session.replies == [res(P.NO_JOB)]
+    result = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
+    assert session.from_downstream(result, now=1.0) == result
+    assert len(session.jobs) == 0
