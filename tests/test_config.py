@@ -72,6 +72,8 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\n[retry]\nretries = 3', {}, "retry.retries: unknown retry setting"),
         ('upstream = "g:1"\n[functions.resize]\nbudget_min = -1', {}, 'functions."resize".budget_min: expected a whole'),
         ('upstream = "g:1"\nfunctions = 3', {}, "functions: expected tables"),
+        ('upstream = "g:1"\nshutdown_grace_period = -1', {}, "shutdown_grace_period: expected a number of seconds"),
+        ('upstream = "g:1"\nmetrics_max_functions = 0', {}, "metrics_max_functions: expected a whole number >= 1"),
     ],
 )
 def test_a_wrong_setting_is_named(tmp_path: Path, text: str, flags: dict, message: str) -> None:
@@ -96,6 +98,15 @@ def test_function_tables_override_the_retry_defaults(tmp_path: Path) -> None:
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
         load_config(str(tmp_path / "missing.toml"))
+
+
+def test_environment_variables_stand_in_for_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GPROXY_UPSTREAM", "g:1")
+    monkeypatch.setenv("GPROXY_LISTEN", "bad")
+    assert main([]) == 2  # the environment's listen was used, and named when wrong
+    assert "listen: expected HOST:PORT, got 'bad'" in capsys.readouterr().err
+    assert main(["--listen", "also bad"]) == 2  # a flag wins over the environment
+    assert "got 'also bad'" in capsys.readouterr().err
 
 
 def test_the_command_stops_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
