@@ -475,33 +475,12 @@ def start_pyclient(
     return proc
 
 
-def run_pyclient(
-    address: Address,
-    function: str,
-    payload: bytes | str | None = None,
-    *,
-    unique: str | None = None,
-    background: bool = False,
-    priority: str | None = None,
-    out: Path | None = None,
-    exceptions: bool = False,
-    timeout: float = 30.0,
-) -> ClientRun:
-    """Run pyclient.py to completion. returncode: 0 COMPLETE (or background JOB_CREATED),
-    1 FAILED/error, 2 timeout; stdout is the raw result (or the background handle);
-    `.report` is the parsed JSON line (state, data_updates, warning_updates, status,
-    exception, exception_updates, stray_nul_fail...)."""
-    return start_pyclient(
-        address,
-        function,
-        payload,
-        unique=unique,
-        background=background,
-        priority=priority,
-        out=out,
-        exceptions=exceptions,
-        timeout=timeout,
-    ).result()
+def run_pyclient(*args: Any, **kwargs: Any) -> ClientRun:
+    """start_pyclient() with the same arguments, run to completion. returncode: 0 COMPLETE
+    (or background JOB_CREATED), 1 FAILED/error, 2 timeout; stdout is the raw result (or the
+    background handle); `.report` is the parsed JSON line (state, data_updates,
+    warning_updates, status, exception, exception_updates, stray_nul_fail...)."""
+    return start_pyclient(*args, **kwargs).result()
 
 
 def run_cli_client(
