@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -34,6 +36,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.max_functions = max_functions
         self._functions: dict[bytes, str] = {}
+        self._per_job: dict[bytes, _PerJob] = {}
         r = self.registry
         self.jobs = Counter("gproxy_jobs", "Jobs by final outcome, and jobs retried or dead-lettered.", ["function", "outcome"], registry=r)
         self.retries = Counter("gproxy_retries", "Retry attempts scheduled, by why.", ["function", "reason"], registry=r)
@@ -70,15 +73,34 @@ class Metrics:
         return label
 
     def job_ended(self, function: bytes, outcome: str, duration: float) -> None:
-        label = self.function(function)
-        self.jobs.labels(label, outcome).inc()
-        self.job_duration.labels(label).observe(duration)
+        per_job = self._per_job.get(function) or self._per_job_for(function)
+        per_job.outcomes[outcome].inc()
+        per_job.job_duration.observe(duration)
 
     def attempt_ended(self, function: bytes, duration: float) -> None:
-        self.attempt_duration.labels(self.function(function)).observe(duration)
+        (self._per_job.get(function) or self._per_job_for(function)).attempt_duration.observe(duration)
+
+    def _per_job_for(self, function: bytes) -> _PerJob:
+        """The children recorded for every job, looked up once per function, not per job."""
+        label = self.function(function)
+        per_job = _PerJob(
+            {outcome: self.jobs.labels(label, outcome) for outcome in OUTCOMES},
+            self.job_duration.labels(label),
+            self.attempt_duration.labels(label),
+        )
+        if label != OTHER:
+            self._per_job[function] = per_job
+        return per_job
 
     def count(self, metric: Counter, function: bytes, *labels: str) -> None:
         metric.labels(self.function(function), *labels).inc()
+
+
+@dataclass(frozen=True, slots=True)
+class _PerJob:
+    outcomes: dict[str, Any]
+    job_duration: Any
+    attempt_duration: Any
 
 
 class _StateCollector(Collector):
