@@ -256,13 +256,7 @@ def start_pyworker(
     receives the flaky functions' attempt counters and seen.log (see attempt_count(),
     seen_uniques()); without it the worker uses a private temp dir.
     """
-    argv = [PYTHON, str(PYWORKER), address_str(address)]
-    if client_id is not None:
-        argv += ["--client-id", client_id]
-    if not echo:
-        argv.append("--no-echo")
-    if state_dir is not None:
-        argv += ["--state-dir", str(state_dir)]
+    argv = _worker_argv([PYTHON, str(PYWORKER)], address, client_id, echo, state_dir)
     return _start_ready_worker("pyworker", argv, timeout, log_dir)
 
 
@@ -279,14 +273,22 @@ def start_perlworker(
 
     `state_dir` receives the `flaky` attempt counters, keyed by payload (attempt_count()).
     """
-    argv = [PERL, str(PERLWORKER), address_str(address)]
+    argv = _worker_argv([PERL, str(PERLWORKER)], address, client_id, echo, state_dir)
+    return _start_ready_worker("perlworker", argv, timeout, log_dir)
+
+
+def _worker_argv(
+    program: list[str], address: Address, client_id: str | None, echo: bool, state_dir: Path | None
+) -> list[str]:
+    """The command line both worker scripts share."""
+    argv = [*program, address_str(address)]
     if client_id is not None:
         argv += ["--client-id", client_id]
     if not echo:
         argv.append("--no-echo")
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
-    return _start_ready_worker("perlworker", argv, timeout, log_dir)
+    return argv
 
 
 # `gearman -w -f F -- sh -c FLAKY_CLI_SCRIPT flaky_cli STATE_DIR`: payload `N:rest` on stdin;
