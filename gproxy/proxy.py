@@ -224,6 +224,8 @@ class Proxy:
         pair.session.link_closed(link)
         self.retrier.owner_lost(link)
         upstream.connection.close()
+        if pair.worker_gone and not any(self.retrier.holds(l) for l in pair.session.links):
+            pair.released.set()  # nothing left to wait for, even if it was lost, not finished
 
     async def _downstream_pump(self, pair: _Pair) -> None:
         """Worker to gearmand, until the worker leaves; then what it left behind is settled."""
