@@ -224,7 +224,7 @@ class Proxy:
         pair.session.link_closed(link)
         self.retrier.owner_lost(link)
         upstream.connection.close()
-        if pair.worker_gone and not any(self.retrier.holds(l) for l in pair.session.links):
+        if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()  # nothing left to wait for, even if it was lost, not finished
 
     async def _downstream_pump(self, pair: _Pair) -> None:
@@ -240,8 +240,7 @@ class Proxy:
             try:
                 out = session.from_downstream(data, trio.current_time())
             except ProtocolError as exc:
-                self.metrics.protocol_errors.labels(exc.reason).inc()
-                return pair.fail(f"protocol error from peer: {exc}")
+                return self._refuse(pair, exc.reason, f"protocol error from peer: {exc}")
             if session.actions:
                 actions, session.actions = session.actions, []
                 await self.execute(actions)
@@ -260,16 +259,21 @@ class Proxy:
                 except OSError as exc:
                     return pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
         if session.downstream.buffered:
-            self.metrics.protocol_errors.labels("mid_packet").inc()
-            return pair.fail(
-                f"peer closed mid-packet ({session.downstream.buffered} bytes of an unfinished frame)"
-            )
-        if any(self.retrier.holds(link) for link in session.links):
+            return self._refuse(pair, "mid_packet", _mid_packet("peer", session.downstream.buffered))
+        if self._holds_retries(pair):
             await self._keep_for_held_retries(pair)
         pair.closing("peer closed the connection")
         for upstream in list(pair.upstreams.values()):
             with contextlib.suppress(OSError):
                 upstream.connection.send_eof()
+
+    def _holds_retries(self, pair: _Pair) -> bool:
+        return any(self.retrier.holds(link) for link in pair.session.links)
+
+    def _refuse(self, pair: _Pair, reason: str, message: str) -> None:
+        """Bad input: counted by reason, and the pair closes with one warning."""
+        self.metrics.protocol_errors.labels(reason).inc()
+        pair.fail(message)
 
     async def _keep_for_held_retries(self, pair: _Pair) -> None:
         """The worker left, but closing its gearmand connections would requeue the jobs gproxy
@@ -282,7 +286,7 @@ class Proxy:
         for link in session.links:
             if self.retrier.holds(link):
                 running = link.jobs.released_all()
-                actions += self.retrier.worker_left(link, session.route, running, trio.current_time())
+                actions += self.retrier.worker_left(link, session.route, running)
             elif (upstream := pair.upstreams.get(link)) is not None:
                 with contextlib.suppress(OSError):
                     upstream.connection.send_eof()  # its running jobs requeue natively
@@ -306,18 +310,14 @@ class Proxy:
                     try:
                         out = session.from_upstream(link, data, trio.current_time())
                     except ProtocolError as exc:
-                        self.metrics.protocol_errors.labels(exc.reason).inc()
-                        return pair.fail(f"protocol error from gearmand: {exc}")
+                        return self._refuse(pair, exc.reason, f"protocol error from gearmand: {exc}")
                     if out and not pair.worker_gone:
                         try:
                             await pair.downstream.send_all(out)
                         except OSError as exc:
                             return pair.fail(f"peer connection lost: {exc}", logging.INFO)
                 if link.framer.buffered:
-                    self.metrics.protocol_errors.labels("mid_packet").inc()
-                    return pair.fail(
-                        f"gearmand closed mid-packet ({link.framer.buffered} bytes of an unfinished frame)"
-                    )
+                    return self._refuse(pair, "mid_packet", _mid_packet("gearmand", link.framer.buffered))
                 if link is session.current and not pair.worker_gone:
                     pair.closing("gearmand closed the connection")
                     with contextlib.suppress(OSError):
@@ -354,7 +354,7 @@ class Proxy:
         """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
         if pair.session.idle(link) and link in pair.upstreams:
             pair.upstreams[link].scope.cancel()
-        if pair.worker_gone and not any(self.retrier.holds(l) for l in pair.session.links):
+        if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()
 
     async def _open_upstream(self, action: OpenUpstream) -> None:
@@ -372,7 +372,7 @@ class Proxy:
 
     async def _wake(self, key: int, delay: float) -> None:
         await trio.sleep(delay)
-        await self.execute(self.retrier.timer_fired(key, trio.current_time()))
+        await self.execute(self.retrier.timer_fired(key))
 
     async def connect(self, route: Route) -> Connection:
         """A new connection to the route's gearmand; failures are counted and raised."""
@@ -392,3 +392,7 @@ class Proxy:
             assert self._nursery is not None
             self._retry_clients[route] = RetryClient(self, route, self._nursery)
         return self._retry_clients[route]
+
+
+def _mid_packet(side: str, buffered: int) -> str:
+    return f"{side} closed mid-packet ({buffered} bytes of an unfinished frame)"

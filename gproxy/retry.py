@@ -1,6 +1,6 @@
 """Retry policy and the retry state machine: events in, actions out.
 
-Pure: no sockets, no clock (every event carries `now`), randomness injected. The trio layer
+Pure: no sockets, no clock (an event that ends a job carries `now`), randomness injected. The trio layer
 feeds events (a worker's failure, a timer, a reply on a retry-client connection, a lost
 connection) and executes the actions this returns.
 
@@ -243,9 +243,6 @@ class Retrier:
             for job in self.held.values()
         )
 
-    def held_count(self, function: bytes) -> int:
-        return self._held_per_function[function]
-
     # -- events
 
     def worker_failed(
@@ -253,17 +250,13 @@ class Retrier:
         *,
         owner: Hashable,
         route: Hashable,
-        handle: bytes,
-        function: bytes,
-        unique: bytes,
-        payload: bytes,
-        started_at: float,
+        job: TrackedJob,
         ptype: PacketType,
         failure: bytes,
         running: int,
-        now: float,
     ) -> list[Action] | None:
         """A worker failed an original job. None: forward the failure. Else it is held."""
+        function, handle = job.function, job.handle
         policy = self.policies.for_function(function)
         verdict = classify(policy, ptype, failure)
         name = function.decode("utf-8", "replace")
@@ -285,38 +278,15 @@ class Retrier:
                 name, self._held_per_function[function], budget, _text(handle),
             )
             return None
-        self._next_key += 1
-        job = HeldJob(
-            key=self._next_key, owner=owner, route=route, handle=handle, function=function,
-            unique=unique, payload=payload, policy=policy, started_at=started_at,
-            last_failure=(ptype, failure),
-        )
-        self.held[job.key] = job
-        self._held_per_function[function] += 1
-        self.metrics.count(self.metrics.jobs, function, "retried")
-        return [self._schedule(job, verdict)]
+        return [self._hold(owner, route, job, verdict, (ptype, failure))]
 
-    def worker_left(
-        self, owner: Hashable, route: Hashable, running: list[TrackedJob], now: float
-    ) -> list[Action]:
+    def worker_left(self, owner: Hashable, route: Hashable, running: list[TrackedJob]) -> list[Action]:
         """The worker of `owner` disconnected while `owner` holds retries for us, so `owner`
         stays open and gearmand cannot requeue the jobs the worker was still running: they
         are retried here at once instead, as gearmand would have done."""
-        actions: list[Action] = []
-        for tracked in running:
-            self._next_key += 1
-            job = HeldJob(
-                key=self._next_key, owner=owner, route=route, handle=tracked.handle,
-                function=tracked.function, unique=tracked.unique, payload=tracked.payload,
-                policy=self.policies.for_function(tracked.function), started_at=tracked.started_at,
-            )
-            self.held[job.key] = job
-            self._held_per_function[job.function] += 1
-            self.metrics.count(self.metrics.jobs, job.function, "retried")
-            actions.append(self._schedule(job, Verdict(Reason.DISCONNECT, 0.0)))
-        return actions
+        return [self._hold(owner, route, job, Verdict(Reason.DISCONNECT, 0.0)) for job in running]
 
-    def timer_fired(self, key: int, now: float) -> list[Action]:
+    def timer_fired(self, key: int) -> list[Action]:
         job = self.held.get(key)
         if job is None or job.state is not State.WAITING:
             return []
@@ -414,6 +384,26 @@ class Retrier:
         return []
 
     # -- internals
+
+    def _hold(
+        self,
+        owner: Hashable,
+        route: Hashable,
+        tracked: TrackedJob,
+        verdict: Verdict,
+        last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b""),
+    ) -> Wakeup:
+        self._next_key += 1
+        job = HeldJob(
+            key=self._next_key, owner=owner, route=route, handle=tracked.handle,
+            function=tracked.function, unique=tracked.unique, payload=tracked.payload,
+            policy=self.policies.for_function(tracked.function), started_at=tracked.started_at,
+            last_failure=last_failure,
+        )
+        self.held[job.key] = job
+        self._held_per_function[job.function] += 1
+        self.metrics.count(self.metrics.jobs, job.function, "retried")
+        return self._schedule(job, verdict)
 
     def _schedule(self, job: HeldJob, verdict: Verdict) -> Wakeup:
         delay = verdict.delay if verdict.delay is not None else job.policy.backoff(job.attempt, self.rng)

@@ -149,10 +149,6 @@ class Session:
         """Packets gproxy answers the downstream peer itself; the caller sends and clears them."""
 
     @property
-    def jobs(self) -> JobTable:
-        return self.current.jobs
-
-    @property
     def links(self) -> list[UpstreamLink]:
         return [self.current, *self.retired]
 
@@ -291,10 +287,8 @@ class Session:
             return False
         failure = packet.args()["data"] if packet.type is P.WORK_EXCEPTION else b""
         actions = self.retrier.worker_failed(
-            owner=link, route=self.route, handle=job.handle, function=job.function,
-            unique=job.unique, payload=job.payload, started_at=job.started_at,
-            ptype=packet.type, failure=failure, running=link.jobs.running[job.function] + 1,
-            now=now,
+            owner=link, route=self.route, job=job, ptype=packet.type, failure=failure,
+            running=link.jobs.running[job.function] + 1,
         )
         if actions is None:
             return False

@@ -104,13 +104,12 @@ class Transcript:
     def fail(self, handle: bytes = b"H:1", ptype: PacketType = P.WORK_EXCEPTION, failure: bytes = b"RETRY: x",
              unique: bytes = b"u-1", function: bytes = b"f"):
         return self.retrier.worker_failed(
-            owner="up-1", route="route", handle=handle, function=function, unique=unique,
-            payload=b"payload", started_at=0.0, ptype=ptype, failure=failure,
-            running=self.running, now=0.0,
+            owner="up-1", route="route", job=TrackedJob(handle, function, unique, b"payload", "up-1", 0.0),
+            ptype=ptype, failure=failure, running=self.running,
         )
 
     def submit_and_create(self, key: int, retry_handle: bytes) -> Submit:
-        (submit,) = self.retrier.timer_fired(key, now=1.0)
+        (submit,) = self.retrier.timer_fired(key)
         assert self.retrier.retry_created(key, retry_handle) == []
         return submit
 
@@ -133,7 +132,7 @@ def test_a_held_job_is_retried_and_its_retry_completes_the_original() -> None:
         SendUpstream("up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")),
         Released("up-1"),
     ]
-    assert t.retrier.held == {} and t.retrier.held_count(b"f") == 0
+    assert t.retrier.held == {} and t.retrier.metrics.held() == {}
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"late") == []  # unknown now: ignored
 
 
@@ -206,7 +205,7 @@ def test_a_lost_retry_connection_resubmits_what_was_in_flight_as_the_next_attemp
 def test_a_refused_retry_gives_the_client_the_last_failure() -> None:
     t = Transcript()
     t.fail(failure=b"RETRY: first")
-    t.retrier.timer_fired(1, now=1.0)
+    t.retrier.timer_fired(1)
     assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: first")),
         Released("up-1"),
@@ -218,7 +217,7 @@ def test_losing_the_owner_drops_its_retries_and_stale_timers_do_nothing() -> Non
     t.fail()
     assert t.retrier.holds("up-1") and t.retrier.holds("up-1", b"f") and not t.retrier.holds("up-1", b"g")
     assert t.retrier.owner_lost("up-1") == []
-    assert t.retrier.timer_fired(1, now=1.0) == []
+    assert t.retrier.timer_fired(1) == []
     assert not t.retrier.holds("up-1")
 
 
@@ -226,5 +225,5 @@ def test_jobs_a_departed_worker_was_running_are_retried_at_once() -> None:
     t = Transcript()
     t.fail()
     running = [TrackedJob(b"H:4", b"f", b"u-4", b"p4", "up-1", 0.0)]
-    assert t.retrier.worker_left("up-1", "route", running, now=0.0) == [Wakeup(2, 0.0)]
-    assert t.retrier.timer_fired(2, now=0.0) == [Submit("route", 2, b"f", b"gpr:2:u-4", b"p4")]
+    assert t.retrier.worker_left("up-1", "route", running) == [Wakeup(2, 0.0)]
+    assert t.retrier.timer_fired(2) == [Submit("route", 2, b"f", b"gpr:2:u-4", b"p4")]

@@ -35,7 +35,7 @@ def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: 
     assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
     got = session.from_upstream(session.current, assign_uniq(b"H:x:1", data=b"pay\0load"), now=7.0)
     assert got == res(P.JOB_ASSIGN, handle=b"H:x:1", function=b"f", data=b"pay\0load")
-    (job,) = session.jobs
+    (job,) = session.current.jobs
     assert (job.handle, job.function, job.unique, job.payload) == (b"H:x:1", b"f", b"u-1", b"pay\0load")
     assert (job.upstream, job.started_at) == ("up-1", 7.0)
 
@@ -56,7 +56,7 @@ def test_other_grabs_and_their_assigns_pass_unchanged_and_are_tracked(
 ) -> None:
     assert session.from_downstream(req(grab), now=0.0) == req(grab)
     assert session.from_upstream(session.current, reply, now=1.0) == reply
-    assert [(j.handle, j.unique) for j in session.jobs] == [(b"H:x:2", b"u-1")]
+    assert [(j.handle, j.unique) for j in session.current.jobs] == [(b"H:x:2", b"u-1")]
 
 
 def test_pipelined_grabs_are_answered_in_order(session: Session) -> None:
@@ -85,23 +85,23 @@ def test_a_final_result_ends_the_job_and_passes_through(session: Session, result
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1") + assign_uniq(b"H:2"), now=0.0)
     assert session.from_downstream(result, now=0.0) == result
-    assert [j.handle for j in session.jobs] == [b"H:2"]
+    assert [j.handle for j in session.current.jobs] == [b"H:2"]
 
 
 def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1", function=b"a") + assign_uniq(b"H:2", function=b"b"), now=0.0)
     assert session.from_downstream(req(P.CANT_DO, function=b"a"), now=0.0) == req(P.CANT_DO, function=b"a")
-    assert [j.handle for j in session.jobs] == [b"H:2"]
+    assert [j.handle for j in session.current.jobs] == [b"H:2"]
     session.from_downstream(req(P.RESET_ABILITIES), now=0.0)
-    assert list(session.jobs) == []
+    assert list(session.current.jobs) == []
 
 
 def test_closing_hands_back_everything(session: Session) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
     assert [j.handle for j in session.link_closed(session.current)] == [b"H:1"]
-    assert len(session.jobs) == 0
+    assert len(session.current.jobs) == 0
 
 
 def test_a_work_result_without_a_handle_terminator_is_refused(session: Session) -> None:
@@ -183,4 +183,4 @@ def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Ses
     assert session.replies == [res(P.NO_JOB)]
     result = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     assert session.from_downstream(result, now=1.0) == result
-    assert len(session.jobs) == 0
+    assert len(session.current.jobs) == 0
