@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.gearmand import Gearmand
+from tests.gearmand import Gearmand, PerlGearmanServer
 from tests.proxy_thread import ProxyThread
 
 
@@ -26,6 +26,17 @@ def gearmand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gearmand]:
 def fresh_gearmand(tmp_path: Path) -> Iterator[Gearmand]:
     """A private gearmand for one test, which may stop() or restart() it."""
     server = Gearmand(tmp_path / "gearmand").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def perl_gearmand(tmp_path: Path) -> Iterator[PerlGearmanServer]:
+    """A private Perl job server (Gearman::Server) for one test; it has gearmand's interface
+    (tests/gearmand.py) but its own semantics (see PerlGearmanServer)."""
+    server = PerlGearmanServer(tmp_path / "perl-gearmand").start()
     try:
         yield server
     finally:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 GEARMAND_BIN = "/usr/sbin/gearmand"
+PERL_GEARMAND_BIN = "/usr/bin/gearmand"  # Debian's gearman-server: Perl Gearman::Server
 HOST = "127.0.0.1"
 
 # Admin commands whose reply is a list terminated by a line ".", per the protocol notes §2.
@@ -317,3 +318,105 @@ class Gearmand:
                 continue
             out.append(f"--- {path} ---\n" + "\n".join(text))
         return "\n".join(out)
+
+
+class PerlGearmanServer(Gearmand):
+    """The Perl job server (Debian `gearman-server`, Gearman::Server 1.130, /usr/bin/gearmand)
+    on 127.0.0.1, with the same interface as Gearmand.
+
+    Why: a second, independent server implementation with different semantics, to show
+    what a Gearman peer does when the server is not gearmand.
+
+    Facts this class relies on (read in its source, checked against 1.130 here):
+    - Started as `/usr/bin/gearmand --port=N --listen=127.0.0.1 --pidfile=P` (also --debug=1,
+      which only logs connects); it stays in the foreground, has no log file (warnings go
+      to stderr) and dies at once on SIGTERM (no handler).
+    - It writes the pid file only after binding its listener (SO_REUSEADDR, so a restart on
+      the same port works at once); if the port is taken it dies with "Error creating
+      socket". So readiness is: the pid file holds our child's pid, then `status` answers.
+    - There is no `getpid` (`ERR unknown_command`). `status` lists `FUNC\\tTOTAL\\tRUNNING\\t
+      WORKERS` lines ending with `.`, as gearmand's (parse_status works unchanged; functions
+      with neither workers nor jobs are not listed); `workers` lists `FD IP CLIENT_ID :
+      FUNCS` ("-" when no client id was set, also for client and admin connections), so
+      parse_workers works too. `version` answers `v1.130.1`.
+    Protocol behaviour (tests/test_peers_extra.py shows each with real peers):
+    - WORK_EXCEPTION does not end the job: it is relayed to clients that set OPTION_REQ
+      `exceptions` (to no one else), and the worker's following WORK_FAIL ends the job and
+      reaches every client (a plain WORK_FAIL, no stray NUL). So the Perl Gearman::Worker,
+      which sends WORK_EXCEPTION + WORK_FAIL when its handler dies, gets no ERROR and survives
+      here (against gearmand 1.1.20 it dies).
+    - It knows neither GRAB_JOB_UNIQ nor GRAB_JOB_ALL: the packet type has no entry in
+      Gearman::Util's table, the CMD_ method lookup dies inside an eval, and the server
+      answers `ERROR server_error` with the Perl error text (`Can't locate object method
+      "CMD_" via package "Gearman::Server::Client" ...`). pygearman's worker, which sends only
+      GRAB_JOB_UNIQ, therefore never gets a job from it; the Perl worker (GRAB_JOB) does.
+    - CAN_DO_TIMEOUT takes the value in seconds (a Danga::Socket timer; "1" failed the job
+      after 1.0 s) and, when it fires, sends WORK_FAIL to the job's clients and ends the
+      job (gearmand 1.1.20 requeues it instead); the worker's late WORK_COMPLETE is then
+      accepted silently (no ERROR), so the Perl worker survives that too.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str] | None = None,
+        *,
+        debug: bool = False,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(workdir, extra_args=extra_args, startup_timeout=startup_timeout)
+        self.debug = debug
+        self.pid_path = self.workdir / "perl-gearmand.pid"
+        self.stderr_path = self.workdir / "perl-gearmand.stderr"
+        self.log_path = self.stderr_path  # its only log
+
+    def _spawn(self) -> None:
+        self.pid_path.unlink(missing_ok=True)  # a stale pid file must not look like readiness
+        argv = [
+            PERL_GEARMAND_BIN,
+            f"--port={self.port}",
+            f"--listen={HOST}",
+            f"--pidfile={self.pid_path}",
+            *(["--debug=1"] if self.debug else []),
+            *self.extra_args,
+        ]
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+            )
+
+    def _wait_ready(self, keep_waiting_on_clash: bool) -> str:
+        """Return "ready", "clash" (the port was taken), "died" or "timeout".
+
+        Polls every 10 ms: first for the pid file (written after the bind), then for an
+        answer to `status` (connection refused cannot happen once bound, but the event loop
+        may not run yet; the admin call then just waits for the reply).
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return "clash" if b"Error creating socket" in self._stderr_bytes() else "died"
+            try:
+                bound = self.pid_path.read_text().strip() == str(self.proc.pid)
+            except FileNotFoundError:
+                bound = False
+            if bound:
+                try:
+                    admin(self.address, "status", timeout=max(0.1, deadline - time.monotonic()))
+                    return "ready"
+                except (OSError, GearmandError):
+                    pass
+            time.sleep(0.01)
+        return "timeout"
+
+    def _stderr_bytes(self) -> bytes:
+        try:
+            return self.stderr_path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Last lines of the server's stderr (its only log), for error messages."""
+        text = self._stderr_bytes().decode("utf-8", "replace").splitlines()[-lines:]
+        return f"--- {self.stderr_path} ---\n" + "\n".join(text)

@@ -29,13 +29,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar, Union
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence, TypeVar, Union
 
 from tests.gearmand import status, wait_for
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PYWORKER = PEERS_DIR / "pyworker.py"
 PYCLIENT = PEERS_DIR / "pyclient.py"
+PYBURST = PEERS_DIR / "pyburst.py"
 PERLWORKER = PEERS_DIR / "worker.pl"
 PYTHON = sys.executable  # the venv that has pygearman
 GEARMAN_CLI = "gearman"
@@ -248,6 +249,7 @@ def start_pyworker(
     state_dir: Path | None = None,
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
+    options: Sequence[str] = (),
 ) -> PeerProcess:
     """Start tests/peers/pyworker.py (GRAB_JOB_UNIQ) and wait for its `ready` line.
 
@@ -257,6 +259,8 @@ def start_pyworker(
     seen_uniques()); without it the worker uses a private temp dir.
     """
     argv = _worker_argv([PYTHON, str(PYWORKER)], address, client_id, echo, state_dir)
+    for option in options:  # OPTION_REQ after registering; each OPTION_RES is logged
+        argv += ["--option", option]
     return _start_ready_worker("pyworker", argv, timeout, log_dir)
 
 
@@ -268,12 +272,17 @@ def start_perlworker(
     state_dir: Path | None = None,
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
+    timeouts: Mapping[str, str] | None = None,
 ) -> PeerProcess:
     """Start tests/peers/worker.pl (Perl Gearman::Worker, plain GRAB_JOB); wait for `ready`.
 
     `state_dir` receives the `flaky` attempt counters, keyed by payload (attempt_count()).
+    `timeouts` {function: value} registers those functions with CAN_DO_TIMEOUT `function\\0value`
+    (the value is sent verbatim; gearmand 1.1.20 reads milliseconds, at least 1000).
     """
     argv = _worker_argv([PERL, str(PERLWORKER)], address, client_id, echo, state_dir)
+    for function, value in (timeouts or {}).items():
+        argv += ["--timeout", f"{function}={value}"]
     return _start_ready_worker("perlworker", argv, timeout, log_dir)
 
 
@@ -336,6 +345,34 @@ def attempt_count(state_dir: Path | str, key: bytes | str) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class Attempt(NamedTuple):
+    """One line of the pyworker's attempts.log (the `scripted` function)."""
+
+    time: float  # the worker's time.monotonic() (CLOCK_MONOTONIC: comparable with ours)
+    unique: str
+    attempt: int
+    action: str
+    handle: str
+
+
+def attempts_log(state_dir: Path | str) -> list[Attempt]:
+    """Every `scripted` attempt logged in state_dir/attempts.log, in order ([] if none).
+
+    The first field is split off the left and the last three off the right, so a unique
+    with spaces survives (newlines in it are logged as a literal backslash-n).
+    """
+    try:
+        text = (Path(state_dir) / "attempts.log").read_bytes().decode("utf-8", "backslashreplace")
+    except FileNotFoundError:
+        return []
+    result = []
+    for line in text.splitlines():
+        when, _, rest = line.partition(" ")
+        unique, attempt, action, handle = rest.rsplit(" ", 3)
+        result.append(Attempt(float(when), unique, int(attempt), action, handle))
+    return result
 
 
 def seen_uniques(state_dir: Path | str) -> list[str]:
@@ -414,17 +451,24 @@ class PyClientProcess(PeerProcess):
 
         Raises subprocess.TimeoutExpired after stopping it if it outlives the deadline.
         """
-        limit = timeout if timeout is not None else self.client_timeout + 10.0
         try:
-            out, err = self.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            stop_peer(self)
-            raise
+            out, err = _communicate(self, timeout if timeout is not None else self.client_timeout + 10.0)
         finally:
             if self.payload_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self.payload_path.unlink()
         return ClientRun(self.args, self.returncode, out, err)
+
+
+def _communicate(proc: PeerProcess, limit: float) -> tuple[bytes, bytes]:
+    """Wait for `proc` and collect its output; past `limit` seconds, stop it and raise
+    subprocess.TimeoutExpired."""
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        stop_peer(proc)
+        raise
+    return out, err
 
 
 def start_pyclient(
@@ -437,6 +481,7 @@ def start_pyclient(
     priority: str | None = None,
     out: Path | None = None,
     exceptions: bool = False,
+    exception_final: bool = True,
     timeout: float = 30.0,
 ) -> PyClientProcess:
     """Start tests/peers/pyclient.py without waiting (e.g. to unblock a `block` job later).
@@ -444,6 +489,9 @@ def start_pyclient(
     Bytes payloads go through a temp file (binary safe, any size); str via --payload.
     exceptions=True sends OPTION_REQ exceptions: a WORK_EXCEPTION then ends the job with
     its payload in report["exception"] (otherwise gearmand turns it into a WORK_FAIL).
+    exception_final=False (with exceptions=True) keeps waiting after a WORK_EXCEPTION for the
+    packet that ends the job: for the Perl Gearman::Server, where only WORK_FAIL does;
+    report["ended_by"] names that packet.
     """
     argv = [PYTHON, str(PYCLIENT), address_str(address), function, "--timeout", str(timeout)]
     payload_path: Path | None = None
@@ -465,6 +513,8 @@ def start_pyclient(
         argv += ["--out", str(out)]
     if exceptions:
         argv.append("--exceptions")
+    if not exception_final:
+        argv.append("--keep-after-exception")
     proc = PyClientProcess(
         argv,
         log_path=None,
@@ -481,7 +531,7 @@ def run_pyclient(*args: Any, **kwargs: Any) -> ClientRun:
     """start_pyclient() with the same arguments, run to completion. returncode: 0 COMPLETE
     (or background JOB_CREATED), 1 FAILED/error, 2 timeout; stdout is the raw result (or the
     background handle); `.report` is the parsed JSON line (state, data_updates,
-    warning_updates, status, exception, exception_updates, stray_nul_fail...)."""
+    warning_updates, status, exception, exception_updates, stray_nul_fail, ended_by...)."""
     return start_pyclient(*args, **kwargs).result()
 
 
@@ -531,3 +581,88 @@ def run_cli_client(
         stop_peer(proc)
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+class BurstRun(subprocess.CompletedProcess):  # type: ignore[type-arg]
+    """CompletedProcess of pyburst.py, with its JSON report parsed."""
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The last JSON line pyburst.py printed on stdout ({} if none)."""
+        for line in reversed((self.stdout or b"").decode("utf-8", "replace").splitlines()):
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        return {}
+
+    @property
+    def jobs(self) -> list[dict[str, Any]]:
+        """Foreground: one dict per job (i, unique, handle, state, result, exception)."""
+        return list(self.report.get("jobs", []))
+
+    @property
+    def states(self) -> list[str]:
+        return [job["state"] for job in self.jobs]
+
+
+class PyBurstProcess(PeerProcess):
+    """A running pyburst.py; result() waits for it."""
+
+    burst_timeout: float = 30.0
+
+    def result(self, timeout: float | None = None) -> BurstRun:
+        """Wait for the burst (default: its own --timeout plus 10 s) and collect its output.
+
+        Raises subprocess.TimeoutExpired after stopping it if it outlives the deadline.
+        """
+        out, err = _communicate(self, timeout if timeout is not None else self.burst_timeout + 10.0)
+        return BurstRun(self.args, self.returncode, out, err)
+
+
+def start_pyburst(
+    address: Address,
+    function: str,
+    count: int,
+    payload: str,
+    *,
+    unique: str | None = None,
+    exceptions: bool = False,
+    background: bool = False,
+    rate: float | None = None,
+    timeout: float = 30.0,
+) -> PyBurstProcess:
+    """Start tests/peers/pyburst.py without waiting: `count` jobs on one client connection.
+
+    `payload` and `unique` are templates in which `{i}` becomes the job index (0..count-1);
+    keep `{i}` in `unique`, or gearmand coalesces the jobs. Foreground jobs are submitted all
+    at once; background ones too, or paced at `rate` per second. exceptions=True: as for
+    start_pyclient(). `timeout` bounds the whole burst.
+    """
+    argv = [
+        PYTHON, str(PYBURST), address_str(address), function,
+        "--count", str(count), "--payload", payload, "--timeout", str(timeout),
+    ]  # fmt: skip
+    if unique is not None:
+        argv += ["--unique", unique]
+    if exceptions:
+        argv.append("--exceptions")
+    if background:
+        argv.append("--background")
+    if rate is not None:
+        argv += ["--rate", str(rate)]
+    proc = PyBurstProcess(
+        argv,
+        log_path=None,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.burst_timeout = timeout
+    return proc
+
+
+def run_pyburst(address: Address, function: str, count: int, payload: str, **options: Any) -> BurstRun:
+    """start_pyburst() with the same arguments, run to completion. returncode 0: every
+    foreground job COMPLETE (or every background job accepted), 1 otherwise; `.report` is the
+    parsed JSON line ({"jobs": [...], "elapsed"} or {"submitted", "handles", "elapsed"}),
+    `.jobs` / `.states` the per-job entries of a foreground burst."""
+    return start_pyburst(address, function, count, payload, **options).result()

@@ -3,12 +3,12 @@
 
 Usage: pyclient.py HOST:PORT FUNCTION [--background] [--unique U] [--priority P]
                    [--payload-file F | --payload-hex HEX | --payload STR]
-                   [--out FILE] [--timeout S] [--exceptions]
+                   [--out FILE] [--timeout S] [--exceptions [--keep-after-exception]]
 
 Foreground: waits for the outcome. The result goes raw to --out (or stdout); stderr gets one
 JSON line {"state", "handle", "unique", "data_updates", "warning_updates", "status",
-"status_updates", "exception", "exception_updates", "stray_nul_fail", "result_len",
-"elapsed", "error"} so tests can check streamed updates
+"status_updates", "exception", "exception_updates", "stray_nul_fail", "ended_by",
+"result_len", "elapsed", "error"} so tests can check streamed updates
 (byte strings are decoded as UTF-8 with backslash escapes). Exit 0 on COMPLETE, 1 on FAILED
 or any error (connection lost, protocol error), 2 on timeout.
 Background: exits 0 once JOB_CREATED arrived and prints the handle on stdout (2 on timeout).
@@ -22,6 +22,11 @@ forwards the WORK_EXCEPTION itself and no WORK_FAIL (the exception is final), so
 treats a WORK_EXCEPTION as the end of the job: state FAILED, payload in "exception" (the
 library would only store it and keep waiting). "exception_updates" lists every
 WORK_EXCEPTION payload received (the library keeps only the last; it has no such list).
+--keep-after-exception (with --exceptions) keeps waiting after a WORK_EXCEPTION for the
+packet that ends the job, for the Perl Gearman::Server, where WORK_EXCEPTION is relayed but
+only the worker's following WORK_FAIL ends the job; against gearmand 1.1.20 the client then
+waits until its --timeout. "ended_by" names the packet that ended the job (WORK_COMPLETE,
+WORK_FAIL or WORK_EXCEPTION; null if none did).
 """
 
 from __future__ import annotations
@@ -53,9 +58,12 @@ class _Handler(GearmanClientCommandHandler):
     """Records every WORK_STATUS (the library keeps only the last) and a stray-NUL WORK_FAIL;
     with --exceptions, sets OPTION_REQ exceptions and ends the job on WORK_EXCEPTION."""
 
-    def initial_state(self, exceptions: bool = False, **kwargs: Any) -> None:
+    def initial_state(
+        self, exceptions: bool = False, exception_final: bool = True, **kwargs: Any
+    ) -> None:
         super().initial_state(**kwargs)
         self.exceptions_option = exceptions
+        self.exception_final = exception_final
         if exceptions:  # sent before any SUBMIT_JOB: gearmand handles a connection in order
             self.send_command(GEARMAN_COMMAND_OPTION_REQ, option_name=b"exceptions")
 
@@ -66,8 +74,14 @@ class _Handler(GearmanClientCommandHandler):
         request = self.handle_to_request_map[job_handle]
         request.__dict__.setdefault("exception_updates", []).append(self.decode_data(data))
         result = super().recv_work_exception(job_handle, data)
-        if self.exceptions_option:
+        if self.exceptions_option and self.exception_final:
             request.state = JOB_FAILED  # gearmand sends nothing after it (see module doc)
+            request.ended_by = "WORK_EXCEPTION"
+        return result
+
+    def recv_work_complete(self, job_handle: bytes, data: bytes) -> bool:
+        result = super().recv_work_complete(job_handle, data)
+        self.handle_to_request_map[job_handle].ended_by = "WORK_COMPLETE"
         return result
 
     def recv_work_status(self, job_handle: bytes, numerator: bytes, denominator: bytes) -> bool:
@@ -81,7 +95,9 @@ class _Handler(GearmanClientCommandHandler):
         if job_handle not in self.handle_to_request_map and job_handle.endswith(b"\0"):
             job_handle = job_handle.rstrip(b"\0")
             self.handle_to_request_map[job_handle].stray_nul_fail = True
-        return super().recv_work_fail(job_handle)
+        result = super().recv_work_fail(job_handle)
+        self.handle_to_request_map[job_handle].ended_by = "WORK_FAIL"
+        return result
 
 
 class Client(gearman.GearmanClient):
@@ -125,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exceptions", action="store_true", help="send OPTION_REQ exceptions (see above)"
     )
+    parser.add_argument(
+        "--keep-after-exception",
+        action="store_true",
+        help="with --exceptions: a WORK_EXCEPTION does not end the job (see above)",
+    )
     args = parser.parse_args(argv)
+    if args.keep_after_exception and not args.exceptions:
+        parser.error("--keep-after-exception needs --exceptions")
 
     # Backstop in case the library blocks outside its own poll timeout (e.g. in connect()).
     signal.signal(signal.SIGALRM, lambda *_: (_report(state="TIMEOUT", error="watchdog"), sys.exit(2)))
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     client = Client([args.address])
     client.handler_initial_state["exceptions"] = args.exceptions
+    client.handler_initial_state["exception_final"] = not args.keep_after_exception
     unique = args.unique.encode() if args.unique is not None else None
     started = time.monotonic()
     try:
@@ -167,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "exception": _text(request.exception),
         "exception_updates": [_text(e) for e in getattr(request, "exception_updates", [])],
         "stray_nul_fail": getattr(request, "stray_nul_fail", False),
+        "ended_by": getattr(request, "ended_by", None),
         "result_len": None if request.result is None else len(request.result),
         "elapsed": round(time.monotonic() - started, 3),
     }

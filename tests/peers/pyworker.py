@@ -15,6 +15,9 @@ Functions (bytes names; pygearman on py3.11 needs bytes names and payloads):
            up to 60 s) until P exists, returns b"unblocked" (fails the job on timeout)
   unique   returns the unique id it received
   unregister  unregisters the function named by the payload (RESET_ABILITIES + CAN_DOs)
+  unregister_status  the same, then WORK_STATUS 1/2, in the same write, then completes
+--option NAME (repeatable) sends OPTION_REQ NAME after the registration on every connection
+and logs each OPTION_RES it receives (`pyworker: OPTION_RES NAME` on stderr).
 
 Retry-test functions (payload `N:rest`, N decimal). Each attempt appends one line
 `<unique>\\n` to DIR/seen.log, so a test can prove which unique the worker saw each time,
@@ -28,6 +31,39 @@ is the attempt number (1, 2, ...), atomic even with several workers sharing DIR:
                   <attempt>/10, then behaves like flaky
   fatal           always WORK_EXCEPTION `FATAL: broken input` then WORK_FAIL (any payload)
   plain_exception always WORK_EXCEPTION `boom` then WORK_FAIL (any payload)
+  scripted        payload `SCRIPT|rest`, SCRIPT a comma-separated list of actions: attempt
+                  k (counted per unique as above) takes action k, the last action repeating
+                  for later attempts. Every attempt also appends one line
+                  `<time> <unique> <attempt> <action> <handle>` to DIR/attempts.log (one
+                  O_APPEND write; <time> is time.monotonic(), i.e. CLOCK_MONOTONIC, which
+                  the test process can compare with its own time.monotonic()), written
+                  before the action runs, so an attempt that hangs or exits is logged too.
+                  A payload without `|` or with an unknown action fails the job (WORK_FAIL).
+                  Actions (<attempt> is the attempt number):
+    ok              completes with `ok after <attempt>`
+    retry           WORK_EXCEPTION `RETRY: scripted <attempt>`, WORK_FAIL, nothing more
+    after=S         WORK_EXCEPTION `RETRY after=S: scripted <attempt>`, WORK_FAIL
+    fatal           WORK_EXCEPTION `FATAL: scripted <attempt>`, WORK_FAIL
+    plain           WORK_EXCEPTION `boom <attempt>` (unmarked), WORK_FAIL
+    fail            a plain WORK_FAIL (the handler raises, like flaky_fail)
+    retry+complete  what a python-gearman handler does when it reports an exception and
+                    then returns: send_job_exception(`RETRY: scripted <attempt>`) and
+                    return `late <attempt>`. On the wire (logging relay, gearmand 1.1.20):
+                    WORK_EXCEPTION h `RETRY: scripted <attempt>`, WORK_FAIL h,
+                    WORK_COMPLETE h `late <attempt>`, PRE_SLEEP, all for the same handle h;
+                    gearmand ends the job at the WORK_EXCEPTION and answers both the
+                    WORK_FAIL and the WORK_COMPLETE with ERROR JOB_NOT_FOUND `Job given in
+                    work result not found` (two such lines in this worker's log).
+    retry+data      send_job_exception(`RETRY: scripted <attempt>`), then
+                    send_job_data(`late data <attempt>`), then nothing more. On the wire:
+                    WORK_EXCEPTION h, WORK_FAIL h, WORK_DATA h `late data <attempt>`,
+                    PRE_SLEEP; gearmand answers the WORK_FAIL with ERROR JOB_NOT_FOUND `Job
+                    given in work result not found` and the WORK_DATA with ERROR
+                    JOB_NOT_FOUND `Job does not exist on server`.
+    hang            blocks (50 ms sleeps) up to 120 s, then fails (WORK_FAIL): for tests
+                    that kill the worker mid-job (gearmand then requeues the job)
+    exit            os._exit(3) mid-job: the process dies holding the job
+    sleep=S         sleeps S seconds, then completes with `ok after <attempt>`
 --state-dir defaults to a private temp dir removed at exit.
 
 How pygearman fails a job (read from gearman/worker.py 0.2.6):
@@ -66,12 +102,16 @@ from typing import Any, NoReturn
 
 import gearman
 from gearman.errors import ServerUnavailable
-from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_OPTION_REQ
 from gearman.worker_handler import GearmanWorkerCommandHandler
 
 BLOCK_TIMEOUT_S = 60.0
 BLOCK_POLL_S = 0.01
 SEEN_LOG = "seen.log"
+ATTEMPTS_LOG = "attempts.log"
+HANG_TIMEOUT_S = 120.0
+HANG_POLL_S = 0.05
+SCRIPTED_EXIT_CODE = 3
 
 
 class JobAlreadyFinished(Exception):
@@ -89,6 +129,8 @@ class _Handler(GearmanWorkerCommandHandler):
     def initial_state(self, abilities: Any = None, client_id: Any = None) -> None:
         self.set_client_id(client_id)
         self.set_abilities(abilities)
+        for option in self.connection_manager.options:
+            self.send_command(GEARMAN_COMMAND_OPTION_REQ, option_name=option)
         if self.connection_manager.use_echo:
             self.send_command(GEARMAN_COMMAND_ECHO_REQ, data=b"pyworker-ready")
         self._sleep()
@@ -97,13 +139,20 @@ class _Handler(GearmanWorkerCommandHandler):
         self.connection_manager.registered()
         return True
 
+    def recv_option_res(self, option_name: bytes) -> bool:
+        """Logged, so a test can count them: the library itself has no handler and would
+        raise UnknownCommandError on an OPTION_RES (e.g. one it never asked for)."""
+        print(f"pyworker: OPTION_RES {option_name.decode()}", file=sys.stderr, flush=True)
+        return True
+
 
 class Worker(gearman.GearmanWorker):
     command_handler_class = _Handler
 
-    def __init__(self, host_list: list[str], use_echo: bool, state_dir: str) -> None:
+    def __init__(self, host_list: list[str], use_echo: bool, state_dir: str, options: list[bytes]) -> None:
         super().__init__(host_list)
         self.use_echo = use_echo
+        self.options = options
         self.state_dir = state_dir
         self.registrations = 0
         self._pending_plain_ready = False
@@ -255,9 +304,81 @@ def do_unregister(worker: Worker, job: Any) -> bytes:
     return b"unregistered"
 
 
+def do_unregister_status(worker: Worker, job: Any) -> bytes:
+    """Like unregister, then one WORK_STATUS 1/2 for this job: pygearman writes what a handler
+    sends in one go, so RESET_ABILITIES, the CAN_DOs and the WORK_STATUS leave in one write."""
+    worker.unregister_task(bytes(job.data))
+    worker.send_job_status(job, 1, 2)
+    return b"unregistered"
+
+
 def do_plain_exception(worker: Worker, job: Any) -> bytes:
     _attempt(worker, job)
     _exception(worker, job, b"boom")
+
+
+def _log_attempt(worker: Worker, job: Any, attempt: int, action: bytes) -> None:
+    """One attempts.log line (see the module doc), a single O_APPEND write so that lines of
+    workers sharing the state dir never interleave. Spaces cannot occur in the time, the
+    attempt, the action (split on commas, no spaces) or the handle, so a reader splits the
+    first field off the left and the last three off the right: the unique may hold spaces."""
+    unique = (job.unique if job.unique is not None else b"").replace(b"\n", b"\\n")
+    handle = bytes(job.handle)
+    line = b"%.6f %s %d %s %s\n" % (time.monotonic(), unique, attempt, action, handle)
+    _append(os.path.join(worker.state_dir, ATTEMPTS_LOG), line)
+
+
+def _scripted_action(job: Any, attempt: int) -> bytes:
+    """The action for this attempt, from a `SCRIPT|rest` payload (rest only tells payloads
+    apart)."""
+    script, sep, _rest = bytes(job.data).partition(b"|")
+    actions = [a.strip() for a in script.split(b",")]
+    if not sep or not all(actions):
+        raise ValueError(f"payload {bytes(job.data)[:40]!r} is not SCRIPT|rest")
+    return actions[min(attempt, len(actions)) - 1]
+
+
+def do_scripted(worker: Worker, job: Any) -> bytes:
+    """Attempt k takes action k of the script (see the module doc for each action)."""
+    attempt = _attempt(worker, job)
+    action = _scripted_action(job, attempt)
+    _log_attempt(worker, job, attempt, action)
+    name, _, arg = action.partition(b"=")
+    n = str(attempt).encode()
+    if action == b"ok":
+        return b"ok after " + n
+    if action == b"retry":
+        _exception(worker, job, b"RETRY: scripted " + n)
+    if name == b"after" and arg:
+        _exception(worker, job, b"RETRY after=" + arg + b": scripted " + n)
+    if action == b"fatal":
+        _exception(worker, job, b"FATAL: scripted " + n)
+    if action == b"plain":
+        _exception(worker, job, b"boom " + n)
+    if action == b"fail":
+        raise TransientFailure(f"scripted {attempt}")
+    if action == b"retry+complete":
+        # The library sends WORK_EXCEPTION + WORK_FAIL here, and WORK_COMPLETE for our
+        # return value afterwards (on_job_complete): the python-gearman handler pattern.
+        worker.send_job_exception(job, b"RETRY: scripted " + n)
+        return b"late " + n
+    if action == b"retry+data":
+        worker.send_job_exception(job, b"RETRY: scripted " + n)
+        worker.send_job_data(job, b"late data " + n)
+        raise JobAlreadyFinished()
+    if action == b"hang":
+        deadline = time.monotonic() + HANG_TIMEOUT_S
+        while time.monotonic() < deadline:
+            time.sleep(HANG_POLL_S)
+        raise TimeoutError(f"scripted hang gave up after {HANG_TIMEOUT_S}s")
+    if action == b"exit":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(SCRIPTED_EXIT_CODE)
+    if name == b"sleep" and arg:
+        time.sleep(float(arg))
+        return b"ok after " + n
+    raise ValueError(f"unknown scripted action {action!r}")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -270,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--no-echo", action="store_true", help="do not send the readiness ECHO_REQ")
     parser.add_argument("--state-dir", default=None, help="attempt counters and seen.log")
+    parser.add_argument("--option", action="append", default=[], help="send OPTION_REQ OPTION at each connect")
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -278,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         state_dir = tempfile.mkdtemp(prefix="pyworker-state-")
         atexit.register(shutil.rmtree, state_dir, True)
     os.makedirs(state_dir, exist_ok=True)
-    worker = Worker([args.address], use_echo=not args.no_echo, state_dir=state_dir)
+    worker = Worker([args.address], use_echo=not args.no_echo, state_dir=state_dir,
+                    options=[option.encode() for option in args.option])
     if args.client_id is not None:
         worker.set_client_id(args.client_id.encode())
     worker.register_task(b"reverse", do_reverse)
@@ -293,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.register_task(b"fatal", do_fatal)
     worker.register_task(b"plain_exception", do_plain_exception)
     worker.register_task(b"unregister", do_unregister)
+    worker.register_task(b"unregister_status", do_unregister_status)
+    worker.register_task(b"scripted", do_scripted)
     down = False
     while True:
         try:

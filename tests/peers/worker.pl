@@ -2,6 +2,7 @@
 # A real Perl Gearman::Worker (2.004) for integration tests.
 #
 # Usage: worker.pl HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
+#                  [--timeout FUNCTION=VALUE]...
 #
 # Why this library: it sends plain GRAB_JOB, so gearmand answers JOB_ASSIGN (no unique);
 # it sends SET_CLIENT_ID before every CAN_DO; after a GRAB_JOB it waits only 0.5 s for the
@@ -27,6 +28,19 @@
 #            --state-dir defaults to a temp dir removed at exit.
 #   unregister  unregisters the function named by the payload, mid-job (Gearman::Worker
 #            sends CANT_DO on its open connection)
+#   die_plain  always dies with the unmarked message "boom: unmarked\n": Gearman::Worker
+#            sends WORK_EXCEPTION <nfreeze(\"boom: unmarked\n")> and WORK_FAIL. Directly
+#            against gearmand 1.1.20 the WORK_FAIL gets ERROR JOB_NOT_FOUND and this process
+#            dies on it (exit 255), as with flaky; on Gearman::Server it survives.
+#
+# --timeout FUNCTION=VALUE (repeatable) registers FUNCTION with a timeout:
+# register_function($name, $timeout, $sub), so Gearman::Worker sends CAN_DO_TIMEOUT
+# `FUNCTION\0VALUE` instead of CAN_DO. VALUE goes out verbatim; gearmand 1.1.20 reads it
+# as milliseconds and raises anything under 1000 to 1000, so "30" fires after one second
+# ("1500" after 1.5 s; "0" sets no timer). When it fires gearmand silently requeues the
+# job; this worker's late result then gets ERROR JOB_NOT_FOUND, which kills it as above.
+# Gearman::Server instead takes the value as seconds, fails the job (WORK_FAIL to its
+# clients) and accepts the late result silently.
 # There is no `unique` function: a GRAB_JOB worker never learns the unique id.
 #
 # Ready signal: after registering (SET_CLIENT_ID + CAN_DO per function, sent synchronously
@@ -48,10 +62,16 @@ use Gearman::Util;
 my $BLOCK_TIMEOUT_S = 60;
 my $BLOCK_POLL_S    = 0.01;
 
-my $USAGE = "usage: $0 HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]\n";
+my $USAGE = "usage: $0 HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]"
+    . " [--timeout FUNCTION=VALUE]...\n";
 my ($client_id, $no_echo, $state_dir);
-GetOptions("client-id=s" => \$client_id, "no-echo" => \$no_echo, "state-dir=s" => \$state_dir)
-    or die $USAGE;
+my %timeouts;
+GetOptions(
+    "client-id=s" => \$client_id,
+    "no-echo"     => \$no_echo,
+    "state-dir=s" => \$state_dir,
+    "timeout=s"   => \%timeouts,
+) or die $USAGE;
 my $address = shift @ARGV or die $USAGE;
 $state_dir //= tempdir("perlworker-state-XXXXXX", TMPDIR => 1, CLEANUP => 1);
 -d $state_dir or mkdir $state_dir or die "worker.pl: mkdir $state_dir: $!\n";
@@ -70,10 +90,16 @@ my %functions = (
     block   => \&do_block,
     flaky   => \&do_flaky,
     unregister => sub { $worker->unregister_function($_[0]->arg); return "unregistered" },
+    die_plain  => sub { die "boom: unmarked\n" },
 );
 
+for my $name (sort keys %timeouts) {
+    exists $functions{$name} or die "worker.pl: --timeout for unknown function $name\n";
+}
+
 for my $name (sort keys %functions) {
-    $worker->register_function($name => $functions{$name})
+    my @timeout = exists $timeouts{$name} ? ($timeouts{$name}) : ();
+    $worker->register_function($name, @timeout, $functions{$name})
         or die "worker.pl: registering $name at $address failed\n";
 }
 
