@@ -12,7 +12,7 @@ from typing import Any
 
 from .protocol import DEFAULT_MAX_PACKET_SIZE
 from .metrics import DEFAULT_MAX_FUNCTIONS
-from .retry import Mode, Policies, RetryPolicy
+from .retry import Mode, Policies, Priority, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -191,6 +191,15 @@ def _policies(retry: Any, functions: Any) -> Policies:
 
 
 _POLICY_KEYS = [f.name for f in fields(RetryPolicy)]
+_RETIRED_POLICY_KEYS = {
+    "budget_min": (
+        "no longer exists: the retry budget is now a rate that defers retries instead of "
+        "failing them. Use budget_min_per_second (retries per second always allowed) and "
+        "budget_ttl (the window); budget_ratio now means retries allowed per first attempt. "
+        "See the README, 'Retry budget'"
+    ),
+}
+"""Keys of earlier releases whose meaning changed: refused with what to write instead."""
 
 
 def _policy(table: Any, base: RetryPolicy, prefix: str) -> RetryPolicy:
@@ -199,6 +208,8 @@ def _policy(table: Any, base: RetryPolicy, prefix: str) -> RetryPolicy:
         raise ConfigError(f"{prefix}: expected a table")
     changes: dict[str, Any] = {}
     for key, value in table.items():
+        if key in _RETIRED_POLICY_KEYS:
+            raise ConfigError(f"{prefix}.{key}: {_RETIRED_POLICY_KEYS[key]}")
         if key not in _POLICY_KEYS:
             raise ConfigError(f"{prefix}.{key}: unknown retry setting (known: {', '.join(_POLICY_KEYS)})")
         changes[key] = _policy_value(key, value, f"{prefix}.{key}")
@@ -215,6 +226,11 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
         return value
+
+    def positive() -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{name}: expected a number > 0, got {value!r}")
+        return float(value)
 
     def text(allow_empty: bool) -> str:
         if not isinstance(value, str) or not (value or allow_empty):
@@ -234,10 +250,23 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
             return whole(1)
         case "backoff_initial" | "backoff_max" | "budget_ratio":
             return number(0)
+        case "budget_ttl" | "max_hold_time":
+            return positive()
+        case "budget_min_per_second":
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+                raise ConfigError(
+                    f"{name}: must be > 0: with no floor, a function whose first attempts stop "
+                    "gets no retries at all, and its held jobs fail when max_hold_time runs out"
+                )
+            return positive()
         case "backoff_multiplier":
             return number(1)
-        case "budget_min":
-            return whole(0)
+        case "max_held":
+            return whole(1)
+        case "retry_priority":
+            if value not in ("normal", "high", "low"):
+                raise ConfigError(f"{name}: expected \"normal\", \"high\" or \"low\", got {value!r}")
+            return Priority(value)
         case "dead_letter":
             return text(allow_empty=True)
         case "mode":

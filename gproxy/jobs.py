@@ -20,6 +20,8 @@ class TrackedJob(NamedTuple):
     """Name of the upstream connection that owns the job (only it can finish the job)."""
     started_at: float
     """Time of assignment, on the clock the caller injected."""
+    is_retry: bool = False
+    """A retry job of some gproxy: the gproxy holding the original owns its retry loop."""
 
 
 class JobTable:
@@ -41,9 +43,10 @@ class JobTable:
         return self._jobs.get(handle)
 
     def assigned(
-        self, handle: bytes, function: bytes, unique: bytes, payload: bytes, now: float
+        self, handle: bytes, function: bytes, unique: bytes, payload: bytes, now: float,
+        is_retry: bool = False,
     ) -> TrackedJob:
-        job = TrackedJob(handle, function, unique, payload, self.upstream, now)
+        job = TrackedJob(handle, function, unique, payload, self.upstream, now, is_retry)
         if handle in self._jobs:
             self._forget(self._jobs[handle])
         self._jobs[handle] = job

@@ -23,6 +23,7 @@ from .protocol import PacketType
 OTHER = "__other__"
 OUTCOMES = ("complete", "fail", "exception", "retried", "dead_lettered")
 REASONS = ("exception", "fail", "worker_hint", "disconnect")
+CAPS = ("max_held", "max_hold_time")
 PROTOCOL_ERRORS = ("bad_magic", "unknown_type", "oversized", "malformed", "mid_packet")
 DIRECTIONS = ("to_gearmand", "from_gearmand")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -41,7 +42,8 @@ class Metrics:
         self.jobs = Counter("gproxy_jobs", "Jobs by final outcome, and jobs retried or dead-lettered.", ["function", "outcome"], registry=r)
         self.retries = Counter("gproxy_retries", "Retry attempts scheduled, by why.", ["function", "reason"], registry=r)
         self.exhausted = Counter("gproxy_retries_exhausted", "Jobs that failed every attempt allowed.", ["function"], registry=r)
-        self.budget_rejections = Counter("gproxy_retry_budget_rejections", "Retryable failures forwarded because the retry budget was spent.", ["function"], registry=r)
+        self.deferred = Counter("gproxy_retries_deferred", "Retries that waited for the retry budget after their backoff.", ["function"], registry=r)
+        self.cap_rejections = Counter("gproxy_retry_cap_rejections", "Retryable failures forwarded because a cap was reached: max_held (jobs held at once) or max_hold_time (a wait too long).", ["function", "cap"], registry=r)
         self.observed = Counter("gproxy_retries_observed", "Failures observe mode would have retried.", ["function"], registry=r)
         self.job_duration = Histogram("gproxy_job_duration_seconds", "From assignment to the final outcome, retries included.", ["function"], buckets=DURATION_BUCKETS, registry=r)
         self.attempt_duration = Histogram("gproxy_attempt_duration_seconds", "One attempt, from assignment to the worker's result.", ["function"], buckets=DURATION_BUCKETS, registry=r)
@@ -54,6 +56,7 @@ class Metrics:
         self.packets: dict[str, list[int]] = {d: [0] * (max(PacketType) + 1) for d in DIRECTIONS}
         self.running: Tally[bytes] = Tally()
         self.held: Callable[[], Mapping[bytes, int]] = dict
+        self.budget_balance: Callable[[], Mapping[bytes, float]] = dict
         self.connections: Callable[[], Mapping[str, int]] = lambda: {"worker": 0, "upstream": 0}
         r.register(_StateCollector(self))
 
@@ -68,8 +71,10 @@ class Metrics:
                 self.jobs.labels(label, outcome)
             for reason in REASONS:
                 self.retries.labels(label, reason)
-            for counter in (self.exhausted, self.budget_rejections, self.observed):
+            for counter in (self.exhausted, self.deferred, self.observed):
                 counter.labels(label)
+            for cap in CAPS:
+                self.cap_rejections.labels(label, cap)
         return label
 
     def job_ended(self, function: bytes, outcome: str, duration: float) -> None:
@@ -116,17 +121,21 @@ class _StateCollector(Collector):
         yield packets
         yield _per_function("gproxy_jobs_running", "Jobs assigned to workers behind gproxy now.", m, m.running)
         yield _per_function("gproxy_jobs_held", "Jobs held for a retry now.", m, m.held())
+        yield _per_function(
+            "gproxy_retry_budget_balance", "Retries the retry budget allows right now.", m, m.budget_balance()
+        )
         connections = GaugeMetricFamily("gproxy_connections", "Open connections, by side.", labels=["side"])
         for side, value in m.connections().items():
             connections.add_metric([side], value)
         yield connections
 
 
-def _per_function(name: str, documentation: str, metrics: Metrics, values: Mapping[bytes, int]) -> GaugeMetricFamily:
+def _per_function(name: str, documentation: str, metrics: Metrics, values: Mapping[bytes, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=["function"])
-    totals: Tally[str] = Tally({label: 0 for label in metrics._functions.values()})
+    totals: dict[str, float] = {label: 0 for label in metrics._functions.values()}
     for function, value in values.items():
-        totals[metrics.function(function)] += value
+        label = metrics.function(function)
+        totals[label] = totals.get(label, 0) + value
     for label, value in sorted(totals.items()):
         family.add_metric([label], value)
     return family

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from functools import partial
 from dataclasses import dataclass, field
 
@@ -21,9 +22,9 @@ from .jobs import TrackedJob
 from .http_endpoint import serve_http
 from .metrics import Metrics
 from .protocol import ProtocolError
-from .retry import Action, Released, Retrier, SendUpstream, Submit, Wakeup
+from .retry import Released, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
 from .retry_client import RetryClient
-from .session import CloseUpstream, OpenUpstream, Session, UpstreamLink
+from .session import CloseUpstream, Command, OpenUpstream, ServerTraits, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 
@@ -33,9 +34,9 @@ CONNECT_TIMEOUT = 5.0
 READY_TIMEOUT = 2.0
 """Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
 HALF_CLOSE_LINGER = 10.0
+"""After one side closes, seconds the other may take to finish before the pair is cut."""
 DRAIN_POLL = 0.05
 """While draining, how often to look whether the last job has finished."""
-"""After one side closes, seconds the other may take to finish before the pair is cut."""
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class Proxy:
         self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
         self.metrics.connections = self._connection_counts
         self.retrier = Retrier(config.policies, metrics=self.metrics)
+        self.metrics.budget_balance = lambda: self.retrier.budget_balances(trio.current_time())
         self.listen_addresses: list[Address] = []
         self.metrics_address: Address | None = None
         self.draining = False
@@ -93,6 +95,7 @@ class Proxy:
         self._pairs: set[_Pair] = set()
         self._owners: dict[UpstreamLink, _Pair] = {}
         self._retry_clients: dict[Route, RetryClient] = {}
+        self._traits: dict[Route, ServerTraits] = {route: ServerTraits() for route in config.routes}
         self._nursery: trio.Nursery | None = None
 
     async def ready(self) -> tuple[bool, str]:
@@ -189,7 +192,7 @@ class Proxy:
             return
         session = Session(
             f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
-            retrier=self.retrier, route=route, metrics=self.metrics,
+            retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route],
         )
         pair = _Pair(name, session, downstream, trio.CancelScope())
         self._pairs.add(pair)
@@ -222,7 +225,6 @@ class Proxy:
             return
         self._owners.pop(link, None)
         pair.session.link_closed(link)
-        self.retrier.owner_lost(link)
         upstream.connection.close()
         if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()  # nothing left to wait for, even if it was lost, not finished
@@ -282,15 +284,11 @@ class Proxy:
         session = pair.session
         pair.worker_gone, pair.released = True, trio.Event()
         log.info("%s: worker left while retries are held; keeping their gearmand connections", pair.name)
-        actions: list[Action] = []
         for link in session.links:
-            if self.retrier.holds(link):
-                running = link.jobs.released_all()
-                actions += self.retrier.worker_left(link, session.route, running)
-            elif (upstream := pair.upstreams.get(link)) is not None:
+            if not self.retrier.holds(link) and (upstream := pair.upstreams.get(link)) is not None:
                 with contextlib.suppress(OSError):
                     upstream.connection.send_eof()  # its running jobs requeue natively
-        await self.execute(actions)
+        await self.execute(session.worker_left(trio.current_time()))
         await pair.released.wait()
 
     async def _upstream_pump(self, pair: _Pair, link: UpstreamLink, upstream: _Upstream) -> None:
@@ -311,6 +309,9 @@ class Proxy:
                         out = session.from_upstream(link, data, trio.current_time())
                     except ProtocolError as exc:
                         return self._refuse(pair, exc.reason, f"protocol error from gearmand: {exc}")
+                    if session.actions:
+                        actions, session.actions = session.actions, []
+                        await self.execute(actions)
                     if out and not pair.worker_gone:
                         try:
                             await pair.downstream.send_all(out)
@@ -328,22 +329,26 @@ class Proxy:
 
     # -- what the pure parts ask for
 
-    async def execute(self, actions: list[Action | OpenUpstream | CloseUpstream]) -> None:
+    async def execute(self, actions: Sequence[Command]) -> None:
         for action in actions:
             if type(action) is Wakeup:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._wake, action.key, action.delay)
+                self._nursery.start_soon(self._wake, action)
+            elif type(action) is RecheckBudget:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._recheck, action)
             elif type(action) is SendUpstream:
                 pair = self._owners.get(action.owner)
                 upstream = pair.upstreams.get(action.owner) if pair is not None else None
                 if upstream is not None:
-                    with contextlib.suppress(OSError):  # that link's own pump reports a loss
+                    # A loss (or a close racing this send) is that link's own pump's to report.
+                    with contextlib.suppress(OSError, trio.ClosedResourceError):
                         await upstream.connection.send_all(action.data)
             elif type(action) is Released:
                 if (pair := self._owners.get(action.owner)) is not None:
                     self._settle(pair, action.owner)
             elif type(action) is Submit:
-                await self._retry_client(action.route).submit(action)
+                self._retry_client(action.route).submit(action)
             elif type(action) is OpenUpstream:
                 await self._open_upstream(action)
             elif type(action) is CloseUpstream:
@@ -352,7 +357,7 @@ class Proxy:
 
     def _settle(self, pair: _Pair, link: UpstreamLink) -> None:
         """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
-        if pair.session.idle(link) and link in pair.upstreams:
+        if pair.session.released(link) and link in pair.upstreams:
             pair.upstreams[link].scope.cancel()
         if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()
@@ -370,9 +375,13 @@ class Proxy:
         log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", pair.name)
         self._attach(pair, action.link, connection)
 
-    async def _wake(self, key: int, delay: float) -> None:
-        await trio.sleep(delay)
-        await self.execute(self.retrier.timer_fired(key))
+    async def _wake(self, wakeup: Wakeup) -> None:
+        await trio.sleep(wakeup.delay)
+        await self.execute(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
+
+    async def _recheck(self, recheck: RecheckBudget) -> None:
+        await trio.sleep(recheck.delay)
+        await self.execute(self.retrier.budget_recheck(recheck.function, trio.current_time()))
 
     async def connect(self, route: Route) -> Connection:
         """A new connection to the route's gearmand; failures are counted and raised."""
@@ -388,10 +397,14 @@ class Proxy:
         return Connection.from_stream(stream)
 
     def _retry_client(self, route: Route) -> RetryClient:
-        if route not in self._retry_clients:
+        client = self._retry_clients.get(route)
+        if client is None:
             assert self._nursery is not None
-            self._retry_clients[route] = RetryClient(self, route, self._nursery)
-        return self._retry_clients[route]
+            client = self._retry_clients[route] = RetryClient(
+                route, self.retrier, partial(self.connect, route), self.execute
+            )
+            self._nursery.start_soon(client.run)
+        return client
 
 
 def _mid_packet(side: str, buffered: int) -> str:

@@ -1,14 +1,19 @@
 """Retry policy and the retry state machine: events in, actions out.
 
-Pure: no sockets, no clock (an event that ends a job carries `now`), randomness injected. The trio layer
-feeds events (a worker's failure, a timer, a reply on a retry-client connection, a lost
-connection) and executes the actions this returns.
+Pure: no sockets, no clock (every event that needs the time carries `now`), randomness
+injected. The trio layer feeds events (a worker's failure, a timer, a reply on a
+retry-client connection, a lost connection, a job assigned) and executes the actions this
+returns.
 
 A held job ("hold and shadow", see the README): the worker's failure of the original job H1
 is not forwarded, so H1 stays assigned to its upstream connection; after a backoff a retry
 job H2 is submitted (same function and payload, a unique id that marks it as a retry), and
 H2's updates and outcome are replayed on H1's connection as H1's. Only the last failure, or
 a non-retryable one, reaches gearmand as H1's failure.
+
+A held job moves through WAITING (its backoff) -> [DEFERRED (the function's retry budget
+is spent)] -> SUBMITTING -> RUNNING, and back to WAITING when the retry fails retryably.
+Every wait is bounded by `max_hold_time`, and a function never holds more than `max_held`.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import hashlib
 import logging
 import random
 import re
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final, Hashable
 
+from .budget import RetryBudget
 from .jobs import TrackedJob
 from .metrics import Metrics
 from .protocol import REQ, PacketType, build_packet
@@ -30,6 +37,10 @@ log = logging.getLogger("gproxy.retry")
 P = PacketType
 MAX_UNIQUE: Final = 63
 """gearmand truncates a 64-byte unique to 63 and then fails to coalesce; longer is refused."""
+DISCONNECTED: Final = b"gproxy: the worker running this retry disconnected"
+"""The failure a gproxy reports for a retry job whose worker left on a connection that it
+keeps open for held jobs: every gproxy retries it with reason `disconnect`, as gearmand
+would have requeued it."""
 
 
 class Mode(enum.Enum):
@@ -38,12 +49,42 @@ class Mode(enum.Enum):
 
 
 class Reason(enum.Enum):
-    """Why a failure is retried (a metrics label later, so the values are stable)."""
+    """Why a failure is retried (a metrics label, so the values are stable)."""
 
     EXCEPTION = "exception"
     FAIL = "fail"
     WORKER_HINT = "worker_hint"
     DISCONNECT = "disconnect"
+
+
+class Priority(enum.Enum):
+    """The priority retries are submitted with: gproxy cannot see the original's."""
+
+    NORMAL = "normal"
+    HIGH = "high"
+    LOW = "low"
+
+    @property
+    def submit_type(self) -> PacketType:
+        return _SUBMIT_TYPES[self]
+
+
+_SUBMIT_TYPES: Final = {
+    Priority.NORMAL: P.SUBMIT_JOB, Priority.HIGH: P.SUBMIT_JOB_HIGH, Priority.LOW: P.SUBMIT_JOB_LOW,
+}
+
+
+class GiveUp(enum.Enum):
+    """Why a held job's last failure is forwarded after all."""
+
+    EXHAUSTED = "exhausted"
+    FINAL = "final"  # a retry failed in a way that is not retryable
+    REFUSED = "refused"  # gearmand answered the retry's submission with ERROR
+    MAX_HELD = "max_held"
+    MAX_HOLD_TIME = "max_hold_time"
+
+
+CAPS: Final = (GiveUp.MAX_HELD, GiveUp.MAX_HOLD_TIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +98,12 @@ class RetryPolicy:
     backoff_max: float = 60.0
     jitter: bool = True
     dead_letter: str = ""
-    budget_ratio: float = 0.5
-    budget_min: int = 10
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 10.0
+    budget_ttl: float = 10.0
+    max_held: int = 1000
+    max_hold_time: float = 600.0
+    retry_priority: Priority = Priority.NORMAL
     mode: Mode = Mode.ENFORCE
 
     def backoff(self, failed_attempt: int, rng: random.Random) -> float:
@@ -68,6 +113,13 @@ class RetryPolicy:
             self.backoff_max, self.backoff_initial * self.backoff_multiplier ** (failed_attempt - 1)
         )
         return rng.uniform(delay / 2, delay) if self.jitter else delay
+
+    def delay(self, verdict: Verdict, failed_attempt: int, rng: random.Random) -> float:
+        """The wait before the next attempt. A worker's `after=` hint is a minimum: jitter
+        goes above it (up to half again), never below."""
+        if verdict.delay is None:
+            return self.backoff(failed_attempt, rng)
+        return rng.uniform(verdict.delay, verdict.delay * 1.5) if self.jitter else verdict.delay
 
     def dead_letter_function(self, function: bytes) -> bytes | None:
         if not self.dead_letter:
@@ -125,12 +177,13 @@ def exception_text(payload: bytes) -> bytes:
     return payload
 
 
-# Retry unique ids --------------------------------------------------------------------------
-# `gpr:<attempt>:<original unique>`; for an empty original, `gpr:<attempt>@<hash of the
-# handle>` (empty uniques never coalesce, so each retry needs its own); for an original too
-# long to fit, `gpr:<attempt>#<hash of the original>`. A gproxy in front of the worker that
-# runs a retry strips the marking, so the worker sees the original unique on every attempt
-# (except in the `#` case, where the worker sees the retry unique itself).
+# Unique ids ---------------------------------------------------------------------------------
+# Retries: `gpr:<attempt>:<original unique>`; for an empty original, `gpr:<attempt>@<hash of
+# the handle>` (empty uniques never coalesce, so each retry needs its own); for an original
+# too long to fit, `gpr:<attempt>#<hash of the original>`. A gproxy in front of the worker
+# that runs a retry strips the marking, so the worker sees the original unique on every
+# attempt (except in the `#` case, where the worker sees the retry unique itself).
+# Dead letters: `gpr:dl:<hash of the job>`, which a retry's pattern never matches.
 _RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d+)([:@#])(.*)", re.DOTALL)
 
 
@@ -153,12 +206,23 @@ def parse_retry_unique(unique: bytes) -> tuple[int, bytes] | None:
     return int(attempt), shown
 
 
+def dead_letter_unique(function: bytes, unique: bytes, handle: bytes, payload: bytes) -> bytes:
+    """A unique id of the dead letter's own: persistent queues key their rows on it, so an
+    empty one would keep one dead letter per function across a gearmand restart. Derived from
+    the job (a dead letter submitted again after a crash coalesces with the first), and from
+    its payload too, since handles repeat after a gearmand restart."""
+    digest = hashlib.sha1(b"\0".join((function, unique, handle, b"")))
+    digest.update(payload)
+    return b"gpr:dl:" + digest.hexdigest().encode()
+
+
 # The state machine --------------------------------------------------------------------------
 
 
 class State(enum.Enum):
     WAITING = "waiting"  # backoff timer running
-    SUBMITTING = "submitting"  # SUBMIT_JOB sent, JOB_CREATED not yet seen
+    DEFERRED = "deferred"  # backoff over, waiting for the function's retry budget
+    SUBMITTING = "submitting"  # SUBMIT_JOB queued or sent, JOB_CREATED not yet seen
     RUNNING = "running"  # retry job H2 exists in gearmand
 
 
@@ -175,28 +239,51 @@ class HeldJob:
     payload: bytes
     policy: RetryPolicy
     started_at: float
+    exception_ends_job: bool = True
+    """False on a server where WORK_EXCEPTION does not end a job (the Perl Gearman::Server):
+    giving up there sends WORK_FAIL after the exception."""
     attempt: int = 1
     """Attempts made so far, the original included."""
+    resubmitted: int = 0
+    """Submissions lost with a connection before gearmand acknowledged them: each is sent
+    again under a new unique id, without counting as an attempt."""
     state: State = State.WAITING
     retry_handle: bytes | None = None
     last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b"")
+    wait: int = 0
+    """Which wait this is (one per failure), so a timer of an earlier wait does nothing."""
+    deadline: float = 0.0
+    """When the current wait runs out of max_hold_time."""
 
 
 @dataclass(frozen=True, slots=True)
 class Wakeup:
+    """Call `timer_fired(key, wait, now)` after `delay` seconds."""
+
     key: int
+    delay: float
+    wait: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecheckBudget:
+    """Call `budget_recheck(function, now)` after `delay` seconds."""
+
+    function: bytes
     delay: float
 
 
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """Submit a job on the route's retry-client connection; `key` None: background, no reply wanted."""
+    """Submit a job on the route's retry-client connection; `key` None: a dead letter, in
+    the background, no reply wanted."""
 
     route: Hashable
     key: int | None
     function: bytes
     unique: bytes
     payload: bytes
+    type: PacketType = P.SUBMIT_JOB
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +301,19 @@ class Released:
     owner: Hashable
 
 
-Action = Wakeup | Submit | SendUpstream | Released
+Action = Wakeup | RecheckBudget | Submit | SendUpstream | Released
 
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What happens to a worker's failure: held (not forwarded), or forwarded; `actions`
+    either way (a forwarded failure may still be dead-lettered)."""
+
+    held: bool
+    actions: list[Action] = field(default_factory=list)
+
+
+FORWARD: Final = Decision(False)
 _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
 
 
@@ -230,20 +328,65 @@ class Retrier:
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.held = lambda: self._held_per_function
         self.held: dict[int, HeldJob] = {}
+        self._by_handle: dict[tuple[Hashable, bytes], int] = {}
         self._by_retry_handle: dict[tuple[Hashable, bytes], int] = {}
+        self._by_owner: dict[Hashable, set[int]] = {}
         self._held_per_function: Counter[bytes] = Counter()
+        self._budgets: dict[bytes, RetryBudget] = {}
+        self._deferred: dict[bytes, deque[int]] = {}
+        """Per function, the deferred jobs' keys, oldest first; a function is here exactly
+        while a RecheckBudget for it is outstanding."""
         self._next_key = 0
 
     # -- queries
 
     def holds(self, owner: Hashable, function: bytes | None = None) -> bool:
         """Does `owner` hold jobs for us (of `function`, if given)?"""
-        return any(
-            job.owner == owner and (function is None or job.function == function)
-            for job in self.held.values()
-        )
+        keys = self._by_owner.get(owner)
+        if not keys:
+            return False
+        return function is None or any(self.held[key].function == function for key in keys)
+
+    def holder(self, route: Hashable, handle: bytes) -> Hashable | None:
+        """The connection that holds `handle` for a retry, if we hold it."""
+        key = self._by_handle.get((route, handle))
+        return None if key is None else self.held[key].owner
+
+    def is_retry_handle(self, route: Hashable, handle: bytes) -> bool:
+        """Is `handle` a retry job this process submitted? (How retries are recognised on a
+        server that cannot tell a worker the unique id.)"""
+        return (route, handle) in self._by_retry_handle
+
+    def submitting(self, key: int) -> bool:
+        """Is a submission for `key` still wanted? (Not if the job ended meanwhile.)"""
+        job = self.held.get(key)
+        return job is not None and job.state is State.SUBMITTING
+
+    def budget_balances(self, now: float) -> dict[bytes, float]:
+        return {function: budget.balance(now) for function, budget in self._budgets.items()}
 
     # -- events
+
+    def job_assigned(
+        self, route: Hashable, handle: bytes, function: bytes, is_retry: bool, now: float
+    ) -> list[Action]:
+        """gearmand assigned a job to a worker behind us. A first attempt earns its function
+        retries. A handle we hold means gearmand took the job back behind our back (a
+        CAN_DO_TIMEOUT fired): that hold is over; its retry, if one runs, finishes nothing."""
+        actions: list[Action] = []
+        key = self._by_handle.get((route, handle))
+        if key is not None:
+            job = self.held[key]
+            log.warning(
+                "gearmand assigned held job %s %s again (it took the job back, e.g. a "
+                "CAN_DO_TIMEOUT fired): the hold ends, the job runs as gearmand decided",
+                _text(job.function), _text(handle),
+            )
+            actions = self._release(job)
+        budget = self._budget(function)
+        if not is_retry:
+            budget.deposit(now)
+        return actions
 
     def worker_failed(
         self,
@@ -253,66 +396,114 @@ class Retrier:
         job: TrackedJob,
         ptype: PacketType,
         failure: bytes,
-        running: int,
-    ) -> list[Action] | None:
-        """A worker failed an original job. None: forward the failure. Else it is held."""
+        now: float,
+        exception_ends_job: bool = True,
+    ) -> Decision:
+        """A worker failed an original job: hold it for a retry, or let the failure pass."""
         function, handle = job.function, job.handle
         policy = self.policies.for_function(function)
         verdict = classify(policy, ptype, failure)
-        name = function.decode("utf-8", "replace")
         if verdict is None:
-            return None
+            return FORWARD
+        name = _text(function)
         if policy.mode is Mode.OBSERVE:
             log.info("observe: would retry %s %s (%s)", name, _text(handle), verdict.reason.value)
             self.metrics.count(self.metrics.observed, function)
-            return None
+            return FORWARD
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
             self.metrics.count(self.metrics.exhausted, function)
-            return None
-        budget = max(policy.budget_min, policy.budget_ratio * running)
-        if self._held_per_function[function] >= budget:
-            self.metrics.count(self.metrics.budget_rejections, function)
+            return Decision(False, self._dead_letter(route, policy, job))
+        if self._held_per_function[function] >= policy.max_held:
+            self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
             log.warning(
-                "retry budget exhausted for %s (%d held, budget %g): %s failure forwarded",
-                name, self._held_per_function[function], budget, _text(handle),
+                "%s already holds %d jobs (max_held): %s failure forwarded",
+                name, policy.max_held, _text(handle),
             )
-            return None
-        return [self._hold(owner, route, job, verdict, (ptype, failure))]
+            return Decision(False, self._dead_letter(route, policy, job))
+        held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
+        return Decision(True, held)
 
-    def worker_left(self, owner: Hashable, route: Hashable, running: list[TrackedJob]) -> list[Action]:
+    def worker_left(
+        self, owner: Hashable, route: Hashable, running: list[TrackedJob], now: float
+    ) -> list[Action]:
         """The worker of `owner` disconnected while `owner` holds retries for us, so `owner`
-        stays open and gearmand cannot requeue the jobs the worker was still running: they
-        are retried here at once instead, as gearmand would have done."""
-        return [self._hold(owner, route, job, Verdict(Reason.DISCONNECT, 0.0)) for job in running]
+        stays open and gearmand cannot requeue the original jobs the worker was still running
+        there: they are retried here at once instead, as gearmand would have done."""
+        actions: list[Action] = []
+        for job in running:
+            policy = self.policies.for_function(job.function)
+            if self._held_per_function[job.function] < policy.max_held:
+                actions += self._hold(owner, route, job, Verdict(Reason.DISCONNECT, 0.0), now)
+                continue
+            self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
+            self.metrics.job_ended(job.function, "fail", now - job.started_at)
+            log.warning(
+                "%s already holds %d jobs (max_held): %s, whose worker left, fails",
+                _text(job.function), policy.max_held, _text(job.handle),
+            )
+            actions += self._dead_letter(route, policy, job)
+            actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
+        return actions
 
-    def timer_fired(self, key: int) -> list[Action]:
+    def timer_fired(self, key: int, wait: int, now: float) -> list[Action]:
         job = self.held.get(key)
-        if job is None or job.state is not State.WAITING:
+        if job is None or job.wait != wait:
             return []
-        job.attempt += 1
-        job.state = State.SUBMITTING
-        unique = retry_unique(job.unique, job.handle, job.attempt)
-        return [Submit(job.route, job.key, job.function, unique, job.payload)]
+        if job.state is State.WAITING:
+            if _past(job.deadline, now):
+                return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
+            return self._submit_or_defer(job, now)
+        if job.state is State.DEFERRED:
+            if _past(job.deadline, now):
+                return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
+            return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
+        return []
+
+    def budget_recheck(self, function: bytes, now: float) -> list[Action]:
+        """Submit the deferred retries of `function` that its budget allows now, oldest first."""
+        queue = self._deferred.get(function)
+        if queue is None:
+            return []
+        budget = self._budget(function)
+        actions: list[Action] = []
+        while queue:
+            job = self.held.get(queue[0])
+            if job is None or job.state is not State.DEFERRED:
+                queue.popleft()  # ended meanwhile
+            elif _past(job.deadline, now):
+                queue.popleft()
+                actions += self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
+            elif budget.try_withdraw(now):
+                queue.popleft()
+                actions.append(self._submit(job))
+            else:
+                break
+        if queue:
+            actions.append(RecheckBudget(function, budget.slice))
+        else:
+            del self._deferred[function]
+        return actions
 
     def retry_created(self, key: int, retry_handle: bytes) -> list[Action]:
         job = self.held.get(key)
-        if job is None:
+        if job is None or job.state is not State.SUBMITTING:
             return []
         job.state, job.retry_handle = State.RUNNING, retry_handle
         self._by_retry_handle[(job.route, retry_handle)] = key
         return []
 
     def retry_rejected(self, key: int, error: bytes, now: float) -> list[Action]:
-        """gearmand refused the retry submission (e.g. a full queue): give up on this job."""
+        """gearmand answered the retry's submission with ERROR (e.g. a full queue): a real
+        refusal, so the job gets its last failure."""
         job = self.held.get(key)
-        if job is None:
+        if job is None or job.state is not State.SUBMITTING:
             return []
         log.warning(
             "retry of %s %s refused by gearmand (%s): last failure forwarded",
             _text(job.function), _text(job.handle), _text(error),
         )
-        return self._give_up(job, now)
+        return self._give_up(job, now, GiveUp.REFUSED)
 
     def retry_packet(
         self, route: Hashable, ptype: PacketType, args: dict[str, bytes], now: float
@@ -334,48 +525,61 @@ class Retrier:
         if ptype not in (P.WORK_FAIL, P.WORK_EXCEPTION):
             return []
         failure = args.get("data", b"")
-        job.last_failure = (ptype, failure)
         del self._by_retry_handle[(job.route, args["handle"])]
-        verdict = classify(job.policy, ptype, failure)
+        job.retry_handle = None
+        if ptype is P.WORK_EXCEPTION and failure == DISCONNECTED:
+            verdict: Verdict | None = Verdict(Reason.DISCONNECT, 0.0)
+            job.last_failure = (P.WORK_FAIL, b"")  # as gearmand's --job-retries would end it
+        else:
+            verdict = classify(job.policy, ptype, failure)
+            job.last_failure = (ptype, failure)
         if verdict is None:
             log.info(
                 "retry failed for good: %s %s on attempt %d (not retryable), forwarded",
                 _text(job.function), _text(job.handle), job.attempt,
             )
-            return self._give_up(job, now, exhausted=False)
+            return self._give_up(job, now, GiveUp.FINAL)
         if job.attempt >= job.policy.max_attempts:
-            return self._give_up(job, now)
-        return [self._schedule(job, verdict)]
+            return self._give_up(job, now, GiveUp.EXHAUSTED)
+        return self._schedule(job, verdict, now)
 
-    def retry_connection_lost(self, route: Hashable, now: float) -> list[Action]:
-        """The retry-client connection to `route` broke. gearmand abandons the retry jobs that
-        were submitted on it (a queued one is dropped when a worker would take it, even if a
-        new client attached to its unique id meanwhile), so each is submitted again as the
-        next attempt, with a new unique id; one that has no attempt left is given up."""
+    def retry_connection_lost(self, route: Hashable, in_flight: Collection[int], now: float) -> list[Action]:
+        """The retry-client connection to `route` broke with the submissions `in_flight`
+        unanswered. gearmand abandons the retry jobs of that connection (a queued one is
+        dropped when a worker would take it, even if a new client attached to its unique id
+        meanwhile), so each is submitted again with a new unique id: a retry job gearmand
+        had created counts as an attempt (it may have run), and one with no attempt left is
+        given up; an unanswered submission is simply sent again. Submissions not yet sent
+        are not affected."""
         actions: list[Action] = []
-        for job in [job for job in self.held.values() if job.route == route]:
-            if job.state is State.WAITING:
+        lost = [
+            job for job in self.held.values()
+            if job.route == route
+            and (job.state is State.RUNNING or (job.state is State.SUBMITTING and job.key in in_flight))
+        ]
+        for job in lost:
+            if job.state is State.SUBMITTING:  # never acknowledged: perhaps never arrived
+                job.resubmitted += 1
+                actions.append(self._submission(job))
                 continue
-            if job.retry_handle is not None:
+            if job.retry_handle is not None:  # the retry job existed, and may have run
                 del self._by_retry_handle[(job.route, job.retry_handle)]
-            job.retry_handle = None
+                job.retry_handle = None
             if job.attempt >= job.policy.max_attempts:
-                actions += self._give_up(job, now)
+                actions += self._give_up(job, now, GiveUp.EXHAUSTED)
                 continue
-            job.attempt += 1
-            job.state = State.SUBMITTING
             log.info(
                 "retry connection lost: resubmitting %s %s as attempt %d of %d",
-                _text(job.function), _text(job.handle), job.attempt, job.policy.max_attempts,
+                _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
             )
-            unique = retry_unique(job.unique, job.handle, job.attempt)
-            actions.append(Submit(job.route, job.key, job.function, unique, job.payload))
+            actions.append(self._submit(job))
         return actions
 
     def owner_lost(self, owner: Hashable) -> list[Action]:
         """H1's connection is gone, so gearmand has requeued H1: our retries have no job to
         finish any more. Dropped; whatever runs of them still finishes unseen."""
-        for job in [job for job in self.held.values() if job.owner == owner]:
+        for key in list(self._by_owner.get(owner, ())):
+            job = self.held[key]
             log.warning(
                 "connection holding %s %s lost: gearmand requeues it, retry abandoned",
                 _text(job.function), _text(job.handle),
@@ -385,72 +589,143 @@ class Retrier:
 
     # -- internals
 
+    def _budget(self, function: bytes) -> RetryBudget:
+        budget = self._budgets.get(function)
+        if budget is None:
+            policy = self.policies.for_function(function)
+            budget = self._budgets[function] = RetryBudget(
+                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
+            )
+        return budget
+
     def _hold(
         self,
         owner: Hashable,
         route: Hashable,
         tracked: TrackedJob,
         verdict: Verdict,
+        now: float,
         last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b""),
-    ) -> Wakeup:
+        exception_ends_job: bool = True,
+    ) -> list[Action]:
         self._next_key += 1
         job = HeldJob(
             key=self._next_key, owner=owner, route=route, handle=tracked.handle,
             function=tracked.function, unique=tracked.unique, payload=tracked.payload,
             policy=self.policies.for_function(tracked.function), started_at=tracked.started_at,
-            last_failure=last_failure,
+            exception_ends_job=exception_ends_job, last_failure=last_failure,
         )
         self.held[job.key] = job
+        self._by_handle[(route, job.handle)] = job.key
+        self._by_owner.setdefault(owner, set()).add(job.key)
         self._held_per_function[job.function] += 1
         self.metrics.count(self.metrics.jobs, job.function, "retried")
-        return self._schedule(job, verdict)
+        return self._schedule(job, verdict, now)
 
-    def _schedule(self, job: HeldJob, verdict: Verdict) -> Wakeup:
-        delay = verdict.delay if verdict.delay is not None else job.policy.backoff(job.attempt, self.rng)
+    def _schedule(self, job: HeldJob, verdict: Verdict, now: float) -> list[Action]:
+        delay = job.policy.delay(verdict, job.attempt, self.rng)
         job.state, job.retry_handle = State.WAITING, None
+        job.wait += 1
+        job.deadline = now + job.policy.max_hold_time
         self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
         log.info(
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
             _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
             delay, verdict.reason.value,
         )
-        return Wakeup(job.key, delay)
+        # A backoff that ends after the deadline wakes at the deadline, to give up.
+        return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]
 
-    def _give_up(self, job: HeldJob, now: float, exhausted: bool = True) -> list[Action]:
+    def _submit_or_defer(self, job: HeldJob, now: float) -> list[Action]:
+        """The backoff is over: submit the retry if the budget allows it and no older retry
+        of the function is waiting for the budget; else wait for the budget, in line."""
+        queue = self._deferred.get(job.function)
+        budget = self._budget(job.function)
+        if queue is None and budget.try_withdraw(now):
+            return [self._submit(job)]
+        job.state = State.DEFERRED
+        self.metrics.count(self.metrics.deferred, job.function)
+        log.info(
+            "retry of %s %s deferred: the retry budget of %s is spent",
+            _text(job.function), _text(job.handle), _text(job.function),
+        )
+        actions: list[Action] = [Wakeup(job.key, job.deadline - now, job.wait)]
+        if queue is None:
+            queue = self._deferred[job.function] = deque()
+            actions.append(RecheckBudget(job.function, budget.slice))
+        queue.append(job.key)
+        return actions
+
+    def _submit(self, job: HeldJob) -> Submit:
+        job.attempt += 1
+        job.state = State.SUBMITTING
+        return self._submission(job)
+
+    def _submission(self, job: HeldJob) -> Submit:
+        """The retry's SUBMIT_JOB. Its unique id is never used twice: gearmand would attach
+        a new submission to an abandoned retry job, which it drops unrun."""
+        unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted)
+        return Submit(
+            job.route, job.key, job.function, unique, job.payload, job.policy.retry_priority.submit_type
+        )
+
+    def _give_up(self, job: HeldJob, now: float, why: GiveUp) -> list[Action]:
         ptype, failure = job.last_failure
-        outcome = "exception" if ptype is P.WORK_EXCEPTION else "fail"
-        self.metrics.job_ended(job.function, outcome, now - job.started_at)
-        if exhausted:
+        self.metrics.job_ended(job.function, "exception" if ptype is P.WORK_EXCEPTION else "fail", now - job.started_at)
+        if why is GiveUp.EXHAUSTED:
             self.metrics.count(self.metrics.exhausted, job.function)
             log.warning(
                 "retry exhausted: %s %s failed %d attempts, last failure forwarded",
                 _text(job.function), _text(job.handle), job.attempt,
             )
+        elif why is GiveUp.MAX_HOLD_TIME:
+            self.metrics.count(self.metrics.cap_rejections, job.function, why.value)
+            log.warning(
+                "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
+                _text(job.function), _text(job.handle), job.policy.max_hold_time,
+            )
         if ptype is P.WORK_EXCEPTION:
             packet = build_packet(REQ, P.WORK_EXCEPTION, handle=job.handle, data=failure)
+            if not job.exception_ends_job:
+                packet += build_packet(REQ, P.WORK_FAIL, handle=job.handle)
         else:
             packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        actions = self._finish(job, packet)
-        dead_letter = job.policy.dead_letter_function(job.function)
-        if exhausted and dead_letter:
-            self.metrics.count(self.metrics.jobs, job.function, "dead_lettered")
-            actions.insert(0, Submit(job.route, None, dead_letter, b"", job.payload))
-        return actions
+        dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
+        return dead_letter + self._finish(job, packet)
+
+    def _dead_letter(self, route: Hashable, policy: RetryPolicy, job: TrackedJob | HeldJob) -> list[Action]:
+        function = policy.dead_letter_function(job.function)
+        if function is None:
+            return []
+        self.metrics.count(self.metrics.jobs, job.function, "dead_lettered")
+        unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
+        return [Submit(route, None, function, unique, job.payload, P.SUBMIT_JOB_BG)]
 
     def _finish(self, job: HeldJob, packet: bytes) -> list[Action]:
+        return [SendUpstream(job.owner, packet), *self._release(job)]
+
+    def _release(self, job: HeldJob) -> list[Action]:
         self._forget(job)
-        actions: list[Action] = [SendUpstream(job.owner, packet)]
-        if not self.holds(job.owner):
-            actions.append(Released(job.owner))
-        return actions
+        return [] if self.holds(job.owner) else [Released(job.owner)]
 
     def _forget(self, job: HeldJob) -> None:
         del self.held[job.key]
+        if self._by_handle.get((job.route, job.handle)) == job.key:
+            del self._by_handle[(job.route, job.handle)]
         if job.retry_handle is not None:
             self._by_retry_handle.pop((job.route, job.retry_handle), None)
+        owned = self._by_owner[job.owner]
+        owned.discard(job.key)
+        if not owned:
+            del self._by_owner[job.owner]
         self._held_per_function[job.function] -= 1
         if not self._held_per_function[job.function]:
             del self._held_per_function[job.function]
+
+
+def _past(deadline: float, now: float) -> bool:
+    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
+    return now >= deadline - 1e-6
 
 
 def _for_handle(ptype: PacketType, handle: bytes, args: dict[str, bytes]) -> bytes:

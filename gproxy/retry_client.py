@@ -1,82 +1,159 @@
 """gproxy's own client connection to a route's gearmand, for the retry jobs it submits.
 
-Opened on first use, and again after a loss; the Retrier then submits again whatever was in
-flight, with the same unique ids, so gearmand reattaches them to retry jobs still running.
+One task owns the connection. It connects when there is something to submit, and after a
+loss reconnects with backoff for as long as it takes: trouble on this connection is never a
+reason to fail a job. Only gearmand's own ERROR answer to a submission is a refusal. What
+was in flight when a connection broke is handed to the Retrier (retry jobs are submitted
+again as their next attempt) or sent again (dead letters, whose unique ids make a second
+submission coalesce with the first).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import trio
 
-from .config import Route
 from .connection import Connection
 from .protocol import ProtocolError
-from .retry import Submit
-from .submitter import HELLO, Created, JobPacket, Refused, Submitter
-
-if TYPE_CHECKING:
-    from .proxy import Proxy
+from .retry import Action, Retrier, Submit
+from .session import route_name
+from .submitter import HELLO, Created, Event, JobPacket, Refused, Submitter
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
+RECONNECT_INITIAL = 0.1
+RECONNECT_MAX = 5.0
+"""Seconds between attempts to reach gearmand again: doubling from the first to the last."""
+
+Execute = Callable[[Sequence[Action]], Awaitable[None]]
 
 
 class RetryClient:
-    """The retry-client connection of one route."""
+    """The retry-client connection of one route. `submit()` never waits and never fails."""
 
-    def __init__(self, proxy: Proxy, route: Route, nursery: trio.Nursery) -> None:
-        self.proxy = proxy
+    def __init__(
+        self,
+        route: Hashable,
+        retrier: Retrier,
+        connect: Callable[[], Awaitable[Connection]],
+        execute: Execute,
+    ) -> None:
         self.route = route
-        self._nursery = nursery
+        self._retrier = retrier
+        self._connect = connect
+        self._execute = execute
+        self._pending: deque[Submit] = deque()
+        """Submissions not yet written, oldest first; they wait here through any outage."""
+        self._more = trio.Event()
         self._connection: Connection | None = None
         self._submitter = Submitter()
-        self._connecting = trio.Lock()
 
     @property
     def connected(self) -> bool:
         return self._connection is not None
 
-    async def submit(self, action: Submit) -> None:
-        try:
-            connection = await self._connected()
-            await connection.send_all(
-                self._submitter.submit(action.key, action.function, action.unique, action.payload)
-            )
-        except (OSError, trio.TooSlowError) as exc:
-            log.warning("retry client to gearmand %s: cannot submit: %s", self.route.upstream, exc or "timed out")
-            if action.key is not None:
-                await self.proxy.execute(self.proxy.retrier.retry_rejected(action.key, b"gearmand unreachable", trio.current_time()))
+    def submit(self, action: Submit) -> None:
+        self._pending.append(action)
+        self._more.set()
 
-    async def _connected(self) -> Connection:
-        async with self._connecting:
-            if self._connection is None:
-                connection = await self.proxy.connect(self.route)
-                self._submitter = Submitter()
+    async def run(self) -> None:
+        """Connect when there is work, serve until the connection breaks, start again."""
+        delay = RECONNECT_INITIAL
+        failures = 0
+        while True:
+            await self._work()
+            try:
+                connection = await self._connect()
                 await connection.send_all(HELLO)
-                self._connection = connection
-                self._nursery.start_soon(self._read, connection)
-            return self._connection
+            except (OSError, trio.TooSlowError) as exc:
+                failures += 1
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "retry client to gearmand %s: cannot connect (%s); %d submissions wait, "
+                    "trying again in %.1fs", route_name(self.route), exc or "timed out", len(self._pending), delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            if failures:
+                log.info("retry client to gearmand %s: connected again", route_name(self.route))
+            delay, failures = RECONNECT_INITIAL, 0
+            self._connection, self._submitter = connection, Submitter()
+            try:
+                reason = await self._serve(connection)
+            finally:
+                self._connection = None
+                connection.close()
+            await self._lost(reason)
 
-    async def _read(self, connection: Connection) -> None:
-        retrier, route = self.proxy.retrier, self.route
-        try:
-            while data := await connection.receive(RECEIVE_SIZE):
-                for event in self._submitter.receive(data):
-                    if type(event) is JobPacket:
-                        actions = retrier.retry_packet(route, event.type, event.args, trio.current_time())
-                    elif type(event) is Created:
-                        actions = retrier.retry_created(event.key, event.handle)
-                    else:
-                        assert type(event) is Refused
-                        actions = retrier.retry_rejected(event.key, event.error, trio.current_time())
-                    await self.proxy.execute(actions)
-            reason = "gearmand closed it"
-        except (OSError, ProtocolError) as exc:
-            reason = str(exc)
-        self._connection = None
-        connection.close()
-        log.warning("retry client to gearmand %s lost (%s); resubmitting retries in flight", route.upstream, reason)
-        await self.proxy.execute(retrier.retry_connection_lost(route, trio.current_time()))
+    async def _work(self) -> None:
+        while not self._pending:
+            self._more = trio.Event()
+            await self._more.wait()
+
+    async def _serve(self, connection: Connection) -> str:
+        """Write what is pending and read the replies until either side fails."""
+        reasons: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                try:
+                    await self._write(connection)
+                except OSError as exc:
+                    reasons.append(f"send failed: {exc}")
+                nursery.cancel_scope.cancel()
+
+            async def read() -> None:
+                try:
+                    while data := await connection.receive(RECEIVE_SIZE):
+                        await self._handle(self._submitter.receive(data))
+                    reasons.append("gearmand closed it")
+                except (OSError, ProtocolError) as exc:
+                    reasons.append(str(exc))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(write)
+            nursery.start_soon(read)
+        return reasons[0] if reasons else "closed"
+
+    async def _write(self, connection: Connection) -> None:
+        while True:
+            while self._pending:
+                action = self._pending.popleft()
+                if action.key is not None and not self._retrier.submitting(action.key):
+                    continue  # the job ended while this waited: nothing to submit for it
+                await connection.send_all(self._submitter.submit(action))
+            await self._work()
+
+    async def _handle(self, events: list[Event]) -> None:
+        retrier = self._retrier
+        for event in events:
+            now = trio.current_time()
+            if type(event) is JobPacket:
+                actions = retrier.retry_packet(self.route, event.type, event.args, now)
+            elif type(event) is Created:
+                actions = retrier.retry_created(event.key, event.handle)
+            else:
+                assert type(event) is Refused
+                if event.submit.key is None:
+                    log.error(
+                        "gearmand %s refused a dead letter for %s (%s): it is lost",
+                        route_name(self.route), event.submit.function.decode("utf-8", "replace"),
+                        event.error.decode("utf-8", "replace"),
+                    )
+                    continue
+                actions = retrier.retry_rejected(event.submit.key, event.error, now)
+            await self._execute(actions)
+
+    async def _lost(self, reason: str) -> None:
+        unanswered = self._submitter.unanswered()
+        dead_letters = [submit for submit in unanswered if submit.key is None]
+        in_flight = {submit.key for submit in unanswered if submit.key is not None}
+        log.warning(
+            "retry client to gearmand %s lost (%s); resubmitting retries in flight", route_name(self.route), reason
+        )
+        self._pending.extendleft(reversed(dead_letters))
+        await self._execute(self._retrier.retry_connection_lost(self.route, in_flight, trio.current_time()))

@@ -1,25 +1,30 @@
-"""The pure logic of one proxied connection: downstream peer <-> one upstream gearmand connection.
+"""The pure logic of one proxied connection: downstream peer <-> its upstream gearmand connections.
 
 Bytes in, bytes out, no sockets and no clock (the caller passes `now`). Every frame is
 forwarded exactly as received, in order, except:
 - GRAB_JOB is sent upstream as GRAB_JOB_UNIQ, and the JOB_ASSIGN_UNIQ that answers it is
-  handed to the worker as the plain JOB_ASSIGN it asked for, so the unique id is always known;
-- the packets that start or end a job are parsed to keep the connection's JobTable.
+  handed to the worker as the plain JOB_ASSIGN it asked for, so the unique id is always known
+  (unless the server does not know GRAB_JOB_UNIQ: then the worker's own grab is used);
+- the packets that start or end a job are parsed to keep each connection's JobTable, and
+  every job packet (result or update) goes to the connection that owns its handle;
 - with a Retrier, a worker's failure that it marked retryable is held back (handed to the
-  Retrier, whose actions the caller executes) instead of forwarded, and so is the WORK_FAIL
-  that some worker libraries send right after a WORK_EXCEPTION (forwarding it would delete
-  the held job, or earn the worker an ERROR that kills it);
+  Retrier, whose actions the caller executes) instead of forwarded;
+- once a job is held, or its WORK_EXCEPTION has ended it, or a retry job has failed, nothing
+  more the worker sends for that handle is forwarded: libraries send a WORK_FAIL, and some a
+  WORK_COMPLETE or WORK_DATA, after an exception; forwarded, they would finish the held job,
+  or earn the worker an ERROR JOB_NOT_FOUND (which kills a Perl worker);
 - a retry job's unique id reaches the worker without gproxy's retry marking, so the worker
   sees the original unique id on every attempt;
 - a CANT_DO or RESET_ABILITIES that would make gearmand requeue a held job is not sent on
   that connection: the worker moves to a fresh upstream connection (its registration
-  replayed there), and the old one stays open only for the jobs it still owns; results for
-  those are routed to it by handle.
+  replayed there, and the replies to that replay kept from the worker), and the old one stays
+  open only for the jobs it still owns, and closes once it owns none.
 Only those few packet types are parsed at all; everything else is passed through unread.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -38,10 +43,13 @@ from .protocol import (
     ProtocolError,
     build_packet,
 )
-from .retry import Action, Retrier, SendUpstream, parse_retry_unique
+from .retry import DISCONNECTED, Action, Retrier, SendUpstream, parse_retry_unique
 
+log = logging.getLogger("gproxy.session")
 P = PacketType
+_GRAB_JOB: Final = build_packet(REQ, P.GRAB_JOB)
 _GRAB_JOB_UNIQ: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
+_NO_JOB: Final = build_packet(RES, P.NO_JOB)
 _ASSIGNS: Final = frozenset({P.JOB_ASSIGN, P.JOB_ASSIGN_UNIQ, P.JOB_ASSIGN_ALL})
 _GRABS: Final = frozenset({P.GRAB_JOB, P.GRAB_JOB_UNIQ, P.GRAB_JOB_ALL})
 _RESULTS: Final = frozenset({P.WORK_COMPLETE, P.WORK_FAIL, P.WORK_EXCEPTION})
@@ -49,11 +57,21 @@ _UPDATES: Final = frozenset({P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS})
 _REGISTRATION: Final = frozenset(
     {P.CAN_DO, P.CAN_DO_TIMEOUT, P.CANT_DO, P.RESET_ABILITIES, P.SET_CLIENT_ID, P.OPTION_REQ}
 )
-_WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _REGISTRATION
-_WATCHED_WITH_RETIRED: Final = _WATCHED_DOWNSTREAM | _UPDATES
-_WATCHED_DRAINING: Final = _WATCHED_WITH_RETIRED | {P.PRE_SLEEP}
-_NO_JOB: Final = build_packet(RES, P.NO_JOB)
-_WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB}
+_WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _UPDATES | _REGISTRATION
+_WATCHED_DRAINING: Final = _WATCHED_DOWNSTREAM | {P.PRE_SLEEP}
+_WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB, P.ERROR, P.OPTION_RES}
+MAX_SILENCED: Final = 4096
+"""Ended handles remembered per connection; a held one is recognised beyond that too."""
+
+
+@dataclass(slots=True)
+class ServerTraits:
+    """What gproxy has learned about a route's job server; shared by the route's sessions."""
+
+    grab_uniq: bool = True
+    """Answers GRAB_JOB_UNIQ (gearmand does; the Perl Gearman::Server answers ERROR)."""
+    exception_ends_job: bool = True
+    """WORK_EXCEPTION is final (gearmand); on the Perl Gearman::Server WORK_FAIL ends it."""
 
 
 class UpstreamLink:
@@ -64,10 +82,12 @@ class UpstreamLink:
         self.name = name
         self.jobs = JobTable(name, metrics.running)
         self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"])
-        # One entry per GRAB sent and not yet answered, oldest first: True where the worker
-        # asked for a plain GRAB_JOB and so must get a plain JOB_ASSIGN back. gearmand
-        # answers every GRAB with exactly one JOB_ASSIGN* or NO_JOB, in order.
+        # One entry per GRAB sent and not yet answered, oldest first: True where gproxy sent
+        # GRAB_JOB_UNIQ for the worker's plain GRAB_JOB, which must get a plain JOB_ASSIGN.
+        # The server answers every GRAB with exactly one JOB_ASSIGN*, NO_JOB or ERROR, in order.
         self.grabs_pending: deque[bool] = deque()
+        self.replies_to_swallow = 0
+        """Replies still due to the OPTION_REQs gproxy replayed here: the worker never asked."""
 
     def __repr__(self) -> str:
         return f"UpstreamLink({self.name})"
@@ -94,6 +114,10 @@ class Registration:
         else:  # CAN_DO, CAN_DO_TIMEOUT
             self._abilities[packet.args()["function"]] = packet.raw
 
+    @property
+    def options(self) -> int:
+        return len(self._options)
+
     def replay(self) -> bytes:
         return self._client_id + b"".join(self._options.values()) + b"".join(self._abilities.values())
 
@@ -114,6 +138,9 @@ class CloseUpstream:
     link: UpstreamLink
 
 
+Command = Action | OpenUpstream | CloseUpstream
+
+
 class Session:
     """One downstream connection and its upstream links. Raises ProtocolError (from a framer)
     on bytes that are not Gearman."""
@@ -126,6 +153,7 @@ class Session:
         retrier: Retrier | None = None,
         route: Hashable = None,
         metrics: Metrics | None = None,
+        traits: ServerTraits | None = None,
     ) -> None:
         self.max_packet_size = max_packet_size
         self.metrics = metrics if metrics is not None else Metrics()
@@ -137,11 +165,14 @@ class Session:
         self.registration = Registration()
         self.retrier = retrier
         self.route = route
-        self.actions: list[Action | OpenUpstream | CloseUpstream] = []
+        self.traits = traits if traits is not None else ServerTraits()
+        self.actions: list[Command] = []
         """What this session asked for while it worked; the caller drains and executes it."""
-        # Handles whose failure was held (or was a retry's): a WORK_FAIL that follows their
-        # WORK_EXCEPTION is dropped. Libraries send it at once, before grabbing again.
-        self._drop_trailing_fail: set[bytes] = set()
+        self._silenced: dict[bytes, None] = {}
+        """Handles whose job is held or ended by a failure: what the worker still sends for
+        them is dropped. Oldest first, at most MAX_SILENCED; a new assignment clears one."""
+        self._out: list[bytes] = []
+        """What `from_downstream` has so far for the current link."""
         self._moves = 0
         self.draining = False
         """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
@@ -155,30 +186,26 @@ class Session:
     def tracked_jobs(self) -> list[TrackedJob]:
         return [job for link in self.links for job in link.jobs]
 
+    # -- events
+
     def from_downstream(self, data: bytes, now: float) -> bytes:
         """Bytes from the worker or client; returns what to send on `self.current` (which a
         CANT_DO may have replaced: what was due before it goes out as an action)."""
-        watched = (
-            _WATCHED_DRAINING if self.draining
-            else _WATCHED_WITH_RETIRED if self.retired
-            else _WATCHED_DOWNSTREAM
-        )
-        out: list[bytes] = []
+        watched = _WATCHED_DRAINING if self.draining else _WATCHED_DOWNSTREAM
+        self._out = []
         for frame in self.downstream.receive(data):
             if type(frame) is Packet and frame.type in watched:
-                link = self.current
                 forward = self._downstream_packet(frame, now)
-                if link is not self.current and out:  # moved: the earlier bytes were for `link`
-                    self.actions.insert(-1, SendUpstream(link, b"".join(out)))
-                    out = []
-                out.append(forward)
+                if forward:
+                    self._out.append(forward)
             else:
-                out.append(frame.raw)
+                self._out.append(frame.raw)
+        out, self._out = self._out, []
         return b"".join(out)
 
     def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> bytes:
         """Bytes from gearmand on `link`; returns what to send to the worker or client."""
-        return b"".join(
+        out = b"".join(
             [
                 self._upstream_packet(link, frame, now)
                 if type(frame) is Packet and frame.type in _WATCHED_UPSTREAM
@@ -186,6 +213,45 @@ class Session:
                 for frame in link.framer.receive(data)
             ]
         )
+        if link is not self.current:
+            self._close_if_idle(link)
+        return out
+
+    def released(self, link: UpstreamLink) -> bool:
+        """The Retrier holds nothing more on `link`: True if it is a retired link that may
+        close now (it is forgotten here)."""
+        if link in self.retired and self.idle(link):
+            self.retired.remove(link)
+            return True
+        return False
+
+    def worker_left(self, now: float) -> list[Command]:
+        """The worker disconnected. Its connections that hold retries stay open, so gearmand
+        cannot requeue the jobs it was still running on them: originals are retried here
+        (reason disconnect), and retry jobs are failed back to the gproxy that owns their
+        loop, which retries them the same way. Its other connections may simply close."""
+        actions: list[Command] = []
+        retrier = self.retrier
+        if retrier is None:
+            return actions
+        for link in self.links:
+            if not retrier.holds(link):
+                continue
+            running = link.jobs.released_all()
+            for job in running:
+                if job.is_retry:
+                    actions.append(SendUpstream(link, self._disconnected(job.handle)))
+            originals = [job for job in running if not job.is_retry]
+            actions += retrier.worker_left(link, self.route, originals, now)
+        return actions
+
+    def link_closed(self, link: UpstreamLink) -> None:
+        """`link`'s connection is gone: gearmand requeues whatever it still held."""
+        if link in self.retired:
+            self.retired.remove(link)
+        link.jobs.released_all()
+        if self.retrier is not None:
+            self.retrier.owner_lost(link)
 
     def idle(self, link: UpstreamLink) -> bool:
         """A retired link that owns nothing and is owed nothing: it may close."""
@@ -196,11 +262,7 @@ class Session:
             and not (self.retrier is not None and self.retrier.holds(link))
         )
 
-    def link_closed(self, link: UpstreamLink) -> list[TrackedJob]:
-        """`link`'s connection is gone: gearmand requeues whatever it still held."""
-        if link in self.retired:
-            self.retired.remove(link)
-        return link.jobs.released_all()
+    # -- from the worker
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
@@ -210,28 +272,50 @@ class Session:
                 self.replies.append(_NO_JOB)
             return b""
         if ptype in _GRABS:
-            self._drop_trailing_fail.clear()
-            self.current.grabs_pending.append(ptype is P.GRAB_JOB)
-            return _GRAB_JOB_UNIQ if ptype is P.GRAB_JOB else packet.raw
-        if ptype in _RESULTS:
-            handle = _handle_of(packet)
-            if ptype is P.WORK_FAIL and handle in self._drop_trailing_fail:
-                self._drop_trailing_fail.discard(handle)
-                return b""
-            link, job = self._owner_of(handle, ended=True)
-            if job is not None:
-                self.metrics.attempt_ended(job.function, now - job.started_at)
-                retry = _is_retry(job)
-                if ptype is not P.WORK_COMPLETE and self._held(link, job, retry, packet, now):
-                    return b""
-                if not retry:  # a retry's outcome is the original's, counted where it is held
-                    self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
-            return self._route(link, packet.raw)
-        if ptype in _UPDATES:
-            return self._route(self._owner_of(_handle_of(packet), ended=False)[0], packet.raw)
-        return self._registration_packet(packet, now)
+            upgrade = ptype is P.GRAB_JOB and self.traits.grab_uniq
+            self.current.grabs_pending.append(upgrade)
+            return _GRAB_JOB_UNIQ if upgrade else packet.raw
+        if ptype in _RESULTS or ptype in _UPDATES:
+            return self._job_packet(packet, now)
+        return self._registration_packet(packet)
 
-    def _registration_packet(self, packet: Packet, now: float) -> bytes:
+    def _job_packet(self, packet: Packet, now: float) -> bytes:
+        ptype, handle = packet.type, _handle_of(packet)
+        if self._is_silenced(handle):
+            log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, _text(handle))
+            return b""
+        ended = ptype in _RESULTS
+        link, job = self._owner_of(handle, ended)
+        if ended and job is not None:
+            self.metrics.attempt_ended(job.function, now - job.started_at)
+            if ptype is not P.WORK_COMPLETE and self._failed(link, job, packet, now):
+                return b""
+            if ptype is P.WORK_COMPLETE and not job.is_retry:
+                self.metrics.job_ended(job.function, "complete", now - job.started_at)
+        return self._route(link, packet.raw)
+
+    def _failed(self, link: UpstreamLink, job: TrackedJob, packet: Packet, now: float) -> bool:
+        """A worker's WORK_FAIL or WORK_EXCEPTION: True if the Retrier holds the job."""
+        ptype = packet.type
+        held = False
+        if self.retrier is not None and not job.is_retry:
+            # (A retry's failure goes on: the gproxy that holds the original owns the loop.)
+            decision = self.retrier.worker_failed(
+                owner=link, route=self.route, job=job, ptype=ptype,
+                failure=packet.args()["data"] if ptype is P.WORK_EXCEPTION else b"",
+                now=now, exception_ends_job=self.traits.exception_ends_job,
+            )
+            self.actions += decision.actions
+            held = decision.held
+        if not held and not job.is_retry:  # a retry's outcome is counted where it is held
+            self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
+        if held or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
+            job.is_retry and ptype is P.WORK_FAIL
+        ):
+            self._silence(job.handle)
+        return held
+
+    def _registration_packet(self, packet: Packet) -> bytes:
         self.registration.apply(packet)
         ptype = packet.type
         if ptype is not P.CANT_DO and ptype is not P.RESET_ABILITIES:
@@ -248,11 +332,90 @@ class Session:
         return packet.raw
 
     def _move(self) -> None:
-        self._moves += 1
         old = self.current
+        if self._out:  # what came before the move was meant for the old connection
+            self.actions.append(SendUpstream(old, b"".join(self._out)))
+            self._out = []
+        self._moves += 1
         self.retired.append(old)
         self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics)
+        self.current.replies_to_swallow = self.registration.options
         self.actions.append(OpenUpstream(self, self.current, self.registration.replay()))
+
+    # -- from gearmand
+
+    def _upstream_packet(self, link: UpstreamLink, packet: Packet, now: float) -> bytes:
+        ptype = packet.type
+        if ptype is P.ERROR or ptype is P.OPTION_RES:
+            return self._upstream_reply(link, packet)
+        upgraded = link.grabs_pending.popleft() if link.grabs_pending else False
+        if ptype is P.NO_JOB:
+            return packet.raw
+        args = packet.args()
+        handle, function, unique = args["handle"], args["function"], args.get("unique", b"")
+        shown = parse_retry_unique(unique) if unique.startswith(b"gpr:") else None
+        is_retry = shown is not None or (
+            self.retrier is not None and not unique and self.retrier.is_retry_handle(self.route, handle)
+        )
+        self._silenced.pop(handle, None)
+        if self.retrier is not None:
+            self.actions += self.retrier.job_assigned(self.route, handle, function, is_retry, now)
+        link.jobs.assigned(handle, function, unique, args["data"], now, is_retry)
+        if upgraded and ptype is P.JOB_ASSIGN_UNIQ:
+            del args["unique"]
+            return build_packet(RES, P.JOB_ASSIGN, **args)
+        if shown is not None:
+            return build_packet(RES, ptype, **{**args, "unique": shown[1]})
+        return packet.raw
+
+    def _upstream_reply(self, link: UpstreamLink, packet: Packet) -> bytes:
+        """OPTION_RES or ERROR: dropped if it answers gproxy's own replay; an ERROR for a
+        GRAB_JOB_UNIQ that gproxy sent in the worker's stead means the server does not know
+        it, and the worker's plain GRAB_JOB is sent instead."""
+        if link.replies_to_swallow:
+            link.replies_to_swallow -= 1
+            return b""
+        if packet.type is P.OPTION_RES or not link.grabs_pending:
+            return packet.raw
+        args = packet.args()
+        if not _unknown_command(args["code"], args["text"]):
+            return packet.raw
+        if not link.grabs_pending.popleft():
+            return packet.raw  # the worker's own GRAB_JOB_UNIQ or _ALL: its answer
+        if self.traits.grab_uniq:
+            log.warning(
+                "gearmand %s does not know GRAB_JOB_UNIQ (it answered %s: %s), as the Perl "
+                "Gearman::Server does: workers' own GRAB_JOB is used; retries of jobs whose "
+                "unique id is not known get an empty one",
+                route_name(self.route), _text(args["code"]), _text(args["text"]).strip(),
+            )
+        self.traits.grab_uniq = False
+        self.traits.exception_ends_job = False  # the same server: WORK_FAIL ends jobs there
+        link.grabs_pending.appendleft(False)
+        self.actions.append(SendUpstream(link, _GRAB_JOB))
+        return b""
+
+    # -- helpers
+
+    def _is_silenced(self, handle: bytes) -> bool:
+        if handle in self._silenced:
+            return True
+        if self.retrier is None:
+            return False
+        holder = self.retrier.holder(self.route, handle)
+        return holder is not None and (holder is self.current or holder in self.retired)
+
+    def _silence(self, handle: bytes) -> None:
+        self._silenced[handle] = None
+        if len(self._silenced) > MAX_SILENCED:
+            del self._silenced[next(iter(self._silenced))]
+
+    def _disconnected(self, handle: bytes) -> bytes:
+        """The failure that tells the owner of a retry job that its worker left."""
+        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=DISCONNECTED)
+        if not self.traits.exception_ends_job:
+            packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
+        return packet
 
     def _owner_of(self, handle: bytes, ended: bool) -> tuple[UpstreamLink, TrackedJob | None]:
         """The link that owns `handle` (the current one if none does) and the job, which is
@@ -268,55 +431,22 @@ class Session:
         if link is self.current:
             return raw
         self.actions.append(SendUpstream(link, raw))
-        if self.idle(link):
-            self.retired.remove(link)
-            self.actions.append(CloseUpstream(link))
+        self._close_if_idle(link)
         return b""
 
-    def _held(
-        self, link: UpstreamLink, job: TrackedJob, is_retry: bool, packet: Packet, now: float
-    ) -> bool:
-        """Hand a failure to the Retrier; True if it holds the job (the failure must not go on)."""
-        if is_retry:
-            # The gproxy that holds the original owns the retry loop: pass the failure on,
-            # but spare the worker the ERROR a trailing WORK_FAIL would earn it.
-            if packet.type is P.WORK_EXCEPTION:
-                self._drop_trailing_fail.add(job.handle)
-            return False
-        if self.retrier is None:
-            return False
-        failure = packet.args()["data"] if packet.type is P.WORK_EXCEPTION else b""
-        actions = self.retrier.worker_failed(
-            owner=link, route=self.route, job=job, ptype=packet.type, failure=failure,
-            running=link.jobs.running[job.function] + 1,
-        )
-        if actions is None:
-            return False
-        self.actions += actions
-        if packet.type is P.WORK_EXCEPTION:
-            self._drop_trailing_fail.add(job.handle)
-        return True
-
-    def _upstream_packet(self, link: UpstreamLink, packet: Packet, now: float) -> bytes:
-        plain_grab = link.grabs_pending.popleft() if link.grabs_pending else False
-        if packet.type is P.NO_JOB:
-            return packet.raw
-        args = packet.args()
-        unique = args.get("unique", b"")
-        link.jobs.assigned(args["handle"], args["function"], unique, args["data"], now)
-        if plain_grab and packet.type is P.JOB_ASSIGN_UNIQ:
-            del args["unique"]
-            return build_packet(RES, P.JOB_ASSIGN, **args)
-        if unique.startswith(b"gpr:") and (retry := parse_retry_unique(unique)) is not None:
-            return build_packet(RES, packet.type, **{**args, "unique": retry[1]})
-        return packet.raw
+    def _close_if_idle(self, link: UpstreamLink) -> None:
+        if self.released(link):
+            self.actions.append(CloseUpstream(link))
 
 
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 
-def _is_retry(job: TrackedJob) -> bool:
-    return job.unique.startswith(b"gpr:") and parse_retry_unique(job.unique) is not None
+def _unknown_command(code: bytes, text: bytes) -> bool:
+    """The Perl Gearman::Server's answer to a packet type it cannot even name (GRAB_JOB_UNIQ,
+    GRAB_JOB_ALL): `server_error`, `Can't locate object method "CMD_"`. gearmand itself knows
+    every grab, so no ERROR of its own is mistaken for this one."""
+    return code == b"server_error" and b'"CMD_"' in text
 
 
 def _handle_of(packet: Packet) -> bytes:
@@ -327,3 +457,13 @@ def _handle_of(packet: Packet) -> bytes:
     if end < 0:
         raise ProtocolError(f"malformed {packet.type.name} payload: no NUL after the handle")
     return packet.raw[HEADER_SIZE:end]
+
+
+def route_name(route: Hashable) -> str:
+    """The job server a route leads to, for log lines."""
+    upstream = getattr(route, "upstream", None)
+    return str(upstream if upstream is not None else route)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from .retry import Submit
 
 P = PacketType
 HELLO: Final = build_packet(REQ, P.OPTION_REQ, option=b"exceptions")
@@ -28,7 +29,9 @@ class Created:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    key: int
+    """gearmand answered a submission with ERROR; `submit.key` None: a dead letter."""
+
+    submit: Submit
     error: bytes
 
 
@@ -42,16 +45,20 @@ Event = Created | Refused | JobPacket
 
 
 class Submitter:
+    """One connection's worth: a new connection gets a new Submitter."""
+
     def __init__(self) -> None:
         self._framer = Framer(RES)
-        self._awaiting: deque[int | None] = deque()
-        """Keys of submissions not yet answered, oldest first (None: a background job)."""
+        self._awaiting: deque[Submit] = deque()
+        """Submissions sent and not yet answered, oldest first."""
 
-    def submit(self, key: int | None, function: bytes, unique: bytes, payload: bytes) -> bytes:
-        """A foreground SUBMIT_JOB, or with key None a background one (dead letters)."""
-        self._awaiting.append(key)
-        ptype = P.SUBMIT_JOB if key is not None else P.SUBMIT_JOB_BG
-        return build_packet(REQ, ptype, function=function, unique=unique, data=payload)
+    def submit(self, action: Submit) -> bytes:
+        self._awaiting.append(action)
+        return build_packet(REQ, action.type, function=action.function, unique=action.unique, data=action.payload)
+
+    def unanswered(self) -> list[Submit]:
+        """What was sent and never acknowledged, for when the connection is lost."""
+        return list(self._awaiting)
 
     def receive(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -59,14 +66,14 @@ class Submitter:
             if type(frame) is not Packet:
                 continue
             if frame.type is P.JOB_CREATED or frame.type is P.ERROR:
-                key = self._awaiting.popleft() if self._awaiting else None
-                if key is None:
-                    continue
+                if not self._awaiting:
+                    continue  # an ERROR about nothing we asked: nothing to match it with
+                submit = self._awaiting.popleft()
                 args = frame.args()
-                if frame.type is P.JOB_CREATED:
-                    events.append(Created(key, args["handle"]))
-                else:
-                    events.append(Refused(key, args["code"] + b": " + args["text"]))
+                if frame.type is P.ERROR:
+                    events.append(Refused(submit, args["code"] + b": " + args["text"]))
+                elif submit.key is not None:
+                    events.append(Created(submit.key, args["handle"]))
             elif frame.type in _JOB_PACKETS:
                 events.append(JobPacket(frame.type, frame.args()))
         return events

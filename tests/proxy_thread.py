@@ -16,6 +16,7 @@ import trio
 from gproxy.config import Address, Config, Route
 from gproxy.jobs import TrackedJob
 from gproxy.proxy import Proxy
+from gproxy.retry import HeldJob, Policies, RetryPolicy
 
 R = TypeVar("R")
 
@@ -29,8 +30,15 @@ class ProxyThread:
         self._thread = threading.Thread(target=self._run, name="gproxy", daemon=True)
 
     @classmethod
-    def to(cls, upstream: tuple[str, int], **settings: Any) -> ProxyThread:
-        """A single route from a free loopback port to `upstream`."""
+    def to(
+        cls, upstream: tuple[str, int], policy: RetryPolicy | None = None,
+        functions: dict[str, RetryPolicy] | None = None, **settings: Any,
+    ) -> ProxyThread:
+        """A single route from a free loopback port to `upstream`; with `policy` (and
+        per-function `functions`) instead of the shipped retry defaults."""
+        if policy is not None:
+            named = {name.encode(): p for name, p in (functions or {}).items()}
+            settings["policies"] = Policies(policy, named)
         return cls(Config(routes=(Route(Address("127.0.0.1", 0), Address(*upstream)),), **settings))
 
     @property
@@ -60,6 +68,16 @@ class ProxyThread:
     def tracked_jobs(self) -> list[TrackedJob]:
         assert self.proxy is not None
         return self.call(self.proxy.tracked_jobs)
+
+    def held(self) -> list[HeldJob]:
+        """The jobs held for a retry now, oldest first."""
+        assert self.proxy is not None
+        return self.call(lambda: list(self.proxy.retrier.held.values()))  # type: ignore[union-attr]
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """A sample of gproxy's own metrics registry, e.g. sample("gproxy_jobs_total", ...)."""
+        assert self.proxy is not None
+        return self.call(self.proxy.metrics.registry.get_sample_value, name, labels)
 
     def _run(self) -> None:
         try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gproxy.cli import main
 from gproxy.config import Address, ConfigError, Route, load_config
-from gproxy.retry import Mode, RetryPolicy
+from gproxy.retry import Mode, Priority, RetryPolicy
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -70,7 +71,17 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\n[retry]\nmode = "dry-run"', {}, 'retry.mode: expected "enforce" or "observe"'),
         ('upstream = "g:1"\n[retry]\nexception_marker = ""', {}, "retry.exception_marker: expected a non-empty string"),
         ('upstream = "g:1"\n[retry]\nretries = 3', {}, "retry.retries: unknown retry setting"),
-        ('upstream = "g:1"\n[functions.resize]\nbudget_min = -1', {}, 'functions."resize".budget_min: expected a whole'),
+        ('upstream = "g:1"\n[functions.resize]\nmax_held = 0', {}, 'functions."resize".max_held: expected a whole number >= 1'),
+        ('upstream = "g:1"\n[retry]\nbudget_ttl = 0', {}, "retry.budget_ttl: expected a number > 0"),
+        ('upstream = "g:1"\n[retry]\nmax_hold_time = -3', {}, "retry.max_hold_time: expected a number > 0"),
+        ('upstream = "g:1"\n[retry]\nbudget_min_per_second = -1', {}, "retry.budget_min_per_second: expected a number > 0"),
+        ('upstream = "g:1"\n[retry]\nbudget_min_per_second = 0', {}, "retry.budget_min_per_second: must be > 0: with no floor"),
+        ('upstream = "g:1"\n[retry]\nretry_priority = "urgent"', {}, 'retry.retry_priority: expected "normal", "high" or "low"'),
+        # The budget's keys of 0.1 meant a cap on jobs held at once: refused, with what to write.
+        (
+            'upstream = "g:1"\n[retry]\nbudget_ratio = 0.5\nbudget_min = 10', {},
+            "retry.budget_min: no longer exists: the retry budget is now a rate .* budget_min_per_second",
+        ),
         ('upstream = "g:1"\nfunctions = 3', {}, "functions: expected tables"),
         ('upstream = "g:1"\nshutdown_grace_period = -1', {}, "shutdown_grace_period: expected a number of seconds"),
         ('upstream = "g:1"\nmetrics_max_functions = 0', {}, "metrics_max_functions: expected a whole number >= 1"),
@@ -79,6 +90,20 @@ def test_several_routes(tmp_path: Path) -> None:
 def test_a_wrong_setting_is_named(tmp_path: Path, text: str, flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text), flags)
+
+
+def test_the_retry_budget_and_its_caps_are_read_per_function(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'upstream = "g:1"\n[retry]\nbudget_ratio = 0.1\nbudget_min_per_second = 2\nbudget_ttl = 30\n'
+        '[functions."resize"]\nmax_held = 50\nmax_hold_time = 120\nretry_priority = "high"\n'
+        '[functions."report"]\nbudget_min_per_second = inf\n',
+    )
+    policies = load_config(path).policies
+    base = RetryPolicy(budget_ratio=0.1, budget_min_per_second=2.0, budget_ttl=30.0)
+    assert policies.for_function(b"other") == base
+    assert policies.for_function(b"resize") == replace(base, max_held=50, max_hold_time=120.0, retry_priority=Priority.HIGH)
+    assert policies.for_function(b"report").budget_min_per_second == float("inf")  # no budget
 
 
 def test_function_tables_override_the_retry_defaults(tmp_path: Path) -> None:

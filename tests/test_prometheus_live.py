@@ -1,8 +1,9 @@
 """The dashboard and the alert rules, proven against a real Prometheus scraping a real gproxy.
 
-A real worker drives completions, failures, retries, exhaustions, dead letters, budget
-rejections and observe-mode decisions through gproxy; bad input and an unreachable gearmand
-add their own series. Prometheus (Debian's package) scrapes gproxy every second; then every
+Real workers drive completions, failures, retries, exhaustions, dead letters, retries the
+retry budget defers, failures a retry cap rejects (max_held and max_hold_time) and
+observe-mode decisions through gproxy; bad input and an unreachable gearmand add their own
+series. Prometheus (Debian's package) scrapes gproxy every second; then every
 PromQL expression of every dashboard panel and every alert rule runs through its HTTP API
 and must be valid and return data, and the counters must equal what the test drove.
 """
@@ -28,7 +29,10 @@ import pytest
 from gproxy.config import Address, Config, Route
 from gproxy.retry import Mode, Policies, RetryPolicy
 from tests.gearmand import Gearmand, find_free_port, wait_for
-from tests.peer_procs import PeerSet, run_pyclient, start_pyworker
+from tests.peer_procs import (
+    PeerSet, attempt_count, attempts_log, run_pyburst, run_pyclient, start_pyburst, start_pyclient,
+    start_pyworker,
+)
 from tests.proxy_thread import ProxyThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +42,19 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 # Enough of each to cross the alert rules' thresholds, so every rule expression has data.
 RETRIED_JOBS = 40
 EXHAUSTED = 5
-REJECTED = 12
 PROTOCOL_ERRORS = 7
+# stream_flaky: a budget of BUDGET retries per BUDGET_TTL seconds and nothing per first
+# attempt. DEFERRED_JOBS jobs that fail once, all at once (within milliseconds; exact counts
+# need them within 0.9 * BUDGET_TTL): BUDGET retries go at once, the others are deferred
+# until those leave the window, then complete. The wait overlaps the rest of the workload.
+DEFERRED_JOBS = 8
+BUDGET = 4
+BUDGET_TTL = 4.0
+# scripted: a budget of zero and max_held=1. One job is held, deferred until it has waited
+# HOLD_TIME (cap max_hold_time); CAPPED jobs that fail meanwhile are not held (cap max_held).
+# Both kinds are dead-lettered.
+CAPPED = 5
+HOLD_TIME = 4.0
 
 pytestmark = pytest.mark.skipif(
     not Path(PROMETHEUS).exists(), reason="needs Debian's prometheus package (make test installs it)"
@@ -126,30 +141,57 @@ def rule_exprs(base: str) -> list[tuple[str, str]]:
     return [(f"rule {rule['name']!r}", rule["query"]) for group in rules for rule in group["rules"]]
 
 
-WARMED_UP = ("flaky", "flaky_hint", "stream_flaky", "flaky_fail")
+WARMED_UP = {
+    "flaky": "0:x", "flaky_hint": "0:x", "stream_flaky": "0:x", "flaky_fail": "0:x", "scripted": "ok|x",
+}
 
 
 def drive_the_workload(
     gearmand: Gearmand, proxy: ProxyThread, dead_route: Address, tmp_path: Path, scraped: Callable[[], None]
 ) -> None:
+    def sample(name: str, **labels: str) -> float | None:
+        assert proxy.proxy is not None
+        registry = proxy.proxy.metrics.registry
+        return proxy.call(lambda: registry.get_sample_value(name, labels))
+
     with PeerSet() as peers:
         for n in range(2):
             peers.add(start_pyworker(proxy.address, state_dir=tmp_path))  # one attempt count
         # One good job per function first: its series exist, at zero, before they grow;
         # a counter first seen at 3 shows no increase() to Prometheus.
-        for function in WARMED_UP:
-            assert run_pyclient(gearmand.address, function, "0:x", unique=f"warm-{function}").returncode == 0
+        for function, payload in WARMED_UP.items():
+            assert run_pyclient(gearmand.address, function, payload, unique=f"warm-{function}").returncode == 0
         scraped()
+        # Cap max_hold_time: the zero budget defers this job's retry until it has waited
+        # HOLD_TIME; then its failure goes to the client. It runs while the rest goes on.
+        held = start_pyclient(gearmand.address, "scripted", "retry|held", unique="live-held")
+        wait_for(
+            lambda: sample("gproxy_retries_deferred_total", function="scripted") == 1,
+            10, "the scripted job to be held and deferred",
+        )
+        # Cap max_held: while that job is held, each failure of scripted is forwarded at once.
+        capped = run_pyburst(gearmand.address, "scripted", CAPPED, "retry|capped {i}", unique="live-cap-{i}")
+        assert capped.states == ["FAILED"] * CAPPED, capped.report
+        assert sample("gproxy_jobs_held", function="scripted") == 1, "the held job ended too soon"
+        assert sample("gproxy_retry_cap_rejections_total", function="scripted", cap="max_hold_time") == 0
+        # Deferrals: all fail at once, the budget lets BUDGET retries through, the others wait.
+        deferred = start_pyburst(gearmand.address, "stream_flaky", DEFERRED_JOBS, "1:x", unique="live-d-{i}")
         for n in range(RETRIED_JOBS):  # each fails twice, then completes: 80 retries
             assert run_pyclient(gearmand.address, "flaky", "2:x", unique=f"live-{n}").stdout == b"ok after 3"
         for n in range(EXHAUSTED):  # exhausted after 2 attempts, dead-lettered
             assert run_pyclient(gearmand.address, "flaky_hint", "9:x", unique=f"live-ex-{n}").returncode == 1
-        for n in range(REJECTED):  # retry budget of zero: forwarded, counted as rejected
-            assert run_pyclient(gearmand.address, "stream_flaky", "9:x", unique=f"live-b-{n}").returncode == 1
         for n in range(3):  # observe mode: forwarded, counted as observed
             assert run_pyclient(gearmand.address, "flaky_fail", "9:x", unique=f"live-o-{n}").returncode == 1
         for n in range(3):
             assert run_pyclient(gearmand.address, "fatal", "x", unique=f"live-f-{n}").returncode == 1
+        burst = deferred.result()
+        assert burst.states == ["COMPLETE"] * DEFERRED_JOBS, burst.report
+        assert {job["result"] for job in burst.jobs} == {"ok after 2"}
+        assert held.result().returncode == 1  # the last failure, after HOLD_TIME
+    # What the workers saw: each deferred job ran twice; no scripted job ran a retry.
+    assert [attempt_count(tmp_path, f"live-d-{n}") for n in range(DEFERRED_JOBS)] == [2] * DEFERRED_JOBS
+    scripted = sorted((a.unique, a.attempt) for a in attempts_log(tmp_path) if a.unique != "warm-scripted")
+    assert scripted == sorted([("live-held", 1)] + [(f"live-cap-{n}", 1) for n in range(CAPPED)])
     for _ in range(PROTOCOL_ERRORS):
         with socket.create_connection(proxy.address) as bad:
             bad.sendall(b"\0REQ" + struct.pack(">II", 99, 0))
@@ -162,7 +204,13 @@ def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_pa
     fast = RetryPolicy(backoff_initial=0.01, jitter=False)
     policies = Policies(fast, {
         b"flaky_hint": replace(fast, max_attempts=2, dead_letter="dead.{function}"),
-        b"stream_flaky": replace(fast, budget_min=0, budget_ratio=0.0),
+        b"stream_flaky": replace(
+            fast, budget_ratio=0.0, budget_min_per_second=BUDGET / BUDGET_TTL, budget_ttl=BUDGET_TTL
+        ),
+        b"scripted": replace(
+            fast, budget_ratio=0.0, budget_min_per_second=0.0, max_held=1, max_hold_time=HOLD_TIME,
+            dead_letter="dead.{function}",
+        ),
         b"flaky_fail": replace(fast, on_fail=True, mode=Mode.OBSERVE),
     })
     with socket.socket() as unused:
@@ -192,7 +240,22 @@ def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_pa
         assert scalar(base, 'sum(gproxy_jobs_total{function="flaky",outcome="retried"})') == RETRIED_JOBS
         assert scalar(base, 'sum(gproxy_retries_exhausted_total{function="flaky_hint"})') == EXHAUSTED
         assert scalar(base, 'sum(gproxy_jobs_total{function="flaky_hint",outcome="dead_lettered"})') == EXHAUSTED
-        assert scalar(base, 'sum(gproxy_retry_budget_rejections_total{function="stream_flaky"})') == REJECTED
+        # The budget: BUDGET retries of stream_flaky went at once, the rest were deferred
+        # and completed; none of the other functions came near theirs.
+        assert scalar(base, 'sum(gproxy_retries_deferred_total{function="stream_flaky"})') == DEFERRED_JOBS - BUDGET
+        assert scalar(base, 'sum(gproxy_retries_total{function="stream_flaky"})') == DEFERRED_JOBS
+        assert scalar(base, 'sum(gproxy_jobs_total{function="stream_flaky",outcome="complete"})') == DEFERRED_JOBS + 1
+        assert scalar(base, 'sum(gproxy_retries_deferred_total{function!~"stream_flaky|scripted"})') == 0
+        assert scalar(base, 'sum(gproxy_retry_budget_balance{function="scripted"})') == 0
+        balance = scalar(base, 'sum(gproxy_retry_budget_balance{function="stream_flaky"})')
+        assert balance is not None and 0 <= balance <= BUDGET
+        # The caps: one job waited HOLD_TIME, CAPPED were not held; all dead-lettered.
+        assert scalar(base, 'sum(gproxy_retries_deferred_total{function="scripted"})') == 1
+        assert scalar(base, 'sum(gproxy_retry_cap_rejections_total{function="scripted",cap="max_hold_time"})') == 1
+        assert scalar(base, 'sum(gproxy_retry_cap_rejections_total{function="scripted",cap="max_held"})') == CAPPED
+        assert scalar(base, 'sum(gproxy_jobs_total{function="scripted",outcome="dead_lettered"})') == CAPPED + 1
+        assert scalar(base, 'sum(gproxy_jobs_total{function="scripted",outcome="retried"})') == 1
+        assert scalar(base, 'sum(gproxy_retry_cap_rejections_total{function!="scripted"})') == 0
         assert scalar(base, 'sum(gproxy_retries_observed_total{function="flaky_fail"})') == 3
         assert scalar(base, 'sum(gproxy_jobs_total{function="fatal",outcome="exception"})') == 3
         assert scalar(base, 'sum(gproxy_protocol_errors_total{reason="unknown_type"})') == PROTOCOL_ERRORS

@@ -12,10 +12,14 @@ from hypothesis import strategies as st
 from gproxy.jobs import TrackedJob
 from gproxy.protocol import REQ, PacketType, build_packet
 from gproxy.retry import (
+    DISCONNECTED,
     MAX_UNIQUE,
+    Decision,
     Mode,
     Policies,
+    Priority,
     Reason,
+    RecheckBudget,
     Released,
     Retrier,
     RetryPolicy,
@@ -24,6 +28,7 @@ from gproxy.retry import (
     Verdict,
     Wakeup,
     classify,
+    dead_letter_unique,
     parse_retry_unique,
     retry_unique,
 )
@@ -94,34 +99,71 @@ def test_empty_uniques_get_a_retry_unique_of_their_own_per_job() -> None:
     assert parse_retry_unique(b"an ordinary unique") is None
 
 
-class Transcript:
-    """A Retrier and one held job, driven step by step."""
 
-    def __init__(self, policy: RetryPolicy = POLICY, running: int = 1) -> None:
+def test_dead_letter_uniques_are_the_jobs_own_and_never_a_retrys() -> None:
+    first = dead_letter_unique(b"f", b"u", b"H:1", b"payload")
+    assert first == dead_letter_unique(b"f", b"u", b"H:1", b"payload")  # a resubmission coalesces
+    assert len(first) <= MAX_UNIQUE and parse_retry_unique(first) is None
+    others = {dead_letter_unique(*job) for job in [(b"g", b"u", b"H:1", b"payload"), (b"f", b"", b"H:1", b"payload"),
+                                                   (b"f", b"u", b"H:2", b"payload"), (b"f", b"u", b"H:1", b"other")]}
+    assert first not in others and len(others) == 4
+
+
+@given(st.floats(min_value=0, max_value=60), st.integers(min_value=1, max_value=9), st.integers())
+def test_a_worker_hint_is_a_minimum_and_jitter_only_adds_to_it(hint: float, attempt: int, seed: int) -> None:
+    delay = RetryPolicy().delay(Verdict(Reason.WORKER_HINT, hint), attempt, random.Random(seed))
+    assert hint <= delay <= hint * 1.5
+    assert RetryPolicy(jitter=False).delay(Verdict(Reason.WORKER_HINT, hint), attempt, random.Random(seed)) == hint
+
+
+SMALL_BUDGET = replace(POLICY, budget_ratio=0.5, budget_min_per_second=0.1, budget_ttl=10.0)
+"""One retry per 10 s window from the floor, half a retry per first attempt."""
+
+
+class Transcript:
+    """A Retrier, driven event by event; `now` is whatever the test says it is."""
+
+    def __init__(self, policy: RetryPolicy = POLICY) -> None:
         self.retrier = Retrier(Policies(policy), random.Random(1))
-        self.running = running
+        self.wakeups: dict[int, Wakeup] = {}
 
     def fail(self, handle: bytes = b"H:1", ptype: PacketType = P.WORK_EXCEPTION, failure: bytes = b"RETRY: x",
-             unique: bytes = b"u-1", function: bytes = b"f"):
-        return self.retrier.worker_failed(
-            owner="up-1", route="route", job=TrackedJob(handle, function, unique, b"payload", "up-1", 0.0),
-            ptype=ptype, failure=failure, running=self.running,
+             unique: bytes = b"u-1", function: bytes = b"f", now: float = 0.0, owner: str = "up-1",
+             exception_ends_job: bool = True) -> Decision:
+        decision = self.retrier.worker_failed(
+            owner=owner, route="route", job=TrackedJob(handle, function, unique, b"payload", owner, 0.0),
+            ptype=ptype, failure=failure, now=now, exception_ends_job=exception_ends_job,
         )
+        self.note(decision.actions)
+        return decision
 
-    def submit_and_create(self, key: int, retry_handle: bytes) -> Submit:
-        (submit,) = self.retrier.timer_fired(key)
+    def note(self, actions: list) -> list:
+        for action in actions:
+            if type(action) is Wakeup:
+                self.wakeups[action.key] = action
+        return actions
+
+    def fire(self, key: int, now: float) -> list:
+        wakeup = self.wakeups[key]
+        return self.note(self.retrier.timer_fired(key, wakeup.wait, now))
+
+    def submit_and_create(self, key: int, retry_handle: bytes, now: float = 1.0) -> Submit:
+        (submit,) = self.fire(key, now)
         assert self.retrier.retry_created(key, retry_handle) == []
         return submit
 
-    def retry(self, ptype: PacketType, **args: bytes) -> list:
-        return self.retrier.retry_packet("route", ptype, args, now=2.0)
+    def retry(self, ptype: PacketType, now: float = 2.0, **args: bytes) -> list:
+        return self.note(self.retrier.retry_packet("route", ptype, args, now=now))
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.retrier.metrics.registry.get_sample_value(name, {"function": "f", **labels})
 
 
 def test_a_held_job_is_retried_and_its_retry_completes_the_original() -> None:
     t = Transcript()
-    assert t.fail() == [Wakeup(1, 1.0)]
+    assert t.fail() == Decision(True, [Wakeup(1, 1.0, 1)])
     submit = t.submit_and_create(1, b"H:2")
-    assert submit == Submit("route", 1, b"f", b"gpr:2:u-1", b"payload")
+    assert submit == Submit("route", 1, b"f", b"gpr:2:u-1", b"payload", P.SUBMIT_JOB)
     assert t.retry(P.WORK_DATA, handle=b"H:2", data=b"part") == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_DATA, handle=b"H:1", data=b"part"))
     ]
@@ -140,13 +182,26 @@ def test_exhaustion_forwards_the_last_exception_and_dead_letters_the_payload() -
     t = Transcript(replace(POLICY, max_attempts=3, dead_letter="dlq.{function}"))
     t.fail()
     t.submit_and_create(1, b"H:2")
-    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: second") == [Wakeup(1, 2.0)]
-    assert t.submit_and_create(1, b"H:3").unique == b"gpr:3:u-1"
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: second") == [Wakeup(1, 2.0, 2)]
+    assert t.submit_and_create(1, b"H:3", now=5.0).unique == b"gpr:3:u-1"
     assert t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=b"RETRY: third") == [
-        Submit("route", None, b"dlq.f", b"", b"payload"),
+        Submit("route", None, b"dlq.f", dead_letter_unique(b"f", b"u-1", b"H:1", b"payload"), b"payload", P.SUBMIT_JOB_BG),
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: third")),
         Released("up-1"),
     ]
+    assert t.sample("gproxy_retries_exhausted_total") == 1
+
+
+def test_where_an_exception_does_not_end_a_job_giving_up_also_sends_work_fail() -> None:
+    # The Perl Gearman::Server: WORK_EXCEPTION only informs the clients; WORK_FAIL ends the job.
+    t = Transcript(replace(POLICY, max_attempts=2))
+    t.fail(exception_ends_job=False)
+    t.submit_and_create(1, b"H:2")
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: again")[0] == SendUpstream(
+        "up-1",
+        build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: again")
+        + build_packet(REQ, P.WORK_FAIL, handle=b"H:1"),
+    )
 
 
 def test_a_non_retryable_failure_of_a_retry_ends_it_without_dead_letter() -> None:
@@ -159,71 +214,206 @@ def test_a_non_retryable_failure_of_a_retry_ends_it_without_dead_letter() -> Non
     ]
 
 
-@pytest.mark.parametrize(
-    "policy, running",
-    [
-        (replace(POLICY, mode=Mode.OBSERVE), 1),
-        (replace(POLICY, max_attempts=1), 1),
-        (replace(POLICY, budget_min=1, budget_ratio=0.0), 1),
-    ],
-    ids=["observe", "one attempt", "over budget"],
-)
-def test_failures_that_are_forwarded_after_all(policy: RetryPolicy, running: int) -> None:
-    t = Transcript(policy, running)
-    if policy.budget_min == 1:
-        assert t.fail(handle=b"H:1") is not None  # the first fits the budget of one
-    assert t.fail(handle=b"H:9") is None
+def test_observe_mode_forwards_and_counts() -> None:
+    t = Transcript(replace(POLICY, mode=Mode.OBSERVE, dead_letter="dlq"))
+    assert t.fail() == Decision(False, [])
+    assert t.sample("gproxy_retries_observed_total") == 1
 
 
-def test_the_budget_grows_with_the_jobs_running() -> None:
-    t = Transcript(replace(POLICY, budget_min=1, budget_ratio=0.5), running=4)
-    assert t.fail(handle=b"H:1") is not None and t.fail(handle=b"H:2") is not None
-    assert t.fail(handle=b"H:3") is None  # max(1, 0.5 * 4) = 2 held at most
+def test_with_one_attempt_a_retryable_failure_is_exhausted_at_once() -> None:
+    t = Transcript(replace(POLICY, max_attempts=1, dead_letter="dlq"))
+    decision = t.fail()
+    assert not decision.held and [type(a) for a in decision.actions] == [Submit]
+    assert t.sample("gproxy_retries_exhausted_total") == 1
 
 
-def test_a_lost_retry_connection_resubmits_what_was_in_flight_as_the_next_attempt() -> None:
+def test_over_max_held_a_failure_is_forwarded_and_dead_lettered() -> None:
+    t = Transcript(replace(POLICY, max_held=2, dead_letter="dlq"))
+    assert t.fail(handle=b"H:1").held and t.fail(handle=b"H:2").held
+    decision = t.fail(handle=b"H:3", unique=b"u-3")
+    assert decision == Decision(False, [Submit("route", None, b"dlq", dead_letter_unique(b"f", b"u-3", b"H:3", b"payload"), b"payload", P.SUBMIT_JOB_BG)])
+    assert t.sample("gproxy_retry_cap_rejections_total", cap="max_held") == 1
+    assert t.fail(handle=b"H:9", function=b"g").held  # the cap is per function
+
+
+def test_over_budget_a_retry_waits_for_the_budget_instead_of_failing() -> None:
+    t = Transcript(SMALL_BUDGET)
+    t.fail(handle=b"H:1", unique=b"a")
+    t.fail(handle=b"H:5", unique=b"b")
+    assert t.fire(1, now=1.0) == [Submit("route", 1, b"f", b"gpr:2:a", b"payload", P.SUBMIT_JOB)]  # the floor's one
+    # Job 2's backoff is over too, but the window's retry is spent: it waits, still held.
+    assert t.fire(2, now=1.0) == [Wakeup(2, 599.0, 1), RecheckBudget(b"f", 1.0)]
+    assert t.sample("gproxy_retries_deferred_total") == 1
+    assert t.retrier.budget_recheck(b"f", now=2.0) == [RecheckBudget(b"f", 1.0)]
+    # Two first attempts earn a retry (ratio 0.5): the next look submits job 2.
+    for handle in (b"H:10", b"H:11"):
+        t.retrier.job_assigned("route", handle, b"f", False, now=2.5)
+    assert t.retrier.budget_recheck(b"f", now=3.0) == [Submit("route", 2, b"f", b"gpr:2:b", b"payload", P.SUBMIT_JOB)]
+    assert t.retrier.budget_recheck(b"f", now=4.0) == []  # nothing left waiting: no more looks
+    assert t.retrier.budget_balances(4.0) == {b"f": 0.0}
+
+
+def test_deferred_retries_go_in_the_order_they_became_due() -> None:
+    t = Transcript(replace(SMALL_BUDGET, budget_min_per_second=0.0))
+    for n in range(1, 4):
+        t.fail(handle=b"H:%d" % n, unique=b"u%d" % n)
+    assert [type(a) for a in t.fire(2, now=1.0)] == [Wakeup, RecheckBudget]
+    t.fire(1, now=1.5)
+    t.retrier.job_assigned("route", b"H:10", b"f", False, now=1.6)
+    t.retrier.job_assigned("route", b"H:11", b"f", False, now=1.6)
+    # Budget for one: the oldest in line goes first, even though job 3 is due now with budget to spare.
+    assert [a.unique for a in t.fire(3, now=1.7) if type(a) is Submit] == []
+    assert [a.key for a in t.retrier.budget_recheck(b"f", now=2.0) if type(a) is Submit] == [2]
+
+
+def test_a_retry_that_waits_longer_than_max_hold_time_gets_its_last_failure() -> None:
+    t = Transcript(replace(SMALL_BUDGET, budget_min_per_second=0.0, max_hold_time=30.0, dead_letter="dlq"))
+    t.fail(failure=b"RETRY: db down")
+    assert t.fire(1, now=1.0) == [Wakeup(1, 29.0, 1), RecheckBudget(b"f", 1.0)]
+    actions = t.fire(1, now=30.0)
+    assert actions[1:] == [
+        SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: db down")),
+        Released("up-1"),
+    ]
+    assert type(actions[0]) is Submit and actions[0].function == b"dlq"
+    assert t.sample("gproxy_retry_cap_rejections_total", cap="max_hold_time") == 1
+    assert t.retrier.budget_recheck(b"f", now=31.0) == []  # its place in line is gone too
+
+
+def test_a_deferred_retry_past_its_deadline_is_given_up_when_the_budget_returns() -> None:
+    t = Transcript(replace(SMALL_BUDGET, budget_min_per_second=0.0, max_hold_time=30.0))
+    t.fail()
+    t.fire(1, now=1.0)
+    t.retrier.job_assigned("route", b"H:10", b"f", False, now=30.5)
+    t.retrier.job_assigned("route", b"H:11", b"f", False, now=30.5)
+    # The look at the budget comes before the job's own deadline timer: it still gives up.
+    assert [type(a) for a in t.retrier.budget_recheck(b"f", now=31.0)] == [SendUpstream, Released]
+
+
+def test_a_backoff_longer_than_max_hold_time_wakes_at_the_deadline_to_give_up() -> None:
+    t = Transcript(replace(POLICY, backoff_initial=100.0, backoff_max=100.0, max_hold_time=30.0))
+    assert t.fail().actions == [Wakeup(1, 30.0, 1)]
+    assert [type(a) for a in t.fire(1, now=30.0)] == [SendUpstream, Released]
+
+
+def test_a_timer_of_an_earlier_wait_does_nothing() -> None:
+    t = Transcript(replace(POLICY, max_hold_time=50.0))
+    t.fail()
+    first = t.wakeups[1]
+    t.submit_and_create(1, b"H:2")
+    t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: again")  # a second wait begins
+    assert t.retrier.timer_fired(1, first.wait, now=50.0) == []
+    assert t.retrier.held[1].attempt == 2
+
+
+def test_a_retry_whose_worker_left_is_retried_with_reason_disconnect() -> None:
+    t = Transcript(replace(POLICY, max_attempts=3))
+    t.fail(failure=b"RETRY: first")
+    t.submit_and_create(1, b"H:2")
+    # A gproxy in front of H:2's worker kept its connection for held jobs and failed H:2 back.
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=DISCONNECTED) == [Wakeup(1, 0.0, 2)]
+    assert t.sample("gproxy_retries_total", reason="disconnect") == 1
+    assert t.submit_and_create(1, b"H:3").unique == b"gpr:3:u-1"
+    # The last attempt lost the same way ends as gearmand's --job-retries would end it.
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED)[0] == SendUpstream(
+        "up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1")
+    )
+
+
+def test_retries_go_with_the_priority_configured() -> None:
+    t = Transcript(replace(POLICY, retry_priority=Priority.HIGH))
+    t.fail()
+    assert t.submit_and_create(1, b"H:2").type is P.SUBMIT_JOB_HIGH
+    assert Priority.LOW.submit_type is P.SUBMIT_JOB_LOW
+
+
+def test_a_lost_retry_connection_resubmits_what_was_in_flight() -> None:
     t = Transcript(replace(POLICY, max_attempts=3))
     t.fail(handle=b"H:1", unique=b"a")
     t.fail(handle=b"H:5", unique=b"b")
-    t.submit_and_create(1, b"H:2")  # job 2 is still waiting for its timer
-    # A new unique: gearmand would drop the abandoned retry job even with a client reattached.
-    assert t.retrier.retry_connection_lost("route", now=2.0) == [Submit("route", 1, b"f", b"gpr:3:a", b"payload")]
+    t.fail(handle=b"H:6", unique=b"c")
+    t.submit_and_create(1, b"H:2")  # running
+    t.fire(3, now=1.0)  # submitted, not yet sent (not in flight); job 2 is still waiting
+    # A created retry job may have run: the next attempt, under a new unique, as gearmand
+    # would drop the abandoned retry job even with a client reattached to its unique.
+    assert t.retrier.retry_connection_lost("route", set(), now=2.0) == [Submit("route", 1, b"f", b"gpr:3:a", b"payload")]
+    assert t.retrier.held[1].attempt == 3
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"stale") == []
+    assert t.retrier.submitting(3) and t.retrier.submitting(1) and not t.retrier.submitting(2)
+    # A submission never acknowledged is sent again, under a new unique, as the same attempt.
+    assert t.retrier.retry_connection_lost("route", {3}, now=2.0) == [Submit("route", 3, b"f", b"gpr:3:c", b"payload")]
+    assert t.retrier.retry_connection_lost("route", {3}, now=2.0) == [Submit("route", 3, b"f", b"gpr:4:c", b"payload")]
+    assert t.retrier.held[3].attempt == 2
     t.retrier.retry_created(1, b"H:7")
     assert t.retry(P.WORK_COMPLETE, handle=b"H:7", data=b"ok")[0] == SendUpstream(
         "up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     )
-    t.submit_and_create(2, b"H:8")  # attempt 2 of job 2
-    assert t.retrier.retry_connection_lost("route", now=2.0) == [Submit("route", 2, b"f", b"gpr:3:b", b"payload")]
-    # Lost again with no attempt left: the client gets the last failure.
-    assert t.retrier.retry_connection_lost("route", now=2.0) == [
-        SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:5", data=b"RETRY: x")),
-        Released("up-1"),
+    t.retrier.retry_created(3, b"H:8")
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:8", data=b"RETRY: y") == [Wakeup(3, 2.0, 2)]
+    t.submit_and_create(3, b"H:9", now=5.0)
+    # Lost while running its last attempt: the client gets the last failure.
+    assert t.retrier.retry_connection_lost("route", set(), now=6.0) == [
+        SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:6", data=b"RETRY: y")),
     ]
 
 
 def test_a_refused_retry_gives_the_client_the_last_failure() -> None:
     t = Transcript()
     t.fail(failure=b"RETRY: first")
-    t.retrier.timer_fired(1)
+    t.fire(1, now=1.0)
     assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: first")),
         Released("up-1"),
     ]
+    assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == []  # once only
 
 
 def test_losing_the_owner_drops_its_retries_and_stale_timers_do_nothing() -> None:
     t = Transcript()
     t.fail()
     assert t.retrier.holds("up-1") and t.retrier.holds("up-1", b"f") and not t.retrier.holds("up-1", b"g")
+    assert t.retrier.holder("route", b"H:1") == "up-1"
     assert t.retrier.owner_lost("up-1") == []
-    assert t.retrier.timer_fired(1) == []
-    assert not t.retrier.holds("up-1")
+    assert t.fire(1, now=5.0) == []
+    assert not t.retrier.holds("up-1") and t.retrier.holder("route", b"H:1") is None
+
+
+def test_a_held_handle_assigned_again_ends_the_hold_and_orphans_its_retry() -> None:
+    # gearmand took the job back (a CAN_DO_TIMEOUT fired) and gave it to a worker again.
+    t = Transcript()
+    t.fail(handle=b"H:1", owner="up-1")
+    t.fail(handle=b"H:4", owner="up-1")
+    t.submit_and_create(1, b"H:2")
+    assert t.retrier.job_assigned("route", b"H:1", b"f", False, now=3.0) == []  # up-1 still holds H:4
+    assert t.retrier.holder("route", b"H:1") is None and t.retrier.metrics.held() == {b"f": 1}
+    assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"orphan") == []  # finishes nothing
+    assert t.retrier.job_assigned("route", b"H:4", b"f", False, now=3.0) == [Released("up-1")]
+    # The new assignment may fail and be held afresh.
+    assert t.fail(handle=b"H:1", owner="up-2").held and t.retrier.holder("route", b"H:1") == "up-2"
+
+
+def test_first_attempts_fill_the_budget_and_retries_do_not() -> None:
+    t = Transcript(replace(POLICY, budget_ratio=0.5, budget_min_per_second=0.0))
+    for n in range(4):
+        t.retrier.job_assigned("route", b"H:%d" % n, b"f", False, now=0.0)
+    t.retrier.job_assigned("route", b"H:9", b"f", True, now=0.0)
+    assert t.retrier.budget_balances(0.0) == {b"f": 2.0}
+    assert t.retrier.is_retry_handle("route", b"H:2") is False
 
 
 def test_jobs_a_departed_worker_was_running_are_retried_at_once() -> None:
     t = Transcript()
     t.fail()
     running = [TrackedJob(b"H:4", b"f", b"u-4", b"p4", "up-1", 0.0)]
-    assert t.retrier.worker_left("up-1", "route", running) == [Wakeup(2, 0.0)]
-    assert t.retrier.timer_fired(2) == [Submit("route", 2, b"f", b"gpr:2:u-4", b"p4")]
+    assert t.note(t.retrier.worker_left("up-1", "route", running, now=1.0)) == [Wakeup(2, 0.0, 1)]
+    assert t.fire(2, now=1.0) == [Submit("route", 2, b"f", b"gpr:2:u-4", b"p4")]
+    assert t.sample("gproxy_retries_total", reason="disconnect") == 1
+
+
+def test_over_max_held_a_departed_workers_job_fails_and_is_dead_lettered() -> None:
+    t = Transcript(replace(POLICY, max_held=1, dead_letter="dlq"))
+    t.fail()
+    running = [TrackedJob(b"H:4", b"f", b"u-4", b"p4", "up-1", 0.0)]
+    actions = t.retrier.worker_left("up-1", "route", running, now=1.0)
+    assert [type(a) for a in actions] == [Submit, SendUpstream]
+    assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:4"))

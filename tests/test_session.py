@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.retry import Policies, Retrier, RetryPolicy, SendUpstream, Wakeup
-from gproxy.session import OpenUpstream, Session
+from gproxy.retry import DISCONNECTED, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.session import MAX_SILENCED, CloseUpstream, OpenUpstream, ServerTraits, Session
 from tests.test_protocol import admin_lines, packets
 
 P = PacketType
@@ -100,8 +102,8 @@ def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
 def test_closing_hands_back_everything(session: Session) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
-    assert [j.handle for j in session.link_closed(session.current)] == [b"H:1"]
-    assert len(session.current.jobs) == 0
+    session.link_closed(session.current)
+    assert len(session.current.jobs) == 0 and session.metrics.running == {}
 
 
 def test_a_work_result_without_a_handle_terminator_is_refused(session: Session) -> None:
@@ -148,7 +150,7 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     )
     session.from_upstream(old, assign_uniq(b"H:1", function=b"f") + assign_uniq(b"H:2", function=b"g"), now=0.0)
     assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0) == b""
-    assert session.actions == [Wakeup(1, 1.0)]
+    assert session.actions == [Wakeup(1, 1.0, 1)]
     session.actions.clear()
 
     # CANT_DO f on `old` would make gearmand requeue the held H:1: not sent there.
@@ -184,3 +186,261 @@ def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Ses
     result = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     assert session.from_downstream(result, now=1.0) == result
     assert len(session.current.jobs) == 0
+
+
+# -- with retries: what a worker sends after a failure, moves, other servers -------------------
+
+FAST = RetryPolicy(jitter=False)
+
+
+def retrying(policy: RetryPolicy = FAST, traits: ServerTraits | None = None) -> Session:
+    return Session("up", retrier=Retrier(Policies(policy)), route="r", traits=traits)
+
+
+def give(session: Session, *jobs: bytes, plain: bool = False) -> None:
+    """The worker grabs and gets each job; `jobs` are handle or handle=unique."""
+    grab = req(P.GRAB_JOB if plain else P.GRAB_JOB_UNIQ)
+    for job in jobs:
+        handle, _, unique = job.partition(b"=")
+        session.from_downstream(grab, now=0.0)
+        if plain and not session.traits.grab_uniq:
+            reply = res(P.JOB_ASSIGN, handle=handle, function=b"f", data=b"d")
+        else:
+            reply = assign_uniq(handle, unique=unique or b"u-" + handle)
+        session.from_upstream(session.current, reply, now=0.0)
+    session.actions.clear()
+
+
+LATE = [
+    req(P.WORK_FAIL, handle=b"H:1"),
+    req(P.WORK_COMPLETE, handle=b"H:1", data=b"stale result"),
+    req(P.WORK_DATA, handle=b"H:1", data=b"late data"),
+    req(P.WORK_STATUS, handle=b"H:1", numerator=b"1", denominator=b"2"),
+    req(P.WORK_WARNING, handle=b"H:1", data=b"w"),
+    req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: again"),
+]
+
+
+@pytest.mark.parametrize("late", LATE, ids=lambda p: PacketType(int.from_bytes(p[4:8], "big")).name)
+def test_nothing_the_worker_sends_for_a_held_job_reaches_gearmand(late: bytes) -> None:
+    session = retrying()
+    give(session, b"H:1")
+    assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0) == b""
+    session.actions.clear()
+    # python-gearman's send_job_exception + return: the exception, a WORK_FAIL, a WORK_COMPLETE.
+    assert session.from_downstream(late + late, now=1.0) == b""
+    assert session.actions == [] and len(session.retrier.held) == 1
+
+
+def test_a_held_job_is_still_recognised_after_many_other_failures() -> None:
+    session = retrying()
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    for n in range(2, MAX_SILENCED + 10):  # so many unmarked exceptions that H:1 leaves the memory
+        handle = b"H:%d" % n
+        give(session, handle)
+        session.from_downstream(req(P.WORK_EXCEPTION, handle=handle, data=b"boom"), now=0.0)
+    assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"stale"), now=1.0) == b""
+
+
+@pytest.mark.parametrize("exception_ends_job", [True, False])
+def test_after_a_forwarded_exception_the_trailing_work_fail_is_dropped_where_the_job_has_ended(
+    exception_ends_job: bool,
+) -> None:
+    session = retrying(traits=ServerTraits(exception_ends_job=exception_ends_job))
+    give(session, b"H:1")
+    exception = req(P.WORK_EXCEPTION, handle=b"H:1", data=b"boom: not marked")
+    trailing = req(P.WORK_FAIL, handle=b"H:1")
+    sent = session.from_downstream(exception + trailing, now=0.0)
+    # gearmand: the exception ended the job, the WORK_FAIL would earn the worker an ERROR.
+    # The Perl Gearman::Server: the exception only informs, the WORK_FAIL ends the job.
+    assert sent == (exception if exception_ends_job else exception + trailing)
+    assert session.metrics.running == {}
+
+
+def test_a_new_assignment_of_an_ended_handle_is_a_new_job() -> None:
+    session = retrying()
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"boom"), now=0.0)
+    give(session, b"H:1")  # handles repeat after a gearmand restart
+    done = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
+    assert session.from_downstream(done, now=0.0) == done
+
+
+@pytest.mark.parametrize(
+    "failure", [req(P.WORK_EXCEPTION, handle=b"H:7", data=b"RETRY: x"), req(P.WORK_FAIL, handle=b"H:7")]
+)
+def test_a_retry_jobs_failure_goes_to_its_owner_and_nothing_after_it(failure: bytes) -> None:
+    session = retrying(replace(FAST, on_fail=True))
+    give(session, b"H:7=gpr:2:orig")
+    assert session.from_downstream(failure, now=0.0) == failure
+    assert session.retrier.held == {} and session.actions == []  # no second loop
+    assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:7", data=b"late"), now=0.0) == b""
+
+
+def test_over_max_held_the_failure_is_forwarded_and_dead_lettered() -> None:
+    session = retrying(replace(FAST, max_held=1, dead_letter="dlq"))
+    give(session, b"H:1", b"H:2")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    session.actions.clear()
+    exception = req(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: x")
+    assert session.from_downstream(exception + req(P.WORK_FAIL, handle=b"H:2"), now=0.0) == exception
+    assert [type(a) for a in session.actions] == [Submit]
+
+
+def test_updates_after_a_cant_do_in_the_same_read_go_to_the_connection_that_owns_the_job() -> None:
+    session = retrying()
+    old = session.current
+    session.from_downstream(req(P.CAN_DO, function=b"f"), now=0.0)
+    give(session, b"H:1", b"H:2")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    session.actions.clear()
+    updates = req(P.WORK_DATA, handle=b"H:2", data=b"d") + req(P.WORK_STATUS, handle=b"H:2", numerator=b"1", denominator=b"2")
+    sent = session.from_downstream(req(P.CANT_DO, function=b"f") + updates + req(P.GRAB_JOB_UNIQ), now=0.0)
+    assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
+    new = session.current
+    assert session.actions == [
+        OpenUpstream(session, new, b""),  # it can do nothing now
+        SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
+        SendUpstream(old, req(P.WORK_STATUS, handle=b"H:2", numerator=b"1", denominator=b"2")),
+    ]
+
+
+def test_a_retired_connection_closes_once_its_last_grab_is_answered() -> None:
+    session = retrying()
+    old = session.current
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    # A grab still unanswered on the old connection when the worker is moved off it.
+    session.from_downstream(req(P.GRAB_JOB_UNIQ) + req(P.RESET_ABILITIES), now=0.0)
+    assert session.retired == [old]
+    retrier = session.retrier
+    retrier.timer_fired(1, 1, now=1.0)
+    retrier.retry_created(1, b"H:9")
+    finished = retrier.retry_packet("r", P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)
+    assert finished[-1] == Released(old)
+    assert not session.released(old)  # still owed the answer to that grab
+    session.actions.clear()
+    assert session.from_upstream(old, res(P.NO_JOB), now=3.0) == res(P.NO_JOB)
+    assert session.actions == [CloseUpstream(old)] and session.retired == []
+
+
+def test_the_replies_to_a_replayed_registration_never_reach_the_worker() -> None:
+    session = retrying()
+    session.from_downstream(req(P.OPTION_REQ, option=b"exceptions") + req(P.CAN_DO, function=b"f"), now=0.0)
+    assert session.from_upstream(session.current, res(P.OPTION_RES, option=b"exceptions"), now=0.0) == res(
+        P.OPTION_RES, option=b"exceptions"
+    )
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x") + req(P.RESET_ABILITIES), now=0.0)
+    new = session.current
+    assert new.replies_to_swallow == 1
+    assert session.from_upstream(new, res(P.OPTION_RES, option=b"exceptions"), now=0.0) == b""
+    # The worker's own request afterwards is answered as usual.
+    session.from_downstream(req(P.OPTION_REQ, option=b"exceptions"), now=0.0)
+    assert session.from_upstream(new, res(P.OPTION_RES, option=b"exceptions"), now=0.0) == res(
+        P.OPTION_RES, option=b"exceptions"
+    )
+
+
+PERL_SERVER_REFUSAL = res(
+    P.ERROR, code=b"server_error",
+    text=b'Can\'t locate object method "CMD_" via package "Gearman::Server::Client" at Client.pm line 552.\n',
+)
+
+
+def test_a_server_without_grab_job_uniq_gets_the_workers_own_grab() -> None:
+    traits = ServerTraits()
+    session = retrying(traits=traits)
+    link = session.current
+    assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
+    assert session.from_upstream(link, PERL_SERVER_REFUSAL, now=0.0) == b""
+    assert session.actions == [SendUpstream(link, req(P.GRAB_JOB))]
+    assert (traits.grab_uniq, traits.exception_ends_job) == (False, False)
+    assign = res(P.JOB_ASSIGN, handle=b"H:1", function=b"f", data=b"d")
+    assert session.from_upstream(link, assign, now=0.0) == assign
+    assert [(j.handle, j.unique) for j in link.jobs] == [(b"H:1", b"")]
+    assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB)
+    # Sessions of the same route start knowing it.
+    assert retrying(traits=traits).from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB)
+
+
+def test_other_errors_are_the_workers_own() -> None:
+    session = retrying(traits=ServerTraits())
+    link = session.current
+    session.from_downstream(req(P.GRAB_JOB), now=0.0)
+    not_found = res(P.ERROR, code=b"JOB_NOT_FOUND", text=b"Job given in work result not found")
+    assert session.from_upstream(link, not_found, now=0.0) == not_found  # about an earlier packet
+    assert list(link.grabs_pending) == [True] and session.traits.grab_uniq
+    # A grab the worker itself sent and the server cannot name: the worker gets the answer.
+    session.from_upstream(link, res(P.NO_JOB), now=0.0)
+    session.from_downstream(req(P.GRAB_JOB_ALL), now=0.0)
+    assert session.from_upstream(link, PERL_SERVER_REFUSAL, now=0.0) == PERL_SERVER_REFUSAL
+    assert list(link.grabs_pending) == [] and session.traits.grab_uniq
+
+
+def test_where_uniques_are_unknown_retry_jobs_are_recognised_by_handle() -> None:
+    session = retrying(traits=ServerTraits(grab_uniq=False, exception_ends_job=False))
+    retrier = session.retrier
+    give(session, b"H:1", plain=True)
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    (submit,) = retrier.timer_fired(1, 1, now=1.0)
+    assert submit.unique.startswith(b"gpr:2@")  # an empty original: a retry unique of its own
+    retrier.retry_created(1, b"H:9")
+    give(session, b"H:9", plain=True)  # the same worker gets the retry, without its unique
+    failure = req(P.WORK_EXCEPTION, handle=b"H:9", data=b"RETRY: y") + req(P.WORK_FAIL, handle=b"H:9")
+    assert session.from_downstream(failure, now=2.0) == failure  # passed on to the loop's owner
+    assert list(retrier.held) == [1]
+
+
+def test_a_departed_worker_fails_retry_jobs_back_and_retries_its_originals() -> None:
+    session = retrying()
+    link = session.current
+    give(session, b"H:1", b"H:2", b"H:3=gpr:2:other")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY after=30: later"), now=0.0)
+    actions = session.worker_left(now=1.0)
+    assert actions == [
+        SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED)),
+        Wakeup(2, 0.0, 1),
+    ]
+    assert session.retrier.held[2].handle == b"H:2" and session.metrics.running == {}
+
+
+def test_a_held_handle_assigned_again_is_held_afresh_when_it_fails_again() -> None:
+    # gearmand took it back (a CAN_DO_TIMEOUT fired) and the same worker got it again.
+    session = retrying()
+    link = session.current
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    session.actions.clear()
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=1.0)
+    session.from_upstream(link, assign_uniq(b"H:1"), now=1.0)
+    assert session.actions == [Released(link)] and session.retrier.held == {}
+    session.actions.clear()
+    assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=2.0) == b""
+    assert [job.key for job in session.retrier.held.values()] == [2]
+
+
+def test_after_a_hold_ends_the_worker_still_cannot_finish_that_job_again() -> None:
+    session = retrying(replace(FAST, on_fail=True))
+    link = session.current
+    give(session, b"H:1")
+    assert session.from_downstream(req(P.WORK_FAIL, handle=b"H:1"), now=0.0) == b""
+    retrier = session.retrier
+    retrier.timer_fired(1, 1, now=1.0)
+    retrier.retry_created(1, b"H:9")
+    assert retrier.retry_packet("r", P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)[-1] == Released(link)
+    # gearmand has finished H:1 with the retry's result; a straggler would only earn an ERROR.
+    assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"late"), now=3.0) == b""
+
+
+def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work_fail() -> None:
+    session = retrying(traits=ServerTraits(grab_uniq=False, exception_ends_job=False))
+    link = session.current
+    give(session, b"H:1", b"H:3", plain=True)
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    link.jobs.ended(b"H:3")
+    link.jobs.assigned(b"H:3", b"f", b"", b"d", 0.0, is_retry=True)  # recognised by handle
+    assert session.worker_left(now=1.0)[0] == SendUpstream(
+        link, req(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED) + req(P.WORK_FAIL, handle=b"H:3")
+    )
