@@ -1,0 +1,98 @@
+"""gproxy's retry-client connection under faults: resets and refusals from a fault-injecting
+relay between gproxy and a real gearmand, and gearmand's own refusal of a retry.
+
+Only gearmand's ERROR answer to a submission fails a job early; connection trouble is
+retried for as long as it lasts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gproxy.protocol import REQ, PacketType
+from gproxy.retry import RetryPolicy
+from tests.fault_relay import FaultRelay, RelayedConnection
+from tests.gearmand import Gearmand, wait_for
+from tests.peer_procs import PeerSet, run_pyclient, seen_uniques, start_pyclient, start_pyworker
+from tests.proxy_thread import ProxyThread
+
+WAIT_S = 15.0
+FAST = RetryPolicy(backoff_initial=0.05, jitter=False)
+
+
+def is_retry_client(connection: RelayedConnection) -> bool:
+    """gproxy's retry client opens with OPTION_REQ `exceptions`; workers register first."""
+    return connection.first_bytes[:8] == REQ + int(PacketType.OPTION_REQ).to_bytes(4, "big")
+
+
+def test_a_broken_retry_connection_whose_replacement_fails_at_once_fails_no_job(
+    fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gproxy")
+    slow = replace(FAST, backoff_initial=1.0)
+    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        warm = run_pyclient(fresh_gearmand.address, "scripted", "retry,ok|warm", unique="warm")
+        assert warm.stdout == b"ok after 2", warm.stderr
+        client = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|x", unique="cut-retry"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        # The retry connection is reset, and while its backoff runs gearmand cannot be
+        # reached at all (connect refused), then only with connections reset at once.
+        relay.down()
+        assert relay.reset_where(is_retry_client) == 1
+        wait_for(lambda: [job.state.value for job in proxy.held()] != ["waiting"], WAIT_S, "the retry to be due")
+        wait_for(lambda: any("cannot connect" in r.getMessage() for r in caplog.records) or not [job.state.value for job in proxy.held()],
+                 WAIT_S, "gproxy to fail to reconnect")
+        relay.refuse_next(5)  # more than max_attempts
+        relay.up()
+        run = client.result()
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert [u for u in seen_uniques(tmp_path) if u == "cut-retry"] == ["cut-retry"] * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("refused by gearmand" in m or "exhausted" in m for m in messages)
+    # The submissions lost with the refused connections were sent again, not counted as attempts.
+    assert any(m.startswith("retry succeeded: scripted") and m.endswith("on attempt 2") for m in messages)
+
+
+def test_a_retry_job_lost_with_the_connection_runs_again_as_the_next_attempt(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    slow = replace(FAST, backoff_initial=0.5)
+    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow) as proxy, PeerSet() as peers:
+        first = start_pyworker(proxy.address, state_dir=tmp_path)
+        client = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|y", unique="lost-retry"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        first.stop()  # no worker: the retry job will wait in gearmand's queue
+        def retry_handles() -> list[bytes | None]:
+            return proxy.call(lambda: [job.retry_handle for job in proxy.proxy.retrier.held.values()])
+
+        wait_for(lambda: retry_handles() != [None], WAIT_S, "the retry job to be created")
+        (lost,) = retry_handles()
+        assert relay.reset_where(is_retry_client) == 1
+        wait_for(lambda: retry_handles() not in ([None], [lost]), WAIT_S, "a new retry job to be created")
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = client.result()
+    # gearmand dropped the abandoned retry job unrun; the one submitted in its place ran.
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert seen_uniques(tmp_path) == ["lost-retry"] * 2
+
+
+def test_gearmand_refusing_a_retry_gives_the_client_the_last_failure_at_once(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    gearmand = fresh_gearmand
+    slow = replace(FAST, backoff_initial=1.0)
+    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        client = peers.add(start_pyclient(gearmand.address, "scripted", "retry,ok|z", unique="refused", exceptions=True))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        # The held job counts in the queue: a queue of one is full, the retry is refused.
+        assert gearmand.admin("maxqueue scripted 1") == "OK"
+        run = client.result(timeout=WAIT_S)
+        assert len(proxy.held()) == 0
+    assert (run.state, run.report["exception"]) == ("FAILED", "RETRY: scripted 1"), run.stderr
+    assert seen_uniques(tmp_path) == ["refused"]
