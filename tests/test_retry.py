@@ -417,3 +417,15 @@ def test_over_max_held_a_departed_workers_job_fails_and_is_dead_lettered() -> No
     actions = t.retrier.worker_left("up-1", "route", running, now=1.0)
     assert [type(a) for a in actions] == [Submit, SendUpstream]
     assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:4"))
+
+
+def test_answers_and_timers_out_of_turn_change_nothing() -> None:
+    t = Transcript(replace(SMALL_BUDGET, budget_min_per_second=0.0, max_hold_time=30.0))
+    t.fail()
+    # gearmand's answers to a submission that is not outstanding (the job is still waiting).
+    assert t.retrier.retry_created(1, b"H:2") == [] and t.retrier.retry_rejected(1, b"X", now=0.5) == []
+    assert t.retrier.held[1].state.value == "waiting"
+    t.fire(1, now=1.0)  # over budget: deferred, with a timer for its deadline at 30 s
+    # A timer that wakes early (clocks differ) is set again for what is left, nothing more.
+    assert t.retrier.timer_fired(1, 1, now=20.0) == [Wakeup(1, 10.0, 1)]
+    assert t.retrier.held[1].state.value == "deferred"
