@@ -9,6 +9,8 @@ function is counted as `__other__`.
 
 from __future__ import annotations
 
+import hashlib
+
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ PROTOCOL_ERRORS = ("bad_magic", "unknown_type", "oversized", "malformed", "mid_p
 DIRECTIONS = ("to_gearmand", "from_gearmand")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DEFAULT_MAX_FUNCTIONS = 200
+MAX_LABEL_BYTES = 96
+"""A longer function name is shown as its first 80 bytes, `…` and 8 hex digits of its SHA-1:
+names come from the network, and every series repeats its labels on each scrape."""
 
 
 class Metrics:
@@ -66,7 +71,7 @@ class Metrics:
         if label is None:
             if len(self._functions) >= self.max_functions:
                 return OTHER
-            label = self._functions[name] = name.decode("utf-8", "replace")
+            label = self._functions[name] = _label(name)
             for outcome in OUTCOMES:  # zero-valued series, so rates and alerts see them start
                 self.jobs.labels(label, outcome)
             for reason in REASONS:
@@ -99,6 +104,13 @@ class Metrics:
 
     def count(self, metric: Counter, function: bytes, *labels: str) -> None:
         metric.labels(self.function(function), *labels).inc()
+
+
+def _label(name: bytes) -> str:
+    if len(name) <= MAX_LABEL_BYTES:
+        return name.decode("utf-8", "replace")
+    digest = hashlib.sha1(name).hexdigest()[:8]
+    return f"{name[:80].decode('utf-8', 'replace')}…{digest}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,7 +209,24 @@ class AdminLine(NamedTuple):
     raw: bytes
 
 
-Frame = Packet | AdminLine
+class Oversized(NamedTuple):
+    """A packet over max_packet_size of a type the framer was told to skip rather than
+    refuse: its body is read and dropped, and only its start is kept, so the stream stays
+    in step and the caller can still say which job it was about."""
+
+    type: PacketType
+    size: int
+    head: bytes
+    """The first OVERSIZED_HEAD bytes of the body (the handle comes first)."""
+
+    @property
+    def fields(self) -> list[bytes]:
+        """The NUL-terminated fields that fit in `head` (the last one may be cut short)."""
+        return self.head.split(b"\0")
+
+
+Frame = Packet | AdminLine | Oversized
+OVERSIZED_HEAD: Final = 1024
 
 
 def parse_body(ptype: PacketType, body: bytes) -> dict[str, bytes]:
@@ -258,6 +275,7 @@ class Framer:
         magic: bytes,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         counts: list[int] | None = None,
+        skip_oversized: frozenset[PacketType] = frozenset(),
     ) -> None:
         if magic not in (REQ, RES):
             raise ValueError(f"magic must be REQ or RES, not {magic!r}")
@@ -265,17 +283,28 @@ class Framer:
         self.max_packet_size = max_packet_size
         self.counts = counts if counts is not None else [0] * (max(PacketType) + 1)
         """Packets framed, by type number (shared across framers, read by the metrics)."""
+        self.skip_oversized = skip_oversized
+        """Types whose oversized packets are skipped (an Oversized frame) instead of refused."""
         self._pending = bytearray()
+        self._scanned = 0
+        """How much of an unfinished admin line at the start of `_pending` has been searched
+        for its newline already: a long line arriving in small reads is searched once."""
+        self._skipping = 0
+        """Body bytes of an Oversized packet still to be read and dropped."""
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet framed: non-zero at EOF means the peer left mid-frame."""
-        return len(self._pending)
+        return len(self._pending) + self._skipping
 
     def receive(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise self._error
+        if self._skipping:
+            dropped = min(self._skipping, len(data))
+            self._skipping -= dropped
+            data = data[dropped:]
         if self._pending:
             self._pending += data
             buf: bytes | bytearray = self._pending
@@ -296,18 +325,20 @@ class Framer:
         frames: list[Frame] = []
         counts = self.counts
         pos, total = 0, len(buf)
+        scanned, self._scanned = self._scanned, 0
         while pos < total:
             if buf[pos] != 0:  # a text admin line, up to its newline
-                newline = buf.find(b"\n", pos)
+                newline = buf.find(b"\n", pos + scanned)
                 if newline < 0:
                     if total - pos > self.max_packet_size:
                         raise ProtocolError(
                             f"admin text line longer than max_packet_size {self.max_packet_size}",
                             "oversized",
                         )
+                    self._scanned = total - pos
                     break
                 frames.append(AdminLine(bytes(buf[pos : newline + 1])))
-                pos = newline + 1
+                pos, scanned = newline + 1, 0
                 continue
             if total - pos < HEADER_SIZE:
                 seen = min(total - pos, 4)
@@ -321,10 +352,20 @@ class Framer:
             if ptype is None:
                 raise ProtocolError(f"unknown packet type {number}", "unknown_type")
             if size > self.max_packet_size:
-                raise ProtocolError(
-                    f"{ptype.name} of {size} bytes exceeds max_packet_size {self.max_packet_size}",
-                    "oversized",
-                )
+                if ptype not in self.skip_oversized:
+                    raise ProtocolError(
+                        f"{ptype.name} of {size} bytes exceeds max_packet_size {self.max_packet_size}",
+                        "oversized",
+                    )
+                head_end = pos + HEADER_SIZE + OVERSIZED_HEAD
+                if head_end > total:  # wait for the head, then drop the rest as it comes
+                    break
+                frames.append(Oversized(ptype, size, bytes(buf[pos + HEADER_SIZE : head_end])))
+                counts[number] += 1
+                in_buffer = min(total, pos + HEADER_SIZE + size)
+                self._skipping = pos + HEADER_SIZE + size - in_buffer
+                pos = in_buffer
+                continue
             end = pos + HEADER_SIZE + size
             if end > total:
                 break

@@ -184,7 +184,9 @@ def exception_text(payload: bytes) -> bytes:
 # that runs a retry strips the marking, so the worker sees the original unique on every
 # attempt (except in the `#` case, where the worker sees the retry unique itself).
 # Dead letters: `gpr:dl:<hash of the job>`, which a retry's pattern never matches.
-_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d+)([:@#])(.*)", re.DOTALL)
+_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d{1,9})([:@#])(.*)", re.DOTALL)
+"""At most 9 digits: a unique from the network is parsed, and int() of thousands of digits
+raises (servers other than gearmand may not cap uniques at 64 bytes)."""
 
 
 def retry_unique(unique: bytes, handle: bytes, attempt: int) -> bytes:
@@ -542,6 +544,17 @@ class Retrier:
         if job.attempt >= job.policy.max_attempts:
             return self._give_up(job, now, GiveUp.EXHAUSTED)
         return self._schedule(job, verdict, now)
+
+    def retry_failed_for_good(self, route: Hashable, retry_handle: bytes, reason: bytes, now: float) -> list[Action]:
+        """A retry job went wrong in a way no further attempt would mend (its result is too
+        large to relay): the original gets `reason` as a final exception."""
+        key = self._by_retry_handle.get((route, retry_handle))
+        job = self.held.get(key) if key is not None else None
+        if job is None:
+            return []
+        log.warning("retry of %s %s failed for good: %s", _text(job.function), _text(job.handle), _text(reason))
+        job.last_failure = (P.WORK_EXCEPTION, reason)
+        return self._give_up(job, now, GiveUp.FINAL)
 
     def retry_connection_lost(self, route: Hashable, in_flight: Collection[int], now: float) -> list[Action]:
         """The retry-client connection to `route` broke with the submissions `in_flight`

@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 import trio
 
 from .connection import Connection
-from .protocol import ProtocolError
+from .protocol import DEFAULT_MAX_PACKET_SIZE, ProtocolError
 from .retry import Action, Retrier, Submit
 from .session import route_name
-from .submitter import HELLO, Created, Event, JobPacket, Refused, Submitter
+from .submitter import HELLO, Created, Event, JobPacket, Refused, Submitter, TooLarge
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
@@ -40,8 +40,10 @@ class RetryClient:
         retrier: Retrier,
         connect: Callable[[], Awaitable[Connection]],
         execute: Execute,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
         self.route = route
+        self._max_packet_size = max_packet_size
         self._retrier = retrier
         self._connect = connect
         self._execute = execute
@@ -49,7 +51,7 @@ class RetryClient:
         """Submissions not yet written, oldest first; they wait here through any outage."""
         self._more = trio.Event()
         self._connection: Connection | None = None
-        self._submitter = Submitter()
+        self._submitter = Submitter(max_packet_size)
 
     @property
     def connected(self) -> bool:
@@ -81,7 +83,7 @@ class RetryClient:
             if failures:
                 log.info("retry client to gearmand %s: connected again", route_name(self.route))
             delay, failures = RECONNECT_INITIAL, 0
-            self._connection, self._submitter = connection, Submitter()
+            self._connection, self._submitter = connection, Submitter(self._max_packet_size)
             try:
                 reason = await self._serve(connection)
             finally:
@@ -136,6 +138,11 @@ class RetryClient:
                 actions = retrier.retry_packet(self.route, event.type, event.args, now)
             elif type(event) is Created:
                 actions = retrier.retry_created(event.key, event.handle)
+            elif type(event) is TooLarge:
+                reason = b"gproxy: the retry's %s of %d bytes exceeds max_packet_size %d" % (
+                    event.type.name.encode(), event.size, self._max_packet_size,
+                )
+                actions = retrier.retry_failed_for_good(self.route, event.handle, reason, now)
             else:
                 assert type(event) is Refused
                 if event.submit.key is None:

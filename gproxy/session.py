@@ -38,6 +38,7 @@ from .protocol import (
     REQ,
     RES,
     Framer,
+    Oversized,
     Packet,
     PacketType,
     ProtocolError,
@@ -81,7 +82,8 @@ class UpstreamLink:
     def __init__(self, name: str, max_packet_size: int, metrics: Metrics) -> None:
         self.name = name
         self.jobs = JobTable(name, metrics.running)
-        self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"])
+        self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"], skip_oversized=_ASSIGNS)
+        """A job too large to hand the worker is failed instead (see Session._too_large)."""
         # One entry per GRAB sent and not yet answered, oldest first: True where gproxy sent
         # GRAB_JOB_UNIQ for the worker's plain GRAB_JOB, which must get a plain JOB_ASSIGN.
         # The server answers every GRAB with exactly one JOB_ASSIGN*, NO_JOB or ERROR, in order.
@@ -205,17 +207,17 @@ class Session:
 
     def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> bytes:
         """Bytes from gearmand on `link`; returns what to send to the worker or client."""
-        out = b"".join(
-            [
-                self._upstream_packet(link, frame, now)
-                if type(frame) is Packet and frame.type in _WATCHED_UPSTREAM
-                else frame.raw
-                for frame in link.framer.receive(data)
-            ]
-        )
+        out: list[bytes] = []
+        for frame in link.framer.receive(data):
+            if type(frame) is Packet:
+                out.append(self._upstream_packet(link, frame, now) if frame.type in _WATCHED_UPSTREAM else frame.raw)
+            elif type(frame) is Oversized:
+                out.append(self._too_large(link, frame))
+            else:
+                out.append(frame.raw)
         if link is not self.current:
             self._close_if_idle(link)
-        return out
+        return b"".join(out)
 
     def released(self, link: UpstreamLink) -> bool:
         """The Retrier holds nothing more on `link`: True if it is a retired link that may
@@ -367,6 +369,29 @@ class Session:
         if shown is not None:
             return build_packet(RES, ptype, **{**args, "unique": shown[1]})
         return packet.raw
+
+    def _too_large(self, link: UpstreamLink, frame: Oversized) -> bytes:
+        """A job over max_packet_size: handing it over would cost the worker its connection,
+        and gearmand would requeue it to the next worker, in a loop. It is failed on the
+        connection it was assigned to, and the worker's grab gets NO_JOB."""
+        if link.grabs_pending:
+            link.grabs_pending.popleft()
+        fields = frame.fields
+        if len(fields) < 2:  # no handle within the first kilobyte: nothing to fail
+            log.warning("gearmand %s sent a %s of %d bytes with no handle: dropped", route_name(self.route), frame.type.name, frame.size)
+            return _NO_JOB
+        handle, function = fields[0], fields[1]
+        log.warning(
+            "job %s %s of %d bytes is over max_packet_size %d: failed, not given to the worker",
+            _text(function), _text(handle), frame.size, self.max_packet_size,
+        )
+        reason = b"gproxy: a job of %d bytes exceeds max_packet_size %d" % (frame.size, self.max_packet_size)
+        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=reason)
+        if not self.traits.exception_ends_job:
+            packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
+        self.metrics.job_ended(function, "exception", 0.0)
+        self.actions.append(SendUpstream(link, packet))
+        return _NO_JOB
 
     def _upstream_reply(self, link: UpstreamLink, packet: Packet) -> bytes:
         """OPTION_RES or ERROR: dropped if it answers gproxy's own replay; an ERROR for a

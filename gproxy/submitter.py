@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from .protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from .protocol import DEFAULT_MAX_PACKET_SIZE, REQ, RES, Framer, Oversized, Packet, PacketType, build_packet
 from .retry import Submit
 
 P = PacketType
@@ -41,14 +41,23 @@ class JobPacket:
     args: dict[str, bytes]
 
 
-Event = Created | Refused | JobPacket
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A retry job's packet over max_packet_size, read and dropped."""
+
+    type: PacketType
+    handle: bytes
+    size: int
+
+
+Event = Created | Refused | JobPacket | TooLarge
 
 
 class Submitter:
     """One connection's worth: a new connection gets a new Submitter."""
 
-    def __init__(self) -> None:
-        self._framer = Framer(RES)
+    def __init__(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
+        self._framer = Framer(RES, max_packet_size, skip_oversized=_JOB_PACKETS)
         self._awaiting: deque[Submit] = deque()
         """Submissions sent and not yet answered, oldest first."""
 
@@ -63,6 +72,9 @@ class Submitter:
     def receive(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         for frame in self._framer.receive(data):
+            if type(frame) is Oversized:
+                events.append(TooLarge(frame.type, frame.fields[0], frame.size))
+                continue
             if type(frame) is not Packet:
                 continue
             if frame.type is P.JOB_CREATED or frame.type is P.ERROR:

@@ -15,8 +15,10 @@ from gproxy.protocol import (
     LAYOUTS,
     REQ,
     RES,
+    OVERSIZED_HEAD,
     AdminLine,
     Framer,
+    Oversized,
     Packet,
     PacketType,
     ProtocolError,
@@ -166,3 +168,54 @@ def test_a_large_body_is_framed_whole_and_framing_goes_on_after_it() -> None:
     assert frame.args() == {"handle": b"H:x:1", "data": payload}
     assert framer.receive(small) == [Packet(PacketType.NOOP, small)]
     assert framer.buffered == 0
+
+
+def test_a_type_of_two_to_the_31_is_refused_from_the_header() -> None:
+    # gearmand 1.1.20 segfaults on this header; behind gproxy it never sees it.
+    with pytest.raises(ProtocolError, match="unknown packet type 4294967295"):
+        Framer(REQ).receive(bytes.fromhex("00524551ffffffff00000000"))
+    with pytest.raises(ProtocolError, match="unknown packet type 2147483648"):
+        Framer(REQ).receive(b"\0REQ" + struct.pack(">II", 2**31, 0))
+
+
+def test_a_long_admin_line_in_small_reads_is_searched_once() -> None:
+    framer = Framer(REQ, max_packet_size=1 << 20)
+    chunk = b"x" * 4096
+    searched = []
+
+    class Counting(bytearray):
+        def find(self, sub: bytes, start: int = 0, *args: int) -> int:  # type: ignore[override]
+            searched.append(len(self) - start)
+            return super().find(sub, start, *args)
+
+    framer._pending = Counting()  # every read after the first one lands in _pending
+    framer._pending += chunk
+    for _ in range(63):
+        assert framer.receive(chunk) == []
+    assert framer.receive(b"\n") == [AdminLine(chunk * 64 + b"\n")]
+    # Each byte looked at about once: 65 chunks' worth, not the 2,080 a rescan would cost.
+    assert sum(searched) <= 65 * len(chunk) + 1
+
+
+@pytest.mark.parametrize("split", [1, 700, 1100, 5000, 100_000])
+def test_an_oversized_packet_of_a_type_to_skip_is_dropped_and_framing_goes_on(split: int) -> None:
+    body_data = b"\0" * 10_000
+    big = build_packet(RES, PacketType.JOB_ASSIGN_UNIQ, handle=b"H:x:1", function=b"resize", unique=b"u", data=body_data)
+    small = build_packet(RES, PacketType.NOOP)
+    stream = small + big + small
+    framer = Framer(RES, max_packet_size=2048, skip_oversized=frozenset({PacketType.JOB_ASSIGN_UNIQ}))
+    frames = framer.receive(stream[:split]) + framer.receive(stream[split:])
+    assert [type(f) for f in frames] == [Packet, Oversized, Packet]
+    oversized = frames[1]
+    assert (oversized.type, oversized.size) == (PacketType.JOB_ASSIGN_UNIQ, len(big) - 12)
+    assert oversized.fields[:2] == [b"H:x:1", b"resize"] and len(oversized.head) == OVERSIZED_HEAD
+    assert framer.buffered == 0
+    # Mid-skip, what is still to come counts as buffered (a peer leaving then left mid-packet).
+    assert [type(f) for f in framer.receive(big[:3000])] == [Oversized]
+    assert framer.buffered == len(big) - 3000
+
+
+def test_oversized_packets_of_other_types_are_still_refused() -> None:
+    framer = Framer(RES, max_packet_size=1024, skip_oversized=frozenset({PacketType.JOB_ASSIGN}))
+    with pytest.raises(ProtocolError, match="WORK_DATA of 2048 bytes exceeds"):
+        framer.receive(b"\0RES" + struct.pack(">II", PacketType.WORK_DATA, 2048))

@@ -429,3 +429,9 @@ def test_answers_and_timers_out_of_turn_change_nothing() -> None:
     # A timer that wakes early (clocks differ) is set again for what is left, nothing more.
     assert t.retrier.timer_fired(1, 1, now=20.0) == [Wakeup(1, 10.0, 1)]
     assert t.retrier.held[1].state.value == "deferred"
+
+
+def test_a_unique_with_thousands_of_digits_is_not_a_retry_unique() -> None:
+    # int() of that many digits raised, and the pair closed with an internal error.
+    assert parse_retry_unique(b"gpr:" + b"9" * 5000 + b":x") is None
+    assert parse_retry_unique(b"gpr:123456789:x") == (123456789, b"x")

@@ -71,7 +71,7 @@ class Harness:
         self.gearmand = FakeGearmand()
         self.executed: list[Action] = []
         self.acted = trio.Event()
-        self.client = RetryClient("route", self.retrier, self.gearmand.connect, self.execute)
+        self.client = RetryClient("route", self.retrier, self.gearmand.connect, self.execute, max_packet_size=4096)
 
     async def execute(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -168,6 +168,32 @@ async def test_gearmands_error_answer_fails_the_job_with_its_last_failure(clock:
         nursery.cancel_scope.cancel()
     assert h.executed[0] == SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"))
     assert h.retrier.held == {}
+
+
+async def test_a_retry_result_over_max_packet_size_fails_the_job_and_keeps_the_connection(
+    clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    first, second = h.hold(b"H:1"), h.hold(b"H:2")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.client.run)
+        h.due(first)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        await end.send(build_packet(RES, P.JOB_CREATED, handle=b"H:9"))
+        huge = build_packet(RES, P.WORK_COMPLETE, handle=b"H:9", data=b"r" * 10_000)
+        for i in range(0, len(huge), 3000):
+            await end.send(huge[i : i + 3000])
+        with trio.fail_after(5):
+            await h.acted.wait()
+        h.due(second)  # the same connection goes on serving
+        (submit,) = await h.gearmand.read(end, 1)
+        nursery.cancel_scope.cancel()
+    assert h.executed[0] == SendUpstream("up-1", build_packet(
+        REQ, P.WORK_EXCEPTION, handle=b"H:1",
+        data=b"gproxy: the retry's WORK_COMPLETE of 10004 bytes exceeds max_packet_size 4096",
+    ))
+    assert submit.args()["unique"] == b"gpr:2:u-H:2" and h.gearmand.attempts == 1
 
 
 def test_the_submitter_matches_replies_to_submissions_in_order() -> None:

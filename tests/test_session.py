@@ -444,3 +444,25 @@ def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work
     assert session.worker_left(now=1.0)[0] == SendUpstream(
         link, req(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED) + req(P.WORK_FAIL, handle=b"H:3")
     )
+
+
+def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_job() -> None:
+    session = Session("up", max_packet_size=2048)
+    link = session.current
+    assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
+    big = assign_uniq(b"H:big", function=b"resize", data=b"x" * 4096)
+    after = res(P.NOOP)
+    assert session.from_upstream(link, big[:500], now=0.0) == b""  # the head is not all there
+    assert session.from_upstream(link, big[500:2000], now=0.0) == res(P.NO_JOB)
+    assert session.from_upstream(link, big[2000:] + after, now=0.0) == after  # the rest, dropped
+    reason = b"gproxy: a job of %d bytes exceeds max_packet_size 2048" % (len(big) - 12)
+    assert session.actions == [SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:big", data=reason))]
+    assert list(link.grabs_pending) == [] and len(link.jobs) == 0
+
+
+def test_a_unique_of_thousands_of_digits_after_gpr_passes_as_it_is() -> None:
+    session = retrying()
+    unique = b"gpr:" + b"9" * 5000 + b":x"
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    assign = assign_uniq(b"H:1", unique=unique)
+    assert session.from_upstream(session.current, assign, now=0.0) == assign
