@@ -19,22 +19,30 @@ class Connection:
     """A connected non-blocking socket: one task reads; any number of tasks may write, each
     write arrives whole and in the order the writes began."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple[str, int] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
         self._send_lock = trio.StrictFIFOLock()
-        try:
-            host, port, *_ = sock.getpeername()
-            self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        except OSError:
-            self.peer = "?"
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                pass
+        self.peer = _address(peer) if peer else "?"
 
     @classmethod
     def from_stream(cls, stream: trio.SocketStream) -> Connection:
         """Take over the socket of a trio stream (TCP_NODELAY, set by trio, stays on)."""
         sock = stream.socket
         return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
+
+    @classmethod
+    def accepted(cls, sock: trio.socket.SocketType, peer: tuple[str, int]) -> Connection:
+        """A connection just accepted, named by the address accept() gave: a peer that resets
+        it at once has no address to ask for any more."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()), peer)
 
     async def receive(self, max_bytes: int) -> bytes:
         """The next bytes, or b"" at EOF. Raises OSError if the connection broke."""
@@ -84,3 +92,8 @@ class Connection:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+
+def _address(peer: tuple[str, int]) -> str:
+    host, port, *_ = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -22,19 +22,24 @@ MAX_REQUEST = 8192
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
-async def serve_http(
-    address: Address,
-    registry: CollectorRegistry,
-    ready: Readiness,
-    *,
-    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-) -> None:
+async def bind_http(address: Address) -> tuple[list[trio.SocketListener], Address]:
+    """Bind the listeners (an OSError here, the address in use, is plain: the command
+    reports it in one line) and say where they are."""
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     host, port, *_ = listeners[0].socket.getsockname()
     bound = Address(host, port)
     log.info("metrics on http://%s/metrics (health: /healthz, readiness: /readyz)", bound)
-    task_status.started(bound)
-    await trio.serve_listeners(partial(_handle, registry, ready), listeners)
+    return listeners, bound
+
+
+async def serve_http(
+    listeners: list[trio.SocketListener],
+    registry: CollectorRegistry,
+    ready: Readiness,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await trio.serve_listeners(partial(_handle, registry, ready), listeners, task_status=task_status)
 
 
 async def _handle(registry: CollectorRegistry, ready: Readiness, stream: trio.SocketStream) -> None:

@@ -9,17 +9,19 @@ into a crashed proxy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Sequence
 from functools import partial
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 
 from .config import Address, Config, Route
 from .connection import Connection
 from .jobs import TrackedJob
-from .http_endpoint import serve_http
+from .http_endpoint import bind_http, serve_http
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import Released, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
@@ -33,6 +35,13 @@ CONNECT_TIMEOUT = 5.0
 """Seconds to reach gearmand before the downstream connection is refused."""
 READY_TIMEOUT = 2.0
 """Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
+ACCEPT_CAPACITY_PAUSE = 0.1
+"""Seconds to wait when accept() fails for want of file descriptors or memory."""
+_ACCEPT_CAPACITY: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY: Final = {
+    errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+}
 HALF_CLOSE_LINGER = 10.0
 """After one side closes, seconds the other may take to finish before the pair is cut."""
 DRAIN_POLL = 0.05
@@ -64,7 +73,9 @@ class _Pair:
     released: trio.Event = field(default_factory=trio.Event)
 
     def fail(self, reason: str, level: int = logging.WARNING) -> None:
-        if self.reason is None:
+        """Close the pair. The first reason is the one logged, unless a graver one follows
+        (bad input after the other side closed is still a WARNING, like its metric)."""
+        if self.reason is None or level > self.level:
             self.reason, self.level = reason, level
         self.cancel_scope.cancel()
 
@@ -92,6 +103,7 @@ class Proxy:
         self.draining = False
         self._accepting = trio.CancelScope()
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
+        self._http: list[trio.SocketListener] = []
         self._pairs: set[_Pair] = set()
         self._owners: dict[UpstreamLink, _Pair] = {}
         self._retry_clients: dict[Route, RetryClient] = {}
@@ -127,6 +139,8 @@ class Proxy:
             self.listen_addresses.append(Address(host, port))
             log.info("listening on %s, proxying to gearmand %s", Address(host, port), route.upstream)
             self._bound.append((route, listeners))
+        if self.config.metrics_listen is not None:
+            self._http, self.metrics_address = await bind_http(self.config.metrics_listen)
 
     async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen (unless `listen()` was awaited already), report `self` as started, serve."""
@@ -134,10 +148,8 @@ class Proxy:
             await self.listen()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.config.metrics_listen is not None:
-                self.metrics_address = await nursery.start(
-                    serve_http, self.config.metrics_listen, self.metrics.registry, self.ready
-                )
+            if self._http:
+                await nursery.start(serve_http, self._http, self.metrics.registry, self.ready)
             await nursery.start(self._accept)
             task_status.started(self)
 
@@ -146,12 +158,31 @@ class Proxy:
         with self._accepting:
             async with trio.open_nursery() as listeners:
                 for route, bound in self._bound:
-                    await listeners.start(
-                        partial(trio.serve_listeners, handler_nursery=self._nursery),
-                        lambda stream, r=route: self._handle(stream, r),
-                        bound,
-                    )
+                    for listener in bound:
+                        listeners.start_soon(self._accept_on, listener, route)
                 task_status.started()
+
+    async def _accept_on(self, listener: trio.SocketListener, route: Route) -> None:
+        """trio.serve_listeners, keeping the peer's address that accept() returns. When
+        accepting stops (a drain), the listener closes: new workers are refused at once."""
+        assert self._nursery is not None
+        with listener.socket:
+            await self._accept_loop(listener.socket, route)
+
+    async def _accept_loop(self, sock: trio.socket.SocketType, route: Route) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                accepted, peer = await sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:  # the peer gave up before we got to it
+                    continue
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                log.warning("cannot accept on %s for now (%s): trying again shortly", route.listen, exc)
+                await trio.sleep(ACCEPT_CAPACITY_PAUSE)
+                continue
+            self._nursery.start_soon(self._handle, Connection.accepted(accepted, peer), route)
 
     async def shutdown(self, grace_period: float) -> None:
         """Stop accepting and stop handing out jobs, then wait up to `grace_period` seconds
@@ -181,8 +212,7 @@ class Proxy:
 
     # -- one downstream connection
 
-    async def _handle(self, stream: trio.SocketStream, route: Route) -> None:
-        downstream = Connection.from_stream(stream)
+    async def _handle(self, downstream: Connection, route: Route) -> None:
         name = f"peer {downstream.peer} (via {route.listen} to gearmand {route.upstream})"
         try:
             upstream = await self.connect(route)
@@ -194,6 +224,7 @@ class Proxy:
             f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
             retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route],
         )
+        session.draining = self.draining  # accepted before a drain began, served after
         pair = _Pair(name, session, downstream, trio.CancelScope())
         self._pairs.add(pair)
         try:
@@ -324,8 +355,9 @@ class Proxy:
                     with contextlib.suppress(OSError):
                         pair.downstream.send_eof()
         finally:
-            if link is not session.current or pair.worker_gone:
-                self._detach(pair, link)
+            # The connection is gone, so is everything gearmand had assigned through it (it
+            # requeues those jobs): their holds end now, not when the pair is done lingering.
+            self._detach(pair, link)
 
     # -- what the pure parts ask for
 
@@ -401,7 +433,7 @@ class Proxy:
         if client is None:
             assert self._nursery is not None
             client = self._retry_clients[route] = RetryClient(
-                route, self.retrier, partial(self.connect, route), self.execute
+                route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size
             )
             self._nursery.start_soon(client.run)
         return client

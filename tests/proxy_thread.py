@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
+import trio.testing
 
 from gproxy.config import Address, Config, Route
 from gproxy.jobs import TrackedJob
@@ -22,8 +23,13 @@ R = TypeVar("R")
 
 
 class ProxyThread:
-    def __init__(self, config: Config) -> None:
+    """`frozen`: the proxy's clock stands still (trio's MockClock) until the test moves it with
+    advance() or lets it run with thaw(): a retry waits exactly as long as the test wants,
+    instead of racing a backoff on a loaded machine."""
+
+    def __init__(self, config: Config, frozen: bool = False) -> None:
         self.config = config
+        self.clock = trio.testing.MockClock(rate=0.0) if frozen else None
         self.proxy: Proxy | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -32,14 +38,14 @@ class ProxyThread:
     @classmethod
     def to(
         cls, upstream: tuple[str, int], policy: RetryPolicy | None = None,
-        functions: dict[str, RetryPolicy] | None = None, **settings: Any,
+        functions: dict[str, RetryPolicy] | None = None, frozen: bool = False, **settings: Any,
     ) -> ProxyThread:
         """A single route from a free loopback port to `upstream`; with `policy` (and
         per-function `functions`) instead of the shipped retry defaults."""
         if policy is not None:
             named = {name.encode(): p for name, p in (functions or {}).items()}
             settings["policies"] = Policies(policy, named)
-        return cls(Config(routes=(Route(Address("127.0.0.1", 0), Address(*upstream)),), **settings))
+        return cls(Config(routes=(Route(Address("127.0.0.1", 0), Address(*upstream)),), **settings), frozen)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -74,6 +80,16 @@ class ProxyThread:
         assert self.proxy is not None
         return self.call(lambda: list(self.proxy.retrier.held.values()))  # type: ignore[union-attr]
 
+    def advance(self, seconds: float) -> None:
+        """Move a frozen proxy's clock: timers due by then fire."""
+        assert self.clock is not None, "advance() needs ProxyThread(..., frozen=True)"
+        self.call(self.clock.jump, seconds)
+
+    def thaw(self) -> None:
+        """Let a frozen proxy's clock run from now on, at the pace of the real one."""
+        assert self.clock is not None
+        self.call(setattr, self.clock, "rate", 1.0)
+
     def sample(self, name: str, **labels: str) -> float | None:
         """A sample of gproxy's own metrics registry, e.g. sample("gproxy_jobs_total", ...)."""
         assert self.proxy is not None
@@ -81,7 +97,7 @@ class ProxyThread:
 
     def _run(self) -> None:
         try:
-            trio.run(self._main)
+            trio.run(self._main, clock=self.clock)
         except BaseException as exc:  # reported to the test, in the test's thread
             self._error = exc
         finally:

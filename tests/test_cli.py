@@ -44,3 +44,19 @@ def test_a_listen_address_in_use_is_one_clear_line_and_exit_1(gearmand: Gearmand
         )
     assert result.returncode == 1
     assert "cannot start: [Errno 98]" in result.stderr and "in use" in result.stderr
+
+
+def test_a_metrics_address_in_use_is_one_clear_line_and_exit_1(gearmand: Gearmand) -> None:
+    host, port = gearmand.address
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*GPROXY, "--listen", "127.0.0.1:0", "--upstream", f"{host}:{port}",
+             "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+            capture_output=True, text=True, timeout=10,
+        )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1 and "cannot start: [Errno 98]" in errors[0], result.stderr

@@ -165,3 +165,38 @@ async def test_either_side_closing_closes_the_other(
     await peer.send_all(grab)
     await peer.aclose()
     assert await receive_until_eof(upstream) == grab
+
+
+async def test_bad_input_after_the_other_side_closed_is_still_a_warning_and_counted(
+    nursery: trio.Nursery, fake_gearmand: FakeGearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "gproxy")
+    proxy = await start(nursery, fake_gearmand.address)
+    peer = await connect(proxy.listen_addresses[0])
+    upstream = await fake_gearmand.accepted.receive()
+    await peer.send_eof()  # the worker leaves first: a quiet close, at DEBUG...
+    assert await receive_until_eof(upstream) == b""
+    await upstream.send_all(b"\0REQ" + struct.pack(">II", 6, 0))  # ...then gearmand sends garbage
+    assert await receive_until_eof(peer) == b""
+    (line,) = pair_log_lines(caplog)
+    assert "protocol error from gearmand: bad magic" in line
+    assert [r.levelno for r in caplog.records if "closed:" in r.getMessage()] == [logging.WARNING]
+    assert proxy.metrics.registry.get_sample_value("gproxy_protocol_errors_total", {"reason": "bad_magic"}) == 1
+
+
+async def test_a_peer_that_resets_at_once_is_named_by_its_address(
+    nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "gproxy")
+    address = await start_proxy(nursery, gearmand.address)
+    sock = trio.socket.socket()
+    await sock.connect((address.host, address.port))
+    port = sock.getsockname()[1]
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset before gproxy has looked at the connection
+    with trio.fail_after(10):
+        while not pair_log_lines(caplog):
+            await trio.sleep(0.01)
+    (line,) = pair_log_lines(caplog)
+    assert line.startswith(f"peer {LOOPBACK}:{port} ("), line
+    await echo_through(address)

@@ -187,3 +187,23 @@ def test_one_process_serves_several_routes(gearmand: Gearmand, fresh_gearmand: G
         assert run_cli_client(gearmand.address, "route-a", "x").stdout == b"a"
         assert run_cli_client(fresh_gearmand.address, "route-b", "x").stdout == b"b"
         assert "route-b" not in gearmand.status() and "route-a" not in fresh_gearmand.status()
+
+
+def test_a_job_too_large_for_the_worker_is_failed_and_the_worker_keeps_its_connection(
+    gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A job of exactly max_packet_size bytes arrives as a JOB_ASSIGN a few bytes larger. It
+    # used to close the worker's pair; gearmand requeued it to the next worker, and so on.
+    caplog.set_level(logging.WARNING, "gproxy")
+    limit = 64 * 1024
+    with ProxyThread.to(gearmand.address, max_packet_size=limit) as proxy, PeerSet() as peers:
+        worker = peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        big = run_pyclient(gearmand.address, "reverse", b"x" * limit, exceptions=True)
+        small = run_pyclient(gearmand.address, "reverse", "abc")
+        assert proxy.call(lambda: proxy.proxy._connection_counts())["worker"] == 1
+        assert worker.poll() is None
+    assert big.state == "FAILED" and f"exceeds max_packet_size {limit}" in big.report["exception"], big.stderr
+    assert small.stdout == b"cba"
+    assert "reconnect" not in worker.log_text()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "reverse" in warnings[0] and f"over max_packet_size {limit}" in warnings[0]
