@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+
 GEARMAND_BIN = "/usr/sbin/gearmand"
 PERL_GEARMAND_BIN = "/usr/bin/gearmand"  # Debian's gearman-server: Perl Gearman::Server
 HOST = "127.0.0.1"
@@ -295,6 +297,20 @@ class Gearmand:
     def status(self) -> dict[str, tuple[int, int, int]]:
         """{function: (total, running, workers)} from `status`."""
         return parse_status(self.admin("status"))
+
+    def clients_of(self, unique: str) -> int:
+        """How many clients wait on the job with this unique id (GET_STATUS_UNIQUE)."""
+        request = build_packet(REQ, PacketType.GET_STATUS_UNIQUE, unique=unique.encode())
+        framer = Framer(RES)
+        with socket.create_connection(self.address, timeout=5.0) as s:
+            s.sendall(request)
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise GearmandError(f"GET_STATUS_UNIQUE {unique!r}: connection closed")
+                for frame in framer.receive(chunk):
+                    if isinstance(frame, Packet) and frame.type is PacketType.STATUS_RES_UNIQUE:
+                        return int(frame.args()["client_count"])
 
     def workers(self) -> list[tuple[str, str, list[str]]]:
         """[(ip, client_id, functions)] from `workers`."""

@@ -233,7 +233,9 @@ def test_perl_timeout_requeues_after_milliseconds(
         assigned = time.monotonic()
         gearmand.wait_for_queue("block", total=1, running=0, timeout=expected_s + 5)
         waited = time.monotonic() - assigned
-        assert expected_s - 0.25 <= waited <= expected_s + 0.5, waited
+        # Never before the timeout; and read as seconds it would take 30 s or more. (No tight
+        # upper bound: a loaded machine may be late, and that proves nothing about the unit.)
+        assert expected_s - 0.25 <= waited < 10, waited
         wait_for(
             lambda: f"Worker timeout reached on job, requeueing: {handle}" in gearmand.log_tail(400),
             WAIT_S,

@@ -34,9 +34,13 @@ def test_a_broken_retry_connection_whose_replacement_fails_at_once_fails_no_job(
 ) -> None:
     caplog.set_level(logging.INFO, "gproxy")
     slow = replace(FAST, backoff_initial=1.0)
-    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow) as proxy, PeerSet() as peers:
+    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow, frozen=True) as proxy, \
+            PeerSet() as peers:
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
-        warm = run_pyclient(fresh_gearmand.address, "scripted", "retry,ok|warm", unique="warm")
+        warm = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|warm", unique="warm"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the warm-up job to be held")
+        proxy.advance(1.0)  # its retry opens the retry connection
+        warm = warm.result()
         assert warm.stdout == b"ok after 2", warm.stderr
         client = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|x", unique="cut-retry"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
@@ -44,11 +48,12 @@ def test_a_broken_retry_connection_whose_replacement_fails_at_once_fails_no_job(
         # reached at all (connect refused), then only with connections reset at once.
         relay.down()
         assert relay.reset_where(is_retry_client) == 1
-        wait_for(lambda: [job.state.value for job in proxy.held()] != ["waiting"], WAIT_S, "the retry to be due")
-        wait_for(lambda: any("cannot connect" in r.getMessage() for r in caplog.records) or not [job.state.value for job in proxy.held()],
+        proxy.advance(1.0)  # the retry is due
+        wait_for(lambda: any("cannot connect" in r.getMessage() for r in caplog.records) or not proxy.held(),
                  WAIT_S, "gproxy to fail to reconnect")
         relay.refuse_next(5)  # more than max_attempts
         relay.up()
+        proxy.thaw()  # reconnecting takes a backoff: let it run
         run = client.result()
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
     assert [u for u in seen_uniques(tmp_path) if u == "cut-retry"] == ["cut-retry"] * 2
@@ -62,11 +67,13 @@ def test_a_retry_job_lost_with_the_connection_runs_again_as_the_next_attempt(
     fresh_gearmand: Gearmand, tmp_path: Path
 ) -> None:
     slow = replace(FAST, backoff_initial=0.5)
-    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow) as proxy, PeerSet() as peers:
+    with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow, frozen=True) as proxy, \
+            PeerSet() as peers:
         first = start_pyworker(proxy.address, state_dir=tmp_path)
         client = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|y", unique="lost-retry"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         first.stop()  # no worker: the retry job will wait in gearmand's queue
+        proxy.advance(0.5)
         def retry_handles() -> list[bytes | None]:
             return proxy.call(lambda: [job.retry_handle for job in proxy.proxy.retrier.held.values()])
 
@@ -86,12 +93,13 @@ def test_gearmand_refusing_a_retry_gives_the_client_the_last_failure_at_once(
 ) -> None:
     gearmand = fresh_gearmand
     slow = replace(FAST, backoff_initial=1.0)
-    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         client = peers.add(start_pyclient(gearmand.address, "scripted", "retry,ok|z", unique="refused", exceptions=True))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         # The held job counts in the queue: a queue of one is full, the retry is refused.
         assert gearmand.admin("maxqueue scripted 1") == "OK"
+        proxy.advance(1.0)
         run = client.result(timeout=WAIT_S)
         assert len(proxy.held()) == 0
     assert (run.state, run.report["exception"]) == ("FAILED", "RETRY: scripted 1"), run.stderr

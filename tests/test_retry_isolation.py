@@ -100,13 +100,14 @@ def test_updates_sent_with_a_move_reach_the_client_of_the_job_they_belong_to(
     gearmand: Gearmand, tmp_path: Path
 ) -> None:
     slow = replace(FAST, backoff_initial=1.0)
-    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         client = peers.add(start_pyclient(gearmand.address, "scripted", "retry,ok|m", unique="move-status"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         # One write: RESET_ABILITIES, CAN_DOs (which move the worker to a fresh connection)
         # and a WORK_STATUS for the job that still runs on the old one.
         status = run_pyclient(gearmand.address, "unregister_status", "echo")
+        proxy.advance(1.0)
         run = client.result()
     assert status.stdout == b"unregistered" and status.report["status_updates"] == [[1, 2]], status.stderr
     assert run.stdout == b"ok after 2", run.stderr
@@ -117,11 +118,12 @@ def test_a_move_replays_the_workers_options_without_answering_it_twice(
 ) -> None:
     # pygearman has no handler for an OPTION_RES it did not expect: it would raise.
     slow = replace(FAST, backoff_initial=1.0)
-    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         worker = peers.add(start_pyworker(proxy.address, state_dir=tmp_path, options=["exceptions"]))
         client = peers.add(start_pyclient(gearmand.address, "scripted", "retry,ok|o", unique="move-option"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         assert run_pyclient(gearmand.address, "unregister", "echo").stdout == b"unregistered"
+        proxy.advance(1.0)
         run = client.result()
         assert worker.poll() is None
     assert run.stdout == b"ok after 2", run.stderr
@@ -132,13 +134,14 @@ def test_the_connection_a_worker_was_moved_off_closes_once_it_owns_nothing(
     gearmand: Gearmand, tmp_path: Path
 ) -> None:
     slow = replace(FAST, backoff_initial=1.0)
-    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
         client = peers.add(start_pyclient(gearmand.address, "flaky", "1:retired"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
         assert proxy.call(lambda: proxy.proxy._connection_counts())["upstream"] == 2  # old and new
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path / "py"))
+        proxy.thaw()
         assert client.result().stdout == b"ok after 2"
         wait_for(lambda: proxy.call(lambda: proxy.proxy._connection_counts())["upstream"] == 3, WAIT_S,
                  "the old connection to close (Perl's new one, pygearman's, retries)")
@@ -155,7 +158,7 @@ def test_a_held_job_that_gearmand_takes_back_is_held_afresh_and_never_leaks(
     gearmand = fresh_gearmand
     slow = replace(FAST, backoff_initial=3.0)
     gate = tmp_path / "gate"
-    with ProxyThread.to(gearmand.address, slow) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         # Both queued before the worker comes: it takes A (flaky) first, then B (block).
         client = peers.add(start_pyclient(gearmand.address, "flaky", "2:taken back", exceptions=True))
         gearmand.wait_for_queue("flaky", total=1)
@@ -167,6 +170,8 @@ def test_a_held_job_that_gearmand_takes_back_is_held_afresh_and_never_leaks(
         wait_for(lambda: gate.with_suffix(".started").exists(), WAIT_S, "B to start")
         gearmand.wait_for_queue("flaky", total=1, running=0)  # A, held by gproxy, requeued
         gate.touch()  # B completes; the worker grabs A again and fails it again
+        wait_for(lambda: [job.key for job in proxy.held()] == [2], WAIT_S, "A to be held afresh")
+        proxy.advance(3.0)
         run = client.result()
         assert blocker.result().stdout == b"unblocked"
         assert len(proxy.held()) == 0 and proxy.sample("gproxy_jobs_held", function="flaky") == 0

@@ -37,10 +37,8 @@ WAIT_S = 15.0
 FAST = RetryPolicy(backoff_initial=0.02, jitter=False)
 
 
-def proxy_to(gearmand: Gearmand, policy: RetryPolicy = FAST, **functions: RetryPolicy) -> ProxyThread:
-    route = Route(Address("127.0.0.1", 0), Address(*gearmand.address))
-    policies = Policies(policy, {name.encode(): p for name, p in functions.items()})
-    return ProxyThread(Config(routes=(route,), policies=policies))
+def proxy_to(gearmand: Gearmand, policy: RetryPolicy = FAST, frozen: bool = False, **functions: RetryPolicy) -> ProxyThread:
+    return ProxyThread.to(gearmand.address, policy, functions, frozen=frozen)
 
 
 @pytest.mark.parametrize("function", ["flaky", "flaky_hint", "stream_flaky"])
@@ -119,12 +117,14 @@ def test_background_jobs_are_retried(gearmand: Gearmand, tmp_path: Path) -> None
 
 def test_a_second_client_of_the_same_unique_gets_the_retried_result(gearmand: Gearmand, tmp_path: Path) -> None:
     slow = replace(FAST, backoff_initial=1.0)
-    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+    with proxy_to(gearmand, slow, frozen=True) as proxy, PeerSet() as peers:
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         first = peers.add(start_pyclient(gearmand.address, "flaky", "1:shared", unique="shared-1"))
-        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
-        second = run_pyclient(gearmand.address, "flaky", "other payload, discarded", unique="shared-1")
-        first_run = first.result()
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        second = peers.add(start_pyclient(gearmand.address, "flaky", "other payload, discarded", unique="shared-1"))
+        wait_for(lambda: gearmand.clients_of("shared-1") == 2, WAIT_S, "the second client to attach")
+        proxy.advance(1.0)  # the retry, only now
+        first_run, second = first.result(), second.result()
     assert (first_run.stdout, second.stdout) == (b"ok after 2", b"ok after 2"), (first_run.stderr, second.stderr)
     assert seen_uniques(tmp_path) == ["shared-1"] * 2
 
@@ -133,14 +133,15 @@ def test_behind_two_gproxies_the_one_holding_the_original_owns_the_loop(
     gearmand: Gearmand, tmp_path: Path
 ) -> None:
     slow = replace(FAST, backoff_initial=0.5)
-    with proxy_to(gearmand, slow) as owner, proxy_to(gearmand, FAST) as other, PeerSet() as peers:
+    with proxy_to(gearmand, slow, frozen=True) as owner, proxy_to(gearmand, FAST) as other, PeerSet() as peers:
         first = start_pyworker(owner.address, state_dir=tmp_path)
         client = peers.add(start_pyclient(gearmand.address, "flaky", "2:two", unique="two-proxies"))
-        wait_for(lambda: owner.call(lambda: len(owner.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        wait_for(lambda: len(owner.held()) == 1, WAIT_S, "the job to be held")
         # The first worker leaves; its gproxy keeps the held job's gearmand connection open.
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(WAIT_S)
         peers.add(start_pyworker(other.address, state_dir=tmp_path))
+        owner.thaw()  # the retries may go now, to the worker behind the other gproxy
         run = client.result()
         assert other.call(lambda: dict(other.proxy.retrier.held)) == {}
     assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr
@@ -176,14 +177,15 @@ def test_reset_abilities_while_holding_moves_the_worker_and_requeues_nothing(
 ) -> None:
     caplog.set_level(logging.INFO, "gproxy")
     slow = replace(FAST, backoff_initial=1.0)
-    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+    with proxy_to(gearmand, slow, frozen=True) as proxy, PeerSet() as peers:
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         client = peers.add(start_pyclient(gearmand.address, "flaky", "1:moved", unique="moved-1"))
-        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         # python-gearman sends RESET_ABILITIES + CAN_DOs on its connection; there, gearmand
         # would requeue the held job and it would run once more.
         assert run_pyclient(gearmand.address, "unregister", "echo").stdout == b"unregistered"
         assert gearmand.status()["flaky"][:2] == (1, 1)  # still assigned, not queued again
+        proxy.advance(1.0)
         run = client.result()
         # The worker's abilities are what it asked for, on its new connection.
         wait_for(lambda: gearmand.status().get("echo", (0, 0, 0))[2] == 0, WAIT_S, "echo to be unregistered")
@@ -198,12 +200,13 @@ def test_a_lost_retry_client_connection_resubmits_and_no_client_waits_forever(
 ) -> None:
     gearmand = fresh_gearmand
     caplog.set_level(logging.INFO, "gproxy")
-    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+    with proxy_to(gearmand, frozen=True) as proxy, PeerSet() as peers:
         first = start_pyworker(proxy.address, state_dir=tmp_path)
         client = peers.add(start_pyclient(gearmand.address, "flaky", "1:cut", unique="cut-1"))
-        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         os.killpg(first.pid, signal.SIGKILL)  # no worker: the retry job waits in gearmand's queue
         first.wait(WAIT_S)
+        proxy.advance(1.0)
         gearmand.wait_for_queue("flaky", total=2, running=1)  # the held original and its retry
 
         def cut_retry_client() -> None:
@@ -226,14 +229,15 @@ def test_cant_do_while_holding_moves_the_perl_worker_and_requeues_nothing(
     gearmand: Gearmand, tmp_path: Path
 ) -> None:
     slow = replace(FAST, backoff_initial=1.0)
-    with proxy_to(gearmand, slow) as proxy, PeerSet() as peers:
+    with proxy_to(gearmand, slow, frozen=True) as proxy, PeerSet() as peers:
         worker = peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
         client = peers.add(start_pyclient(gearmand.address, "flaky", "1:perl-moved"))
-        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.retrier.held)) == 1, WAIT_S, "the job to be held")
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         # Gearman::Worker sends CANT_DO flaky: on its connection, the held job would be requeued.
         assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
         assert gearmand.status()["flaky"][:2] == (1, 1)  # the held original: still assigned, not requeued
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path / "py"))
+        proxy.thaw()
         run = client.result()
         assert worker.poll() is None, worker.log_text()
     # The Perl worker ran the original once (no requeue); the pygearman worker, counting by
@@ -241,3 +245,34 @@ def test_cant_do_while_holding_moves_the_perl_worker_and_requeues_nothing(
     assert attempt_count(tmp_path, "1:perl-moved") == 1
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
     assert seen_uniques(tmp_path / "py") == [run.report["unique"]] * 2
+
+
+def test_a_payload_of_several_mib_is_retried_intact(gearmand: Gearmand, tmp_path: Path) -> None:
+    # Perl's flaky counts attempts by payload: "ok after 2" means the retry carried the very
+    # same 3 MiB, NUL bytes and all.
+    payload = b"1:" + bytes(range(256)) * (3 * 4096)
+    with proxy_to(gearmand) as proxy, PeerSet() as peers:
+        peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, "flaky", payload)
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert attempt_count(tmp_path, payload) == 2
+
+
+def test_a_gearmand_restart_while_jobs_are_held_leaves_gproxy_serving(
+    fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gearmand = fresh_gearmand
+    caplog.set_level(logging.INFO, "gproxy")
+    with proxy_to(gearmand, frozen=True) as proxy, PeerSet() as peers:
+        worker = peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        client = peers.add(start_pyclient(gearmand.address, "flaky", "1:restart", unique="restart-held"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        gearmand.restart()  # the job, its client and every connection are gone
+        assert client.result().returncode != 0
+        wait_for(lambda: proxy.held() == [], WAIT_S, "the hold to be dropped")
+        worker.wait_for_line("reconnected")
+        proxy.thaw()
+        run = run_pyclient(gearmand.address, "flaky", "1:after restart", unique="after-restart")
+        assert proxy.sample("gproxy_jobs_held", function="flaky") == 0
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

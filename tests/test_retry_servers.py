@@ -36,7 +36,7 @@ def test_retries_go_with_the_configured_priority(
 ) -> None:
     gearmand = fresh_gearmand
     policy = replace(FAST, backoff_initial=2.0, retry_priority=Priority(priority))
-    with ProxyThread.to(gearmand.address, policy) as proxy, PeerSet() as peers:
+    with ProxyThread.to(gearmand.address, policy, frozen=True) as proxy, PeerSet() as peers:
         first = start_pyworker(proxy.address, state_dir=tmp_path)
         a = peers.add(start_pyclient(gearmand.address, "scripted", "retry,ok|a", unique="prio-a"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "A to be held")
@@ -44,7 +44,8 @@ def test_retries_go_with_the_configured_priority(
         b = peers.add(start_pyclient(gearmand.address, "scripted", "ok|b", unique="prio-b"))
         gearmand.wait_for_queue("scripted", total=2)  # A (held, so running) and B
         c = peers.add(start_pyclient(gearmand.address, "scripted", "ok|c", unique="prio-c"))
-        gearmand.wait_for_queue("scripted", total=3)  # and C, before A's backoff is over
+        gearmand.wait_for_queue("scripted", total=3)  # and C
+        proxy.advance(2.0)
         gearmand.wait_for_queue("scripted", total=4)  # and A's retry
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         assert [client.result().returncode for client in (a, b, c)] == [0, 0, 0]
