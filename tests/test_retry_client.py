@@ -225,3 +225,15 @@ def test_the_submitter_matches_replies_to_submissions_in_order() -> None:
     assert submitter.unanswered() == [retry]
     # An ERROR that answers nothing gproxy asked is not matched with anything.
     assert Submitter().receive(build_packet(RES, P.ERROR, code=b"X", text=b"y")) == []
+
+
+def test_after_a_loss_a_new_submitter_matches_only_its_own_submissions() -> None:
+    lost = Submitter()
+    lost.submit(Submit("route", 1, b"f", b"gpr:2:a", b"p"))
+    lost.submit(Submit("route", None, b"dlq", b"gpr:dl:b", b"p", P.SUBMIT_JOB_BG))
+    assert [s.key for s in lost.unanswered()] == [1, None]  # what the loss leaves to redo
+    fresh = Submitter()
+    fresh.submit(Submit("route", 1, b"f", b"gpr:3:a", b"p"))
+    created = build_packet(RES, P.JOB_CREATED, handle=b"H:7")
+    assert fresh.receive(created) == [Created(1, b"H:7")]
+    assert fresh.receive(created) == []  # a second answer has nothing left to match
