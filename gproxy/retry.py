@@ -178,19 +178,27 @@ def exception_text(payload: bytes) -> bytes:
 
 
 # Unique ids ---------------------------------------------------------------------------------
-# Retries: `gpr:<attempt>:<original unique>`; for an empty original, `gpr:<attempt>@<hash of
-# the handle>` (empty uniques never coalesce, so each retry needs its own); for an original
-# too long to fit, `gpr:<attempt>#<hash of the original>`. A gproxy in front of the worker
-# that runs a retry strips the marking, so the worker sees the original unique on every
-# attempt (except in the `#` case, where the worker sees the retry unique itself).
-# Dead letters: `gpr:dl:<hash of the job>`, which a retry's pattern never matches.
-_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d{1,9})([:@#])(.*)", re.DOTALL)
+# Retries: `gpr:<n>.<tag>:<original unique>`, <n> the attempt, <tag> five characters drawn
+# when the Retrier starts, so that two gproxies (or two runs of one) never submit the same
+# retry unique: gearmand would attach the second submission to the first one's job, which
+# it drops unrun if that one's client left (a killed gproxy's). For an empty original,
+# `gpr:<n>.<tag>@<hash of the handle>` (empty uniques never coalesce, so each retry needs
+# its own); for an original too long to fit, `gpr:<n>.<tag>#<hash of the original>`. A
+# gproxy in front of the worker that runs a retry strips the marking, so the worker sees
+# the original unique on every attempt (except in the `#` case, where the worker sees the
+# retry unique itself). Dead letters: `gpr:dl:<hash of the job>`, which never matches.
+_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d{1,9})(?:\.[0-9a-z]{1,16})?([:@#])(.*)", re.DOTALL)
 """At most 9 digits: a unique from the network is parsed, and int() of thousands of digits
 raises (servers other than gearmand may not cap uniques at 64 bytes)."""
+_TAG_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
-def retry_unique(unique: bytes, handle: bytes, attempt: int) -> bytes:
-    prefix = b"gpr:%d" % attempt
+def retry_tag(rng: random.Random) -> bytes:
+    return "".join(rng.choice(_TAG_ALPHABET) for _ in range(5)).encode()
+
+
+def retry_unique(unique: bytes, handle: bytes, attempt: int, tag: bytes = b"") -> bytes:
+    prefix = b"gpr:%d" % attempt + (b"." + tag if tag else b"")
     if not unique:
         return prefix + b"@" + hashlib.sha1(handle).hexdigest()[:32].encode()
     if len(prefix) + 1 + len(unique) <= MAX_UNIQUE:
@@ -323,10 +331,16 @@ class Retrier:
     """Every held job of the process. Each method takes an event and returns the actions."""
 
     def __init__(
-        self, policies: Policies, rng: random.Random | None = None, metrics: Metrics | None = None
+        self,
+        policies: Policies,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
+        tag: bytes | None = None,
     ) -> None:
         self.policies = policies
         self.rng = rng or random.Random()
+        self.tag = retry_tag(self.rng) if tag is None else tag
+        """In every retry unique this Retrier submits (see retry_unique)."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.held = lambda: self._held_per_function
         self.held: dict[int, HeldJob] = {}
@@ -677,7 +691,7 @@ class Retrier:
     def _submission(self, job: HeldJob) -> Submit:
         """The retry's SUBMIT_JOB. Its unique id is never used twice: gearmand would attach
         a new submission to an abandoned retry job, which it drops unrun."""
-        unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted)
+        unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted, self.tag)
         return Submit(
             job.route, job.key, job.function, unique, job.payload, job.policy.retry_priority.submit_type
         )

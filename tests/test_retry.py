@@ -30,6 +30,7 @@ from gproxy.retry import (
     classify,
     dead_letter_unique,
     parse_retry_unique,
+    retry_tag,
     retry_unique,
 )
 
@@ -93,6 +94,26 @@ def test_retry_uniques_fit_differ_and_give_the_worker_the_original(
         assert parsed[1] == marked  # too long to carry: the worker sees the retry unique
 
 
+@given(st.binary(max_size=70).filter(lambda u: b"\0" not in u), st.integers(min_value=2, max_value=99))
+def test_tagged_retry_uniques_fit_and_give_the_worker_the_original(unique: bytes, attempt: int) -> None:
+    tag = retry_tag(random.Random(attempt))
+    marked = retry_unique(unique, b"H:1", attempt, tag)
+    assert len(marked) <= MAX_UNIQUE and tag in marked
+    parsed = parse_retry_unique(marked)
+    assert parsed is not None and parsed[0] == attempt
+    assert parsed[1] == (unique if b":" + unique in marked else b"" if not unique else marked)
+
+
+def test_two_gproxies_never_submit_the_same_retry_unique() -> None:
+    # A killed gproxy's queued retry is abandoned by gearmand, and dropped unrun when a worker
+    # would take it, with any submission that attached to it since: the next gproxy holding
+    # the job must not send the same unique for the same attempt.
+    first, second = Retrier(Policies()), Retrier(Policies())
+    assert first.tag != second.tag and len(first.tag) == 5
+    assert retry_unique(b"u", b"H:1", 2, first.tag) != retry_unique(b"u", b"H:1", 2, second.tag)
+    assert retry_unique(b"", b"H:1", 2, first.tag) != retry_unique(b"", b"H:1", 2, second.tag)
+
+
 def test_empty_uniques_get_a_retry_unique_of_their_own_per_job() -> None:
     assert retry_unique(b"", b"H:a:1", 2) != retry_unique(b"", b"H:a:2", 2)
     assert parse_retry_unique(retry_unique(b"", b"H:a:1", 2)) == (2, b"")
@@ -124,7 +145,7 @@ class Transcript:
     """A Retrier, driven event by event; `now` is whatever the test says it is."""
 
     def __init__(self, policy: RetryPolicy = POLICY) -> None:
-        self.retrier = Retrier(Policies(policy), random.Random(1))
+        self.retrier = Retrier(Policies(policy), random.Random(1), tag=b"")  # plain uniques to read
         self.wakeups: dict[int, Wakeup] = {}
 
     def fail(self, handle: bytes = b"H:1", ptype: PacketType = P.WORK_EXCEPTION, failure: bytes = b"RETRY: x",

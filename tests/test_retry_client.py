@@ -67,7 +67,7 @@ class FakeGearmand:
 
 class Harness:
     def __init__(self) -> None:
-        self.retrier = Retrier(Policies(POLICY), random.Random(1))
+        self.retrier = Retrier(Policies(POLICY), random.Random(1), tag=b"")
         self.gearmand = FakeGearmand()
         self.executed: list[Action] = []
         self.acted = trio.Event()

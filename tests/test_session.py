@@ -385,7 +385,7 @@ def test_where_uniques_are_unknown_retry_jobs_are_recognised_by_handle() -> None
     give(session, b"H:1", plain=True)
     session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
     (submit,) = retrier.timer_fired(1, 1, now=1.0)
-    assert submit.unique.startswith(b"gpr:2@")  # an empty original: a retry unique of its own
+    assert submit.unique.startswith(b"gpr:2.%s@" % retrier.tag)  # an empty original: one of its own
     retrier.retry_created(1, b"H:9")
     give(session, b"H:9", plain=True)  # the same worker gets the retry, without its unique
     failure = req(P.WORK_EXCEPTION, handle=b"H:9", data=b"RETRY: y") + req(P.WORK_FAIL, handle=b"H:9")
