@@ -68,9 +68,12 @@ class _Pair:
     reason: str | None = None
     level: int = logging.DEBUG
     eofs: int = 0
-    worker_gone: bool = False
-    """The worker left while retries were held: their connections stay open for them."""
     released: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def worker_gone(self) -> bool:
+        """The worker left while retries were held: their connections stay open for them."""
+        return self.session.worker_gone
 
     def fail(self, reason: str, level: int = logging.WARNING) -> None:
         """Close the pair. The first reason is the one logged, unless a graver one follows
@@ -255,8 +258,10 @@ class Proxy:
         if upstream is None:
             return
         self._owners.pop(link, None)
-        pair.session.link_closed(link)
+        owed = pair.session.link_closed(link)
         upstream.connection.close()
+        if owed and pair.nursery is not None and not pair.cancel_scope.cancel_called:
+            pair.nursery.start_soon(self._reply, pair, owed)
         if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()  # nothing left to wait for, even if it was lost, not finished
 
@@ -300,6 +305,13 @@ class Proxy:
             with contextlib.suppress(OSError):
                 upstream.connection.send_eof()
 
+    async def _reply(self, pair: _Pair, data: bytes) -> None:
+        """Answers gproxy owes the worker itself (see Session.link_closed)."""
+        try:
+            await pair.downstream.send_all(data)
+        except (OSError, trio.ClosedResourceError) as exc:
+            pair.fail(f"peer connection lost: {exc}", logging.INFO)
+
     def _holds_retries(self, pair: _Pair) -> bool:
         return any(self.retrier.holds(link) for link in pair.session.links)
 
@@ -313,13 +325,14 @@ class Proxy:
         holds for retries: keep those open, retry what the worker was still running on them
         (as gearmand would have), and return once nothing is held."""
         session = pair.session
-        pair.worker_gone, pair.released = True, trio.Event()
+        pair.released = trio.Event()
         log.info("%s: worker left while retries are held; keeping their gearmand connections", pair.name)
+        actions = session.worker_left(trio.current_time())
         for link in session.links:
             if not self.retrier.holds(link) and (upstream := pair.upstreams.get(link)) is not None:
                 with contextlib.suppress(OSError):
                     upstream.connection.send_eof()  # its running jobs requeue natively
-        await self.execute(session.worker_left(trio.current_time()))
+        await self.execute(actions)
         await pair.released.wait()
 
     async def _upstream_pump(self, pair: _Pair, link: UpstreamLink, upstream: _Upstream) -> None:

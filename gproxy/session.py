@@ -178,6 +178,8 @@ class Session:
         self._moves = 0
         self.draining = False
         """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
+        self.worker_gone = False
+        """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.replies: list[bytes] = []
         """Packets gproxy answers the downstream peer itself; the caller sends and clears them."""
 
@@ -232,28 +234,39 @@ class Session:
         cannot requeue the jobs it was still running on them: originals are retried here
         (reason disconnect), and retry jobs are failed back to the gproxy that owns their
         loop, which retries them the same way. Its other connections may simply close."""
+        self.worker_gone = True
         actions: list[Command] = []
-        retrier = self.retrier
-        if retrier is None:
-            return actions
         for link in self.links:
-            if not retrier.holds(link):
-                continue
-            running = link.jobs.released_all()
-            for job in running:
-                if job.is_retry:
-                    actions.append(SendUpstream(link, self._disconnected(job.handle)))
-            originals = [job for job in running if not job.is_retry]
-            actions += retrier.worker_left(link, self.route, originals, now)
+            actions += self._orphaned(link, now)
         return actions
 
-    def link_closed(self, link: UpstreamLink) -> None:
-        """`link`'s connection is gone: gearmand requeues whatever it still held."""
+    def _orphaned(self, link: UpstreamLink, now: float) -> list[Command]:
+        """The jobs running on `link` whose worker has left, if `link` stays open for held
+        retries: retry jobs failed back to their loop's owner, originals retried here."""
+        retrier = self.retrier
+        if retrier is None or not retrier.holds(link):
+            return []
+        running = link.jobs.released_all()
+        actions: list[Command] = [
+            SendUpstream(link, self._disconnected(job.handle)) for job in running if job.is_retry
+        ]
+        originals = [job for job in running if not job.is_retry]
+        return actions + retrier.worker_left(link, self.route, originals, now)
+
+    def link_closed(self, link: UpstreamLink) -> bytes:
+        """`link`'s connection is gone: gearmand requeues whatever it still held. Returns
+        what the worker is owed instead of the answers that will not come: NO_JOB for each
+        grab still open on a connection it was moved off."""
+        owed = b""
         if link in self.retired:
             self.retired.remove(link)
+            if not self.worker_gone:
+                owed = _NO_JOB * len(link.grabs_pending)
+        link.grabs_pending.clear()
         link.jobs.released_all()
         if self.retrier is not None:
             self.retrier.owner_lost(link)
+        return owed
 
     def idle(self, link: UpstreamLink) -> bool:
         """A retired link that owns nothing and is owed nothing: it may close."""
@@ -363,6 +376,9 @@ class Session:
         if self.retrier is not None:
             self.actions += self.retrier.job_assigned(self.route, handle, function, is_retry, now)
         link.jobs.assigned(handle, function, unique, args["data"], now, is_retry)
+        if self.worker_gone:  # the answer to a grab of a worker that has left since
+            self.actions += self._orphaned(link, now)
+            return b""
         if upgraded and ptype is P.JOB_ASSIGN_UNIQ:
             del args["unique"]
             return build_packet(RES, P.JOB_ASSIGN, **args)

@@ -466,3 +466,26 @@ def test_a_unique_of_thousands_of_digits_after_gpr_passes_as_it_is() -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     assign = assign_uniq(b"H:1", unique=unique)
     assert session.from_upstream(session.current, assign, now=0.0) == assign
+
+
+def test_a_job_assigned_after_the_worker_left_is_retried_on_a_connection_kept_for_retries() -> None:
+    session = retrying()
+    link = session.current
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY after=30: x"), now=0.0)
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.actions.clear()
+    assert session.worker_left(now=1.0) == []  # nothing running yet: the grab is unanswered
+    # gearmand's answer comes after the worker's EOF: nobody will run that job here.
+    assert session.from_upstream(link, assign_uniq(b"H:2"), now=1.5) == b""
+    assert session.actions == [Wakeup(2, 0.0, 1)] and session.retrier.held[2].handle == b"H:2"
+
+
+def test_grabs_left_open_on_a_lost_retired_connection_are_answered_no_job() -> None:
+    session = retrying()
+    old = session.current
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    session.from_downstream(req(P.GRAB_JOB_UNIQ) + req(P.RESET_ABILITIES), now=0.0)  # moved, grab open
+    assert session.link_closed(old) == res(P.NO_JOB)  # the answer that will never come
+    assert session.link_closed(session.current) == b""  # the current link owes nothing of the kind
