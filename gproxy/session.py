@@ -491,8 +491,11 @@ def _unknown_command(code: bytes, text: bytes) -> bool:
 
 
 def _handle_of(packet: Packet) -> bytes:
-    """The handle of a work packet, read without splitting the (possibly large) payload."""
-    if packet.type is P.WORK_FAIL:
+    """The handle of a work packet, read without splitting the (possibly large) payload.
+    A WORK_STATUS is small and checked whole: one short of a NUL (Perl Gearman::Worker
+    2.004's send_work_status drops the denominator) makes gearmand read the next packet as
+    its last field, and the connection is out of step from there on."""
+    if packet.type is P.WORK_FAIL or packet.type is P.WORK_STATUS:
         return packet.args()["handle"]
     end = packet.raw.find(b"\0", HEADER_SIZE)
     if end < 0:

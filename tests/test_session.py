@@ -489,3 +489,12 @@ def test_grabs_left_open_on_a_lost_retired_connection_are_answered_no_job() -> N
     session.from_downstream(req(P.GRAB_JOB_UNIQ) + req(P.RESET_ABILITIES), now=0.0)  # moved, grab open
     assert session.link_closed(old) == res(P.NO_JOB)  # the answer that will never come
     assert session.link_closed(session.current) == b""  # the current link owes nothing of the kind
+
+
+def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into_the_next_packet() -> None:
+    session = Session("up")
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
+    short = b"\0REQ" + (12).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"H:1\x001"
+    with pytest.raises(ProtocolError, match="malformed WORK_STATUS"):
+        session.from_downstream(short + req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok"), now=0.0)
