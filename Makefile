@@ -10,7 +10,7 @@ APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-clien
 BENCH_APT_PACKAGES := haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo bench system-deps bench-deps apt-install clean
+.PHONY: test demo bench chaos system-deps bench-deps apt-install clean
 
 test: system-deps $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -20,6 +20,11 @@ demo: system-deps $(VENV)/.installed
 
 bench: system-deps bench-deps $(VENV)/.installed
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# The chaos tier's long run (tests/chaos): `make chaos SECONDS=600 SEED=1`
+# (CHAOS_ARGS=--keep keeps the run's logs and records even if it passes).
+chaos: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m tests.chaos --seconds $(or $(SECONDS),600) --seed $(or $(SEED),1) $(CHAOS_ARGS)
 
 system-deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"

@@ -37,6 +37,7 @@ PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PYWORKER = PEERS_DIR / "pyworker.py"
 PYCLIENT = PEERS_DIR / "pyclient.py"
 PYBURST = PEERS_DIR / "pyburst.py"
+PYJOBS = PEERS_DIR / "pyjobs.py"
 PERLWORKER = PEERS_DIR / "worker.pl"
 PYTHON = sys.executable  # the venv that has pygearman
 GEARMAN_CLI = "gearman"
@@ -250,17 +251,21 @@ def start_pyworker(
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
     options: Sequence[str] = (),
+    chaos: bool = False,
 ) -> PeerProcess:
     """Start tests/peers/pyworker.py (GRAB_JOB_UNIQ) and wait for its `ready` line.
 
     With echo=True (default) `ready` means gearmand processed its CAN_DOs (an ECHO round
     trip after them); echo=False keeps the library's exact packet sequence. `state_dir`
     receives the flaky functions' attempt counters and seen.log (see attempt_count(),
-    seen_uniques()); without it the worker uses a private temp dir.
+    seen_uniques()); without it the worker uses a private temp dir. chaos=True also
+    registers the chaos functions (their records: chaos_log(state_dir)).
     """
     argv = _worker_argv([PYTHON, str(PYWORKER)], address, client_id, echo, state_dir)
     for option in options:  # OPTION_REQ after registering; each OPTION_RES is logged
         argv += ["--option", option]
+    if chaos:
+        argv.append("--chaos")
     return _start_ready_worker("pyworker", argv, timeout, log_dir)
 
 
@@ -273,16 +278,20 @@ def start_perlworker(
     timeout: float = READY_TIMEOUT_S,
     log_dir: Path | None = None,
     timeouts: Mapping[str, str] | None = None,
+    chaos: bool = False,
 ) -> PeerProcess:
     """Start tests/peers/worker.pl (Perl Gearman::Worker, plain GRAB_JOB); wait for `ready`.
 
     `state_dir` receives the `flaky` attempt counters, keyed by payload (attempt_count()).
     `timeouts` {function: value} registers those functions with CAN_DO_TIMEOUT `function\\0value`
     (the value is sent verbatim; gearmand 1.1.20 reads milliseconds, at least 1000).
+    chaos=True also registers the chaos functions (chaos_log(state_dir)).
     """
     argv = _worker_argv([PERL, str(PERLWORKER)], address, client_id, echo, state_dir)
     for function, value in (timeouts or {}).items():
         argv += ["--timeout", f"{function}={value}"]
+    if chaos:
+        argv.append("--chaos")
     return _start_ready_worker("perlworker", argv, timeout, log_dir)
 
 
@@ -373,6 +382,22 @@ def attempts_log(state_dir: Path | str) -> list[Attempt]:
         unique, attempt, action, handle = rest.rsplit(" ", 3)
         result.append(Attempt(float(when), unique, int(attempt), action, handle))
     return result
+
+
+def chaos_log(state_dir: Path | str) -> list[dict[str, Any]]:
+    """Every record of the workers' chaos functions in state_dir/chaos.log, in order ([] if
+    none): {"e": "start", ...} when an attempt starts, {"e": "end", ...} before its final
+    packet (see tests/peers/pyworker.py). A line cut short by a killed writer is skipped
+    (each is one O_APPEND write, so this should not happen)."""
+    try:
+        text = (Path(state_dir) / "chaos.log").read_bytes().decode("utf-8", "backslashreplace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(dict(json.loads(line)))
+    return records
 
 
 def seen_uniques(state_dir: Path | str) -> list[str]:
@@ -666,3 +691,29 @@ def run_pyburst(address: Address, function: str, count: int, payload: str, **opt
     parsed JSON line ({"jobs": [...], "elapsed"} or {"submitted", "handles", "elapsed"}),
     `.jobs` / `.states` the per-job entries of a foreground burst."""
     return start_pyburst(address, function, count, payload, **options).result()
+
+
+def start_pyjobs(
+    address: Address,
+    jobs: Sequence[Mapping[str, Any]],
+    out: Path,
+    *,
+    exceptions: bool = True,
+    timeout: float = 60.0,
+    linger: float = 0.3,
+) -> PeerProcess:
+    """Start tests/peers/pyjobs.py without waiting: `jobs` ({"id", "fn", "payload", "unique",
+    "bg", "priority"}; unique None: the library's random one, "": none) on one client connection; its
+    JSON report (every answer, update and their times, per job) goes to `out` when it ends.
+    The job list is written next to `out`. `timeout` bounds the wait for the answers."""
+    jobs_path = out.with_name(out.name + ".jobs.json")
+    jobs_path.write_text(json.dumps(list(jobs)))
+    argv = [
+        PYTHON, str(PYJOBS), address_str(address), "--jobs", str(jobs_path), "--out", str(out),
+        "--timeout", str(timeout), "--linger", str(linger),
+    ]  # fmt: skip
+    if exceptions:
+        argv.append("--exceptions")
+    log_path = out.with_name(out.name + ".stderr")
+    with open(log_path, "ab") as err:
+        return PeerProcess(argv, log_path=log_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)

@@ -23,6 +23,7 @@ from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
     PeerSet,
     attempt_count,
+    attempts_log,
     flaky_cli_command,
     run_pyclient,
     seen_uniques,
@@ -276,3 +277,33 @@ def test_a_gearmand_restart_while_jobs_are_held_leaves_gproxy_serving(
         assert proxy.sample("gproxy_jobs_held", function="flaky") == 0
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_next_gproxy_to_hold_a_job_never_reuses_a_gone_ones_retry_unique(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    """Found by the chaos tier. A gproxy that goes away with its retry of J queued leaves
+    gearmand an abandoned job, which gearmand drops unrun when a worker would take it,
+    together with any submission attached to it since. The next gproxy holding J must not
+    submit the same retry unique, or J's client waits for ever."""
+    gearmand = fresh_gearmand
+    slow = replace(FAST, backoff_initial=1.0)
+    with PeerSet() as peers, proxy_to(gearmand, slow, frozen=True) as second:
+        with proxy_to(gearmand, slow, frozen=True) as first:
+            peers.add(start_pyworker(first.address, state_dir=tmp_path))
+            job = peers.add(start_pyclient(gearmand.address, "scripted", "retry,retry,ok|J", unique="U",
+                                           priority="high", timeout=20))
+            wait_for(lambda: len(first.held()) == 1, WAIT_S, "J to be held by the first gproxy")
+            peers.add(start_pyclient(gearmand.address, "scripted", "hang,ok|K", unique="K", priority="high"))
+            wait_for(lambda: [a.unique for a in attempts_log(tmp_path)] == ["U", "K"], WAIT_S, "its worker busy")
+            first.advance(1.0)  # J's retry goes to gearmand, and waits there: the worker is busy
+            gearmand.wait_for_queue("scripted", total=3, running=2)
+        # The first gproxy is gone: gearmand requeues J and K, and abandons J's retry.
+        gearmand.wait_for_queue("scripted", total=3, running=0)
+        peers.add(start_pyclient(gearmand.address, "scripted", "sleep=2|K2", unique="K2", priority="high"))
+        peers.add(start_pyworker(second.address, state_dir=tmp_path))
+        wait_for(lambda: "K2" in [a.unique for a in attempts_log(tmp_path)] and len(second.held()) == 1,
+                 WAIT_S, "J held by the second gproxy, its worker busy with K2")
+        second.advance(1.0)  # J's retry, while the abandoned one still waits in the queue
+        run = job.result()
+    assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr

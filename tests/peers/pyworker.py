@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real python-gearman worker (pygearman 0.2.6) for integration tests.
 
-Usage: pyworker.py HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
+Usage: pyworker.py HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR] [--chaos]
 
 Why this library: python-gearman only sends GRAB_JOB_UNIQ and expects JOB_ASSIGN_UNIQ, and it
 sends PRE_SLEEP after every job: a proxy must keep that exchange intact.
@@ -66,6 +66,26 @@ is the attempt number (1, 2, ...), atomic even with several workers sharing DIR:
     sleep=S         sleeps S seconds, then completes with `ok after <attempt>`
 --state-dir defaults to a private temp dir removed at exit.
 
+Chaos functions (registered only with --chaos; tests/chaos uses them): `chaos`, `chaos_fail`
+(the chaos tier configures on_fail for it) and `chaos_py` (actions only this library can do).
+Payload `SCRIPT|JOB` as for `scripted`, but the attempt counter is keyed by the whole payload
+(DIR/chaos-<sha1(payload) hex>), not by the unique: an empty unique is shared by many jobs,
+and Perl's worker.pl, which never sees a unique, keeps the same counter for the same job.
+Each attempt draws a token `py<pid>-<n>-<4 hex>` that ends every text the attempt sends, so
+the client's answer names the attempt that produced it. Each attempt appends JSON lines to
+DIR/chaos.log (one O_APPEND write each; `t` is time.monotonic()):
+  {"e": "start", "t", "lib": "py", "pid", "fn", "job": JOB, "uniq", "handle", "n": attempt,
+   "act": action, "tok"}                    before the action runs;
+  {"e": "end", "t", "tok", "out": "complete"|"exception"|"fail", "data": text}
+                                            just before the attempt's final packet is sent.
+Actions: `ok` -> `ok after <n> #<tok>`; `sleep=S` the same after S seconds; `retry` ->
+exception `RETRY: scripted <n> #<tok>`; `after=S` -> `RETRY after=S: scripted <n> #<tok>`;
+`fatal` -> `FATAL: scripted <n> #<tok>`; `plain` -> `boom <n> #<tok>`; `fail` -> a plain
+WORK_FAIL; chaos_py only: `retry+complete` (the exception, then `late <n> #<tok>` as a
+WORK_COMPLETE) and `retry+data` (the exception, then WORK_DATA `late data <n> #<tok>`).
+Any action may be prefixed `stream+`: WORK_DATA `data <n> #<tok>` and WORK_STATUS <n>/10 go
+first. An unknown action fails the attempt (WORK_FAIL, end record with out "fail").
+
 How pygearman fails a job (read from gearman/worker.py 0.2.6):
 - a handler that raises makes on_job_exception() send WORK_FAIL alone (no exception);
 - worker.send_job_exception(job, data) sends WORK_EXCEPTION *and* WORK_FAIL, but if the
@@ -92,7 +112,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import hashlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -112,6 +134,7 @@ ATTEMPTS_LOG = "attempts.log"
 HANG_TIMEOUT_S = 120.0
 HANG_POLL_S = 0.05
 SCRIPTED_EXIT_CODE = 3
+CHAOS_LOG = "chaos.log"
 
 
 class JobAlreadyFinished(Exception):
@@ -156,6 +179,7 @@ class Worker(gearman.GearmanWorker):
         self.state_dir = state_dir
         self.registrations = 0
         self._pending_plain_ready = False
+        self.chaos_attempts = 0
 
     def registered(self) -> None:
         """The server has processed our CAN_DOs: tell the test harness."""
@@ -381,6 +405,70 @@ def do_scripted(worker: Worker, job: Any) -> bytes:
     raise ValueError(f"unknown scripted action {action!r}")
 
 
+def _chaos_record(worker: Worker, record: dict[str, Any]) -> None:
+    """One chaos.log line, a single O_APPEND write (see the module doc)."""
+    line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    _append(os.path.join(worker.state_dir, CHAOS_LOG), line)
+
+
+def _chaos_end(worker: Worker, token: str, out: str, data: bytes) -> bytes:
+    _chaos_record(worker, {"e": "end", "t": time.monotonic(), "tok": token, "out": out,
+                           "data": data.decode("utf-8", "backslashreplace")})
+    return data
+
+
+def do_chaos(worker: Worker, job: Any) -> bytes:
+    """The chaos functions (see the module doc): the scripted actions, each attempt's texts
+    ending with its token, the attempt counted per payload and logged to chaos.log."""
+    payload = bytes(job.data)
+    script, sep, job_id = payload.partition(b"|")
+    key = hashlib.sha1(payload).hexdigest()
+    attempt = _append(os.path.join(worker.state_dir, f"chaos-{key}"), b"x")
+    actions = [a.strip() for a in script.split(b",")]
+    action = actions[min(attempt, len(actions)) - 1] if sep and all(actions) else b"?"
+    worker.chaos_attempts += 1
+    token = f"py{os.getpid()}-{worker.chaos_attempts}-{secrets.token_hex(2)}"
+    unique = job.unique if job.unique is not None else b""
+    _chaos_record(worker, {
+        "e": "start", "t": time.monotonic(), "lib": "py", "pid": os.getpid(),
+        "fn": bytes(job.task).decode("utf-8", "backslashreplace"),
+        "job": job_id.decode("utf-8", "backslashreplace"),
+        "uniq": unique.decode("utf-8", "backslashreplace"),
+        "handle": bytes(job.handle).decode("utf-8", "backslashreplace"),
+        "n": attempt, "act": action.decode("utf-8", "backslashreplace"), "tok": token,
+    })
+    tail = f"{attempt} #{token}".encode()
+    if action.startswith(b"stream+"):
+        action = action[len(b"stream+"):]
+        worker.send_job_data(job, b"data " + tail)
+        worker.send_job_status(job, attempt, 10)
+    name, _, arg = action.partition(b"=")
+    python_only = job.task == b"chaos_py"
+    if action == b"ok":
+        return _chaos_end(worker, token, "complete", b"ok after " + tail)
+    if name == b"sleep" and arg:
+        time.sleep(float(arg))
+        return _chaos_end(worker, token, "complete", b"ok after " + tail)
+    exception = {
+        b"retry": b"RETRY: scripted ",
+        b"fatal": b"FATAL: scripted ",
+        b"plain": b"boom ",
+    }.get(action)
+    if name == b"after" and arg:
+        exception = b"RETRY after=" + arg + b": scripted "
+    if exception is not None:
+        _exception(worker, job, _chaos_end(worker, token, "exception", exception + tail))
+    if python_only and action == b"retry+complete":
+        worker.send_job_exception(job, _chaos_end(worker, token, "exception", b"RETRY: scripted " + tail))
+        return b"late " + tail  # the library sends it as a WORK_COMPLETE of the dead handle
+    if python_only and action == b"retry+data":
+        worker.send_job_exception(job, _chaos_end(worker, token, "exception", b"RETRY: scripted " + tail))
+        worker.send_job_data(job, b"late data " + tail)
+        raise JobAlreadyFinished()
+    _chaos_end(worker, token, "fail", b"")
+    raise TransientFailure(f"chaos action {action!r}, attempt {attempt}")
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -392,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-echo", action="store_true", help="do not send the readiness ECHO_REQ")
     parser.add_argument("--state-dir", default=None, help="attempt counters and seen.log")
     parser.add_argument("--option", action="append", default=[], help="send OPTION_REQ OPTION at each connect")
+    parser.add_argument("--chaos", action="store_true", help="also register the chaos functions")
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -418,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.register_task(b"unregister", do_unregister)
     worker.register_task(b"unregister_status", do_unregister_status)
     worker.register_task(b"scripted", do_scripted)
+    if args.chaos:
+        for name in (b"chaos", b"chaos_fail", b"chaos_py"):
+            worker.register_task(name, do_chaos)
     down = False
     while True:
         try:

@@ -2,7 +2,7 @@
 # A real Perl Gearman::Worker (2.004) for integration tests.
 #
 # Usage: worker.pl HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
-#                  [--timeout FUNCTION=VALUE]...
+#                  [--timeout FUNCTION=VALUE]... [--chaos]
 #
 # Why this library: it sends plain GRAB_JOB, so gearmand answers JOB_ASSIGN (no unique);
 # it sends SET_CLIENT_ID before every CAN_DO; after a GRAB_JOB it waits only 0.5 s for the
@@ -33,6 +33,23 @@
 #            against gearmand 1.1.20 the WORK_FAIL gets ERROR JOB_NOT_FOUND and this process
 #            dies on it (exit 255), as with flaky; on Gearman::Server it survives.
 #
+# --chaos also registers the chaos functions `chaos` and `chaos_fail` of tests/chaos, the
+# same as pyworker.py's (see its module doc) with the actions this library can do: ok,
+# sleep=S, retry, after=S, fatal, plain (all but ok/sleep/fail die with the text, which
+# Gearman::Worker sends frozen in a WORK_EXCEPTION, then WORK_FAIL), fail (the handler
+# returns undef: a plain WORK_FAIL), each optionally prefixed `stream+` (send_work_data
+# `data <n> #<tok>` and WORK_STATUS <n>/10 first). Payload `SCRIPT|JOB`; the attempt
+# counter is DIR/chaos-<sha1_hex(payload)>, shared with pyworker.py; texts end with the
+# attempt's token `pl<pid>-<n>-<4 hex>`; each attempt appends its "start" and "end" JSON
+# lines to DIR/chaos.log ("uniq" is null: a GRAB_JOB worker never learns the unique; `t` is
+# CLOCK_MONOTONIC, comparable with Python's time.monotonic()). The die texts end with a
+# newline (so Perl adds no " at FILE line N"), which the end record keeps.
+# The status goes out with Gearman::Job's set_status: Gearman::Worker 2.004's
+# send_work_status passes only the numerator to _job_request, so its WORK_STATUS lacks the
+# denominator field; gearmand 1.1.20 then reads the next packet (the WORK_COMPLETE) as that
+# field, the worker's GRAB_JOB goes unanswered, the library drops the connection after 0.5 s
+# and gearmand requeues the job: it runs again every 0.5 s and never completes.
+#
 # --timeout FUNCTION=VALUE (repeatable) registers FUNCTION with a timeout:
 # register_function($name, $timeout, $sub), so Gearman::Worker sends CAN_DO_TIMEOUT
 # `FUNCTION\0VALUE` instead of CAN_DO. VALUE goes out verbatim; gearmand 1.1.20 reads it
@@ -55,22 +72,26 @@ use Fcntl qw(O_WRONLY O_APPEND O_CREAT SEEK_CUR);
 use File::Temp qw(tempdir);
 use Getopt::Long qw(GetOptions);
 use IO::Handle;
-use Time::HiRes qw(sleep time);
+use JSON::PP ();
+use Time::HiRes qw(sleep time clock_gettime CLOCK_MONOTONIC);
 use Gearman::Worker;
 use Gearman::Util;
 
 my $BLOCK_TIMEOUT_S = 60;
 my $BLOCK_POLL_S    = 0.01;
+my $JSON            = JSON::PP->new->canonical;
+my $chaos_attempts  = 0;
 
 my $USAGE = "usage: $0 HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]"
-    . " [--timeout FUNCTION=VALUE]...\n";
-my ($client_id, $no_echo, $state_dir);
+    . " [--timeout FUNCTION=VALUE]... [--chaos]\n";
+my ($client_id, $no_echo, $state_dir, $chaos);
 my %timeouts;
 GetOptions(
     "client-id=s" => \$client_id,
     "no-echo"     => \$no_echo,
     "state-dir=s" => \$state_dir,
     "timeout=s"   => \%timeouts,
+    "chaos"       => \$chaos,
 ) or die $USAGE;
 my $address = shift @ARGV or die $USAGE;
 $state_dir //= tempdir("perlworker-state-XXXXXX", TMPDIR => 1, CLEANUP => 1);
@@ -91,6 +112,7 @@ my %functions = (
     flaky   => \&do_flaky,
     unregister => sub { $worker->unregister_function($_[0]->arg); return "unregistered" },
     die_plain  => sub { die "boom: unmarked\n" },
+    ($chaos ? (chaos => \&do_chaos, chaos_fail => \&do_chaos) : ()),
 );
 
 for my $name (sort keys %timeouts) {
@@ -155,4 +177,55 @@ sub do_flaky {
     my $attempt = next_attempt("$state_dir/flaky-" . sha1_hex($payload));
     die "RETRY: transient failure $attempt\n" if $attempt <= $wanted;
     return "ok after $attempt";
+}
+
+
+# One chaos.log line, a single O_APPEND write, so lines of several workers never interleave.
+sub chaos_record {
+    my ($record) = @_;
+    my $line = $JSON->encode($record) . "\n";
+    sysopen(my $fh, "$state_dir/chaos.log", O_WRONLY | O_APPEND | O_CREAT, 0644)
+        or die "open chaos.log: $!";
+    defined syswrite($fh, $line) or die "write chaos.log: $!";
+    close $fh;
+}
+
+sub chaos_end {
+    my ($token, $out, $data) = @_;
+    chaos_record({e => "end", t => clock_gettime(CLOCK_MONOTONIC) + 0, tok => $token,
+                  out => $out, data => $data});
+    return $data;
+}
+
+sub do_chaos {
+    my ($job) = @_;
+    my $payload = $job->arg;
+    my ($script, $job_id) = split /\|/, $payload, 2;
+    my $attempt = next_attempt("$state_dir/chaos-" . sha1_hex($payload));
+    my @actions = defined $job_id ? map { s/^\s+|\s+$//gr } split(/,/, $script, -1) : ();
+    my $action = (@actions && !grep { $_ eq "" } @actions)
+        ? $actions[($attempt < @actions ? $attempt : scalar @actions) - 1] : "?";
+    $chaos_attempts++;
+    my $token = sprintf("pl%d-%d-%04x", $$, $chaos_attempts, int(rand(65536)));
+    chaos_record({
+        e => "start", t => clock_gettime(CLOCK_MONOTONIC) + 0, lib => "pl", pid => $$ + 0,
+        fn => $job->{func}, job => $job_id // "", uniq => undef, handle => $job->handle,
+        n => $attempt + 0, act => $action, tok => $token,
+    });
+    my $tail = "$attempt #$token";
+    if ($action =~ s/^stream\+//) {
+        $worker->send_work_data($job, "data $tail");
+        $job->set_status($attempt, 10);  # not $worker->send_work_status: see the top
+    }
+    return chaos_end($token, "complete", "ok after $tail") if $action eq "ok";
+    if ($action =~ /\Asleep=([0-9.]+)\z/) {
+        sleep $1;
+        return chaos_end($token, "complete", "ok after $tail");
+    }
+    my %exceptions = (retry => "RETRY: scripted ", fatal => "FATAL: scripted ", plain => "boom ");
+    my $exception = $exceptions{$action};
+    $exception = "RETRY after=$1: scripted " if $action =~ /\Aafter=([0-9.]+)\z/;
+    die chaos_end($token, "exception", "$exception$tail\n") if defined $exception;
+    chaos_end($token, "fail", "");
+    return undef;  # Gearman::Worker sends a plain WORK_FAIL
 }
