@@ -337,6 +337,11 @@ class Framer:
                         )
                     self._scanned = total - pos
                     break
+                if newline - pos >= self.max_packet_size:
+                    raise ProtocolError(
+                        f"admin text line longer than max_packet_size {self.max_packet_size}",
+                        "oversized",
+                    )
                 frames.append(AdminLine(bytes(buf[pos : newline + 1])))
                 pos, scanned = newline + 1, 0
                 continue

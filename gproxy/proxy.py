@@ -86,7 +86,8 @@ class _Pair:
         """One side closed: the other gets a grace period to finish, then the pair is cut."""
         self.eofs += 1
         if self.eofs == 1:
-            self.reason = reason
+            if self.reason is None:  # a refusal that came first keeps its reason
+                self.reason = reason
             self.cancel_scope.deadline = min(
                 self.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
             )

@@ -25,6 +25,7 @@ Only those few packet types are parsed at all; everything else is passed through
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -331,8 +332,11 @@ class Session:
         return held
 
     def _registration_packet(self, packet: Packet) -> bytes:
-        self.registration.apply(packet)
         ptype = packet.type
+        if ptype is P.CAN_DO_TIMEOUT and not _TIMEOUT.fullmatch(packet.args()["timeout"]):
+            # gearmand 1.1.20 dies of a timeout that does not fit 64 bits.
+            raise ProtocolError("malformed CAN_DO_TIMEOUT: the timeout is not a number of milliseconds")
+        self.registration.apply(packet)
         if ptype is not P.CANT_DO and ptype is not P.RESET_ABILITIES:
             return packet.raw
         function = packet.args()["function"] if ptype is P.CANT_DO else None
@@ -480,6 +484,8 @@ class Session:
             self.actions.append(CloseUpstream(link))
 
 
+_TIMEOUT: Final = re.compile(rb"\d{0,18}")
+"""CAN_DO_TIMEOUT's milliseconds, decimal: at most 18 digits fit gearmand's 64-bit long."""
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 

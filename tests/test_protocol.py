@@ -219,3 +219,10 @@ def test_oversized_packets_of_other_types_are_still_refused() -> None:
     framer = Framer(RES, max_packet_size=1024, skip_oversized=frozenset({PacketType.JOB_ASSIGN}))
     with pytest.raises(ProtocolError, match="WORK_DATA of 2048 bytes exceeds"):
         framer.receive(b"\0RES" + struct.pack(">II", PacketType.WORK_DATA, 2048))
+
+
+def test_an_admin_line_over_max_packet_size_is_refused_even_when_it_arrives_whole() -> None:
+    framer = Framer(REQ, max_packet_size=1024)
+    with pytest.raises(ProtocolError, match="admin text line longer"):
+        framer.receive(b"x" * 3072 + b"\n" + build_packet(REQ, PacketType.NOOP))
+    assert Framer(REQ, max_packet_size=1024).receive(b"x" * 1023 + b"\n") == [AdminLine(b"x" * 1023 + b"\n")]

@@ -15,7 +15,8 @@ import trio
 
 from gproxy.config import Address, Config, Route
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.proxy import Proxy
+from gproxy.proxy import Proxy, _Pair
+from gproxy.session import Session
 
 pytestmark = pytest.mark.timeout(30)
 LOOPBACK = "127.0.0.1"
@@ -200,3 +201,15 @@ async def test_a_peer_that_resets_at_once_is_named_by_its_address(
     (line,) = pair_log_lines(caplog)
     assert line.startswith(f"peer {LOOPBACK}:{port} ("), line
     await echo_through(address)
+
+
+async def test_a_refusal_keeps_its_reason_when_the_other_side_closes_right_after() -> None:
+    # Found by the fuzz tier: both sides' pumps woken in one batch, in either order.
+    for first, second in (("refuse", "close"), ("close", "refuse")):
+        pair = _Pair("p", Session("up"), None, trio.CancelScope())  # type: ignore[arg-type]
+        for event in (first, second):
+            if event == "refuse":
+                pair.fail("protocol error from peer: bad magic")
+            else:
+                pair.closing("gearmand closed the connection")
+        assert (pair.reason, pair.level) == ("protocol error from peer: bad magic", logging.WARNING)

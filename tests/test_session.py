@@ -115,7 +115,7 @@ def test_a_work_result_without_a_handle_terminator_is_refused(session: Session) 
 _UNWATCHED_REQ = tuple(
     t for t in PacketType
     if t not in {P.GRAB_JOB, P.GRAB_JOB_UNIQ, P.GRAB_JOB_ALL, P.WORK_COMPLETE, P.WORK_FAIL,
-                 P.WORK_EXCEPTION, P.CANT_DO, P.RESET_ABILITIES}
+                 P.WORK_EXCEPTION, P.CANT_DO, P.RESET_ABILITIES, P.CAN_DO_TIMEOUT}
 )
 _UNWATCHED_RES = tuple(
     t for t in PacketType if t not in {P.JOB_ASSIGN, P.JOB_ASSIGN_UNIQ, P.JOB_ASSIGN_ALL, P.NO_JOB}
@@ -498,3 +498,15 @@ def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into
     short = b"\0REQ" + (12).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"H:1\x001"
     with pytest.raises(ProtocolError, match="malformed WORK_STATUS"):
         session.from_downstream(short + req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok"), now=0.0)
+
+
+@pytest.mark.parametrize("timeout", [b"18446744073709551616", b"-5", b"30s", b"1" * 19])
+def test_a_can_do_timeout_gearmand_would_die_of_is_refused(timeout: bytes) -> None:
+    with pytest.raises(ProtocolError, match="malformed CAN_DO_TIMEOUT"):
+        Session("up").from_downstream(req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout), now=0.0)
+
+
+@pytest.mark.parametrize("timeout", [b"30", b"", b"9" * 18])
+def test_an_ordinary_can_do_timeout_passes(timeout: bytes) -> None:
+    packet = req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout)
+    assert Session("up").from_downstream(packet, now=0.0) == packet
