@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 from collections.abc import Sequence
 from functools import partial
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class _Pair:
     level: int = logging.DEBUG
     eofs: int = 0
     released: trio.Event = field(default_factory=trio.Event)
+    worker_lost: str | None = None
+    """Why the worker's connection broke (a reset, a failed send), if it did: it has left,
+    as if it had closed, and its connections that hold retries stay open for them."""
 
     @property
     def worker_gone(self) -> bool:
@@ -269,11 +273,12 @@ class Proxy:
     async def _downstream_pump(self, pair: _Pair) -> None:
         """Worker to gearmand, until the worker leaves; then what it left behind is settled."""
         session, source = pair.session, pair.downstream
-        while True:
+        while pair.worker_lost is None:
             try:
                 data = await source.receive(RECEIVE_SIZE)
             except OSError as exc:
-                return pair.fail(f"peer connection lost: {exc}", logging.INFO)
+                self._lose_worker(pair, exc)
+                break
             if not data:
                 break
             try:
@@ -288,7 +293,8 @@ class Proxy:
                 try:
                     await pair.downstream.send_all(replies)
                 except OSError as exc:
-                    return pair.fail(f"peer connection lost: {exc}", logging.INFO)
+                    self._lose_worker(pair, exc)
+                    break
             if out:
                 upstream = pair.upstreams.get(session.current)
                 try:
@@ -297,21 +303,32 @@ class Proxy:
                     await upstream.connection.send_all(out)
                 except OSError as exc:
                     return pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
-        if session.downstream.buffered:
+        if pair.worker_lost is None and session.downstream.buffered:
             return self._refuse(pair, "mid_packet", _mid_packet("peer", session.downstream.buffered))
         if self._holds_retries(pair):
             await self._keep_for_held_retries(pair)
+        if pair.worker_lost is not None:
+            return pair.fail(pair.worker_lost, logging.INFO)
         pair.closing("peer closed the connection")
         for upstream in list(pair.upstreams.values()):
             with contextlib.suppress(OSError):
                 upstream.connection.send_eof()
+
+    def _lose_worker(self, pair: _Pair, exc: BaseException) -> None:
+        """The worker's connection broke. It has left, as much as if it had closed, and is
+        handled the same way (by the downstream pump, which this wakes): connections that
+        hold retries stay open; only then does the pair close."""
+        if pair.worker_lost is None:
+            pair.worker_lost = f"peer connection lost: {exc}"
+            with contextlib.suppress(OSError):
+                pair.downstream.sock.shutdown(socket.SHUT_RD)
 
     async def _reply(self, pair: _Pair, data: bytes) -> None:
         """Answers gproxy owes the worker itself (see Session.link_closed)."""
         try:
             await pair.downstream.send_all(data)
         except (OSError, trio.ClosedResourceError) as exc:
-            pair.fail(f"peer connection lost: {exc}", logging.INFO)
+            self._lose_worker(pair, exc)
 
     def _holds_retries(self, pair: _Pair) -> bool:
         return any(self.retrier.holds(link) for link in pair.session.links)
@@ -357,11 +374,11 @@ class Proxy:
                     if session.actions:
                         actions, session.actions = session.actions, []
                         await self.execute(actions)
-                    if out and not pair.worker_gone:
+                    if out and not pair.worker_gone and pair.worker_lost is None:
                         try:
                             await pair.downstream.send_all(out)
-                        except OSError as exc:
-                            return pair.fail(f"peer connection lost: {exc}", logging.INFO)
+                        except (OSError, trio.ClosedResourceError) as exc:
+                            self._lose_worker(pair, exc)  # this link goes on for its held jobs
                 if link.framer.buffered:
                     return self._refuse(pair, "mid_packet", _mid_packet("gearmand", link.framer.buffered))
                 if link is session.current and not pair.worker_gone:

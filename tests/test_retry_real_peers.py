@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from gproxy.config import Address, Config, Route
-from gproxy.retry import Policies, RetryPolicy
+from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
+from gproxy.retry import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
     PeerSet,
@@ -307,3 +308,42 @@ def test_the_next_gproxy_to_hold_a_job_never_reuses_a_gone_ones_retry_unique(
         second.advance(1.0)  # J's retry, while the abandoned one still waits in the queue
         run = job.result()
     assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr
+
+
+def test_a_worker_whose_connection_is_reset_leaves_its_held_jobs_held(
+    fresh_gearmand: Gearmand, tmp_path: Path
+) -> None:
+    """Found by the chaos tier: a worker killed with unread data in its socket resets the
+    connection instead of closing it. That closed every gearmand connection of its pair at
+    once, and gearmand requeued the held job while its retry ran: it ran twice. A reset is
+    now a departure like a close. (The failing worker is a raw socket here: no library
+    resets on cue.)"""
+    gearmand = fresh_gearmand
+    with proxy_to(gearmand, frozen=True) as proxy, PeerSet() as peers:
+        worker = socket.create_connection(proxy.address)
+        worker.sendall(build_packet(REQ, PacketType.CAN_DO, function=b"scripted"))
+        client = peers.add(start_pyclient(gearmand.address, "scripted", "ok|reset", unique="reset-held"))
+        gearmand.wait_for_queue("scripted", total=1)
+        worker.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
+        framer, frames = Framer(RES), []
+        while not frames:
+            frames = framer.receive(worker.recv(65536))
+        (assign,) = frames
+        handle = assign.args()["handle"]
+        worker.sendall(build_packet(REQ, PacketType.WORK_EXCEPTION, handle=handle, data=b"RETRY: raw"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        worker.close()  # a reset, not a FIN
+
+        def departure() -> str | None:
+            pairs = proxy.call(lambda: [pair.session.worker_gone for pair in proxy.proxy._pairs])
+            return "closed" if not pairs else "kept for the held job" if pairs == [True] else None
+
+        wait_for(lambda: departure() is not None, WAIT_S, "gproxy to see the worker go")
+        assert departure() == "kept for the held job"
+        assert gearmand.status()["scripted"][:2] == (1, 1)  # still assigned, not requeued
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        proxy.thaw()
+        run = client.result()
+    assert (run.returncode, run.stdout) == (0, b"ok after 1"), run.stderr
+    assert seen_uniques(tmp_path) == ["reset-held"]  # the retry alone: no requeued second run
