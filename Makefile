@@ -10,7 +10,7 @@ APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-clien
 BENCH_APT_PACKAGES := haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo bench chaos system-deps bench-deps apt-install clean
+.PHONY: test demo bench chaos fuzz system-deps bench-deps apt-install clean
 
 test: system-deps $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -25,6 +25,10 @@ bench: system-deps bench-deps $(VENV)/.installed
 # (CHAOS_ARGS=--keep keeps the run's logs and records even if it passes).
 chaos: system-deps $(VENV)/.installed
 	$(VENV)/bin/python -m tests.chaos --seconds $(or $(SECONDS),600) --seed $(or $(SEED),1) $(CHAOS_ARGS)
+
+# The fuzz tier's long run (tests/fuzz): `make fuzz SECONDS=600 SEED=1`.
+fuzz: system-deps $(VENV)/.installed
+	$(VENV)/bin/python -m tests.fuzz --seconds $(or $(SECONDS),600) --seed $(or $(SEED),1) $(FUZZ_ARGS)
 
 system-deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
