@@ -49,6 +49,11 @@ class RetryBudget:
         self._slices[index] -= 1
         return True
 
+    def idle(self, now: float) -> bool:
+        """Nothing in the window: this budget is as good as a new one (and may be dropped)."""
+        self._advance(now)
+        return not any(self._slices)
+
     def balance(self, now: float) -> float:
         """Retries the budget would allow right now (a gauge; never below zero)."""
         self._advance(now)

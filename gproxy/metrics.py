@@ -82,6 +82,10 @@ class Metrics:
                 self.cap_rejections.labels(label, cap)
         return label
 
+    def labelled(self) -> list[bytes]:
+        """The function names that have a label of their own."""
+        return list(self._functions)
+
     def job_ended(self, function: bytes, outcome: str, duration: float) -> None:
         per_job = self._per_job.get(function) or self._per_job_for(function)
         per_job.outcomes[outcome].inc()

@@ -23,6 +23,7 @@ from .config import Address, Config, Route
 from .connection import Connection
 from .jobs import TrackedJob
 from .http_endpoint import bind_http, serve_http
+from .memory import Trimmer
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import Released, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
@@ -105,7 +106,9 @@ class Proxy:
         self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
         self.metrics.connections = self._connection_counts
         self.retrier = Retrier(config.policies, metrics=self.metrics)
-        self.metrics.budget_balance = lambda: self.retrier.budget_balances(trio.current_time())
+        self.metrics.budget_balance = lambda: self.retrier.budget_balances(
+            trio.current_time(), self.metrics.labelled()
+        )
         self.listen_addresses: list[Address] = []
         self.metrics_address: Address | None = None
         self.draining = False
@@ -116,6 +119,7 @@ class Proxy:
         self._owners: dict[UpstreamLink, _Pair] = {}
         self._retry_clients: dict[Route, RetryClient] = {}
         self._traits: dict[Route, ServerTraits] = {route: ServerTraits() for route in config.routes}
+        self._trimmer = Trimmer()
         self._nursery: trio.Nursery | None = None
 
     async def ready(self) -> tuple[bool, str]:
@@ -156,6 +160,7 @@ class Proxy:
             await self.listen()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._trimmer.run)
             if self._http:
                 await nursery.start(serve_http, self._http, self.metrics.registry, self.ready)
             await nursery.start(self._accept)
@@ -250,6 +255,7 @@ class Proxy:
             for link in list(pair.upstreams):
                 self._detach(pair, link)
             downstream.close()
+            self._trimmer.soon()  # what the pair's buffers and jobs held is free now
 
     def _attach(self, pair: _Pair, link: UpstreamLink, connection: Connection) -> None:
         assert pair.nursery is not None
@@ -464,7 +470,8 @@ class Proxy:
         if client is None:
             assert self._nursery is not None
             client = self._retry_clients[route] = RetryClient(
-                route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size
+                route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size,
+                bad_input=lambda reason: self.metrics.protocol_errors.labels(reason).inc(),
             )
             self._nursery.start_soon(client.run)
         return client

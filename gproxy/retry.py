@@ -24,7 +24,7 @@ import logging
 import random
 import re
 from collections import Counter, deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Hashable
 
@@ -35,6 +35,8 @@ from .protocol import REQ, PacketType, build_packet
 
 log = logging.getLogger("gproxy.retry")
 P = PacketType
+BUDGETS_SWEPT_FROM: Final = 256
+"""Idle retry budgets are dropped once there are this many (see Retrier._budget)."""
 MAX_UNIQUE: Final = 63
 """gearmand truncates a 64-byte unique to 63 and then fails to coalesce; longer is refused."""
 DISCONNECTED: Final = b"gproxy: the worker running this retry disconnected"
@@ -348,7 +350,9 @@ class Retrier:
         self._by_retry_handle: dict[tuple[Hashable, bytes], int] = {}
         self._by_owner: dict[Hashable, set[int]] = {}
         self._held_per_function: Counter[bytes] = Counter()
-        self._budgets: dict[bytes, RetryBudget] = {}
+        self._budgets: dict[int, RetryBudget] = {}
+        """By hash(function name): see _budget."""
+        self._sweep_budgets_at = BUDGETS_SWEPT_FROM
         self._deferred: dict[bytes, deque[int]] = {}
         """Per function, the deferred jobs' keys, oldest first; a function is here exactly
         while a RecheckBudget for it is outstanding."""
@@ -378,8 +382,9 @@ class Retrier:
         job = self.held.get(key)
         return job is not None and job.state is State.SUBMITTING
 
-    def budget_balances(self, now: float) -> dict[bytes, float]:
-        return {function: budget.balance(now) for function, budget in self._budgets.items()}
+    def budget_balances(self, now: float, functions: Iterable[bytes]) -> dict[bytes, float]:
+        """The balance of each of `functions` (a gauge): what its budget allows now."""
+        return {function: self._budget(function, now).balance(now) for function in functions}
 
     # -- events
 
@@ -399,7 +404,7 @@ class Retrier:
                 _text(job.function), _text(handle),
             )
             actions = self._release(job)
-        budget = self._budget(function)
+        budget = self._budget(function, now)
         if not is_retry:
             budget.deposit(now)
         return actions
@@ -481,7 +486,7 @@ class Retrier:
         queue = self._deferred.get(function)
         if queue is None:
             return []
-        budget = self._budget(function)
+        budget = self._budget(function, now)
         actions: list[Action] = []
         while queue:
             job = self.held.get(queue[0])
@@ -616,11 +621,22 @@ class Retrier:
 
     # -- internals
 
-    def _budget(self, function: bytes) -> RetryBudget:
-        budget = self._budgets.get(function)
+    def _budget(self, function: bytes, now: float) -> RetryBudget:
+        """The function's budget. Function names come from the network (any client may
+        submit under any name): budgets are keyed by the name's hash, not the name, and
+        those with nothing in their window are dropped (a new one would be the same), swept
+        whenever their number doubles, so that each new name costs O(1) on average."""
+        key = hash(function)
+        budget = self._budgets.get(key)
         if budget is None:
+            if len(self._budgets) >= self._sweep_budgets_at:
+                deferred = {hash(name) for name in self._deferred}
+                for other, idle in list(self._budgets.items()):
+                    if other not in deferred and idle.idle(now):
+                        del self._budgets[other]
+                self._sweep_budgets_at = max(BUDGETS_SWEPT_FROM, 2 * len(self._budgets))
             policy = self.policies.for_function(function)
-            budget = self._budgets[function] = RetryBudget(
+            budget = self._budgets[key] = RetryBudget(
                 policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
             )
         return budget
@@ -667,7 +683,7 @@ class Retrier:
         """The backoff is over: submit the retry if the budget allows it and no older retry
         of the function is waiting for the budget; else wait for the budget, in line."""
         queue = self._deferred.get(job.function)
-        budget = self._budget(job.function)
+        budget = self._budget(job.function, now)
         if queue is None and budget.try_withdraw(now):
             return [self._submit(job)]
         job.state = State.DEFERRED

@@ -41,9 +41,12 @@ class RetryClient:
         connect: Callable[[], Awaitable[Connection]],
         execute: Execute,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        bad_input: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.route = route
         self._max_packet_size = max_packet_size
+        self._bad_input = bad_input
+        """Counts a connection lost to bad input from gearmand, by reason (the metric)."""
         self._retrier = retrier
         self._connect = connect
         self._execute = execute
@@ -113,7 +116,10 @@ class RetryClient:
                     while data := await connection.receive(RECEIVE_SIZE):
                         await self._handle(self._submitter.receive(data))
                     reasons.append("gearmand closed it")
-                except (OSError, ProtocolError) as exc:
+                except ProtocolError as exc:
+                    self._bad_input(exc.reason)
+                    reasons.append(f"protocol error from gearmand: {exc}")
+                except OSError as exc:
                     reasons.append(str(exc))
                 nursery.cancel_scope.cancel()
 

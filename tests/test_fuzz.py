@@ -21,10 +21,7 @@ from tests.fuzz.replay import replay
 from tests.fuzz.runner import BUGS, Options, run_campaign
 
 REGRESSIONS = sorted((Path(__file__).resolve().parent / "fuzz" / "regressions").glob("*.json"))
-OPEN: dict[str, str] = {
-    "function-state": "found-per-function-state-kept-for-ever.json",
-    "retry-uncounted": "found-retry-connection-bad-input-not-counted.json",
-}
+OPEN: dict[str, str] = {}
 """Bug (runner.BUGS) -> the regression file that fails until it is fixed."""
 SHORT_SECONDS = 12.0
 SHORT_SEED = 1

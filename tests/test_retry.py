@@ -271,7 +271,7 @@ def test_over_budget_a_retry_waits_for_the_budget_instead_of_failing() -> None:
         t.retrier.job_assigned("route", handle, b"f", False, now=2.5)
     assert t.retrier.budget_recheck(b"f", now=3.0) == [Submit("route", 2, b"f", b"gpr:2:b", b"payload", P.SUBMIT_JOB)]
     assert t.retrier.budget_recheck(b"f", now=4.0) == []  # nothing left waiting: no more looks
-    assert t.retrier.budget_balances(4.0) == {b"f": 0.0}
+    assert t.retrier.budget_balances(4.0, [b"f"]) == {b"f": 0.0}
 
 
 def test_deferred_retries_go_in_the_order_they_became_due() -> None:
@@ -418,7 +418,7 @@ def test_first_attempts_fill_the_budget_and_retries_do_not() -> None:
     for n in range(4):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f", False, now=0.0)
     t.retrier.job_assigned("route", b"H:9", b"f", True, now=0.0)
-    assert t.retrier.budget_balances(0.0) == {b"f": 2.0}
+    assert t.retrier.budget_balances(0.0, [b"f"]) == {b"f": 2.0}
     assert t.retrier.is_retry_handle("route", b"H:2") is False
 
 
@@ -456,3 +456,21 @@ def test_a_unique_with_thousands_of_digits_is_not_a_retry_unique() -> None:
     # int() of that many digits raised, and the pair closed with an internal error.
     assert parse_retry_unique(b"gpr:" + b"9" * 5000 + b":x") is None
     assert parse_retry_unique(b"gpr:123456789:x") == (123456789, b"x")
+
+
+def test_idle_budgets_are_dropped_so_new_function_names_cost_no_memory_for_ever() -> None:
+    # Found by the fuzz tier: a budget for every function name ever seen, kept for ever.
+    t = Transcript(replace(POLICY, budget_ttl=1.0))
+    for n in range(5000):
+        t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=float(n))
+    assert len(t.retrier._budgets) < 600
+    # A dropped budget comes back as new, which is what it was: its window was empty.
+    assert t.retrier.budget_balances(6000.0, [b"f1"]) == {b"f1": 10.0}
+
+
+def test_a_budget_in_use_is_kept() -> None:
+    t = Transcript(replace(POLICY, budget_ttl=1000.0))
+    t.retrier.job_assigned("route", b"H:0", b"busy", False, now=0.0)
+    for n in range(1, 3000):
+        t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=0.0)
+    assert hash(b"busy") in t.retrier._budgets  # its deposit is still in the window
