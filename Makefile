@@ -13,6 +13,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: test demo bench chaos fuzz system-deps bench-deps apt-install clean
 
 test: system-deps $(VENV)/.installed
+	$(VENV)/bin/ruff check gproxy
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: system-deps $(VENV)/.installed

@@ -10,8 +10,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .protocol import DEFAULT_MAX_PACKET_SIZE
 from .metrics import DEFAULT_MAX_FUNCTIONS
+from .protocol import DEFAULT_MAX_PACKET_SIZE
 from .retry import Mode, Policies, Priority, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"

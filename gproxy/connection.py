@@ -10,6 +10,7 @@ buffer is one send with no wait at all.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import trio
@@ -25,10 +26,8 @@ class Connection:
         self._fd = sock.fileno()
         self._send_lock = trio.StrictFIFOLock()
         if peer is None:
-            try:
+            with contextlib.suppress(OSError):
                 peer = sock.getpeername()
-            except OSError:
-                pass
         self.peer = _address(peer) if peer else "?"
 
     @classmethod

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 HOST = "127.0.0.1"
 
@@ -24,7 +25,8 @@ HOST = "127.0.0.1"
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_for_port(port: int, what: str, timeout: float = 10.0) -> None:
@@ -53,7 +55,7 @@ def admin(port: int, command: str) -> str:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+def process(argv: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[Any]]:
     proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
     try:
         yield proc
@@ -101,7 +103,7 @@ def run_jobs(port: int, function: str, label: str, count: int = 5) -> int:
         payload = f"{label} job {n}"
         result = subprocess.run(
             ["gearman", "-h", HOST, "-p", str(port), "-f", function, payload],
-            capture_output=True, timeout=20, text=True,
+            capture_output=True, timeout=20, text=True, check=False,
         )
         ok = result.returncode == 0 and result.stdout == "done on attempt 2"
         succeeded += ok
@@ -150,7 +152,7 @@ def main() -> int:
             payload = f"hello gearman, job {n}"
             result = subprocess.run(
                 ["gearman", "-h", HOST, "-p", str(gearmand_port), "-f", "shout", payload],
-                capture_output=True, timeout=10, text=True,
+                capture_output=True, timeout=10, text=True, check=False,
             )
             print(f"client -> gearmand -> gproxy -> worker: {payload!r:26} => {result.stdout!r}")
             if result.returncode != 0 or result.stdout != payload.upper():

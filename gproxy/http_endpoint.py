@@ -37,7 +37,7 @@ async def serve_http(
     registry: CollectorRegistry,
     ready: Readiness,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await trio.serve_listeners(partial(_handle, registry, ready), listeners, task_status=task_status)
 

@@ -8,6 +8,7 @@ assigned a job can finish it. So jobs are tracked per connection, by handle, and
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import NamedTuple
 
 
@@ -36,7 +37,7 @@ class JobTable:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[TrackedJob]:
         return iter(list(self._jobs.values()))
 
     def get(self, handle: bytes) -> TrackedJob | None:

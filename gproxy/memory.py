@@ -57,6 +57,6 @@ class Trimmer:
             self._due = trio.Event()
             try:
                 await self._offload(self._trim)
-            except Exception as exc:  # memory hygiene must never take the proxy down
+            except Exception as exc:  # noqa: BLE001 - memory hygiene must never take the proxy down
                 log.warning("cannot give freed memory back (%s): no more trims", exc)
                 return

@@ -10,7 +10,6 @@ function is counted as `__other__`.
 from __future__ import annotations
 
 import hashlib
-
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass

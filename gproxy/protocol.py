@@ -257,7 +257,7 @@ def build_packet(magic: bytes, ptype: PacketType, **args: bytes) -> bytes:
     for name in layout.fields:
         if b"\0" in args[name]:
             raise ValueError(f"{ptype.name} field {name!r} may not contain NUL")
-    body = _COMPILED[ptype].build(args)
+    body: bytes = _COMPILED[ptype].build(args)
     return _HEADER_STRUCT.pack(magic, ptype, len(body)) + body
 
 

@@ -13,20 +13,20 @@ import errno
 import logging
 import socket
 from collections.abc import Sequence
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import trio
 
 from .config import Address, Config, Route
 from .connection import Connection
-from .jobs import TrackedJob
 from .http_endpoint import bind_http, serve_http
+from .jobs import TrackedJob
 from .memory import Trimmer
 from .metrics import Metrics
 from .protocol import ProtocolError
-from .retry import Released, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
+from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
 from .retry_client import RetryClient
 from .session import CloseUpstream, Command, OpenUpstream, ServerTraits, Session, UpstreamLink
 
@@ -105,7 +105,7 @@ class Proxy:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
         self.metrics.connections = self._connection_counts
-        self.retrier = Retrier(config.policies, metrics=self.metrics)
+        self.retrier: Retrier[UpstreamLink, Route] = Retrier(config.policies, metrics=self.metrics)
         self.metrics.budget_balance = lambda: self.retrier.budget_balances(
             trio.current_time(), self.metrics.labelled()
         )
@@ -420,9 +420,8 @@ class Proxy:
                 self._retry_client(action.route).submit(action)
             elif type(action) is OpenUpstream:
                 await self._open_upstream(action)
-            elif type(action) is CloseUpstream:
-                if (pair := self._owners.get(action.link)) is not None:
-                    pair.upstreams[action.link].scope.cancel()
+            elif type(action) is CloseUpstream and (pair := self._owners.get(action.link)) is not None:
+                pair.upstreams[action.link].scope.cancel()
 
     def _settle(self, pair: _Pair, link: UpstreamLink) -> None:
         """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""

@@ -24,14 +24,19 @@ import logging
 import random
 import re
 from collections import Counter, deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Hashable
+from typing import Final, Generic, TypeVar
 
 from .budget import RetryBudget
 from .jobs import TrackedJob
 from .metrics import Metrics
 from .protocol import REQ, PacketType, build_packet
+
+OwnerT = TypeVar("OwnerT", bound=Hashable)
+"""Who owns a held job: in gproxy the upstream connection (session.UpstreamLink) it came on."""
+RouteT = TypeVar("RouteT", bound=Hashable)
+"""Where retries are submitted: in gproxy a config.Route."""
 
 log = logging.getLogger("gproxy.retry")
 P = PacketType
@@ -239,11 +244,11 @@ class State(enum.Enum):
 
 
 @dataclass(slots=True)
-class HeldJob:
+class HeldJob(Generic[OwnerT, RouteT]):
     key: int
-    owner: Hashable
+    owner: OwnerT
     """The upstream connection that owns H1: only it can finish H1."""
-    route: Hashable
+    route: RouteT
     """Where retries are submitted: the gearmand that H1 lives in."""
     handle: bytes
     function: bytes
@@ -286,11 +291,11 @@ class RecheckBudget:
 
 
 @dataclass(frozen=True, slots=True)
-class Submit:
+class Submit(Generic[RouteT]):
     """Submit a job on the route's retry-client connection; `key` None: a dead letter, in
     the background, no reply wanted."""
 
-    route: Hashable
+    route: RouteT
     key: int | None
     function: bytes
     unique: bytes
@@ -299,37 +304,37 @@ class Submit:
 
 
 @dataclass(frozen=True, slots=True)
-class SendUpstream:
+class SendUpstream(Generic[OwnerT]):
     """Packets for H1 on the connection that owns it."""
 
-    owner: Hashable
+    owner: OwnerT
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Released:
+class Released(Generic[OwnerT]):
     """The owner connection holds nothing more for us (it may close if its worker left)."""
 
-    owner: Hashable
+    owner: OwnerT
 
 
-Action = Wakeup | RecheckBudget | Submit | SendUpstream | Released
+Action = SendUpstream[OwnerT] | Released[OwnerT] | Submit[RouteT] | Wakeup | RecheckBudget
+"""`Action[OwnerT, RouteT]`: what the caller of a Retrier executes."""
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(Generic[OwnerT, RouteT]):
     """What happens to a worker's failure: held (not forwarded), or forwarded; `actions`
     either way (a forwarded failure may still be dead-lettered)."""
 
     held: bool
-    actions: list[Action] = field(default_factory=list)
+    actions: list[Action[OwnerT, RouteT]] = field(default_factory=list)
 
 
-FORWARD: Final = Decision(False)
 _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
 
 
-class Retrier:
+class Retrier(Generic[OwnerT, RouteT]):
     """Every held job of the process. Each method takes an event and returns the actions."""
 
     def __init__(
@@ -345,10 +350,10 @@ class Retrier:
         """In every retry unique this Retrier submits (see retry_unique)."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.held = lambda: self._held_per_function
-        self.held: dict[int, HeldJob] = {}
-        self._by_handle: dict[tuple[Hashable, bytes], int] = {}
-        self._by_retry_handle: dict[tuple[Hashable, bytes], int] = {}
-        self._by_owner: dict[Hashable, set[int]] = {}
+        self.held: dict[int, HeldJob[OwnerT, RouteT]] = {}
+        self._by_handle: dict[tuple[RouteT, bytes], int] = {}
+        self._by_retry_handle: dict[tuple[RouteT, bytes], int] = {}
+        self._by_owner: dict[OwnerT, set[int]] = {}
         self._held_per_function: Counter[bytes] = Counter()
         self._budgets: dict[int, RetryBudget] = {}
         """By hash(function name): see _budget."""
@@ -360,19 +365,19 @@ class Retrier:
 
     # -- queries
 
-    def holds(self, owner: Hashable, function: bytes | None = None) -> bool:
+    def holds(self, owner: OwnerT, function: bytes | None = None) -> bool:
         """Does `owner` hold jobs for us (of `function`, if given)?"""
         keys = self._by_owner.get(owner)
         if not keys:
             return False
         return function is None or any(self.held[key].function == function for key in keys)
 
-    def holder(self, route: Hashable, handle: bytes) -> Hashable | None:
+    def holder(self, route: RouteT, handle: bytes) -> OwnerT | None:
         """The connection that holds `handle` for a retry, if we hold it."""
         key = self._by_handle.get((route, handle))
         return None if key is None else self.held[key].owner
 
-    def is_retry_handle(self, route: Hashable, handle: bytes) -> bool:
+    def is_retry_handle(self, route: RouteT, handle: bytes) -> bool:
         """Is `handle` a retry job this process submitted? (How retries are recognised on a
         server that cannot tell a worker the unique id.)"""
         return (route, handle) in self._by_retry_handle
@@ -389,12 +394,12 @@ class Retrier:
     # -- events
 
     def job_assigned(
-        self, route: Hashable, handle: bytes, function: bytes, is_retry: bool, now: float
-    ) -> list[Action]:
+        self, route: RouteT, handle: bytes, function: bytes, is_retry: bool, now: float
+    ) -> list[Action[OwnerT, RouteT]]:
         """gearmand assigned a job to a worker behind us. A first attempt earns its function
         retries. A handle we hold means gearmand took the job back behind our back (a
         CAN_DO_TIMEOUT fired): that hold is over; its retry, if one runs, finishes nothing."""
-        actions: list[Action] = []
+        actions: list[Action[OwnerT, RouteT]] = []
         key = self._by_handle.get((route, handle))
         if key is not None:
             job = self.held[key]
@@ -412,25 +417,25 @@ class Retrier:
     def worker_failed(
         self,
         *,
-        owner: Hashable,
-        route: Hashable,
+        owner: OwnerT,
+        route: RouteT,
         job: TrackedJob,
         ptype: PacketType,
         failure: bytes,
         now: float,
         exception_ends_job: bool = True,
-    ) -> Decision:
+    ) -> Decision[OwnerT, RouteT]:
         """A worker failed an original job: hold it for a retry, or let the failure pass."""
         function, handle = job.function, job.handle
         policy = self.policies.for_function(function)
         verdict = classify(policy, ptype, failure)
         if verdict is None:
-            return FORWARD
+            return Decision(False)
         name = _text(function)
         if policy.mode is Mode.OBSERVE:
             log.info("observe: would retry %s %s (%s)", name, _text(handle), verdict.reason.value)
             self.metrics.count(self.metrics.observed, function)
-            return FORWARD
+            return Decision(False)
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
             self.metrics.count(self.metrics.exhausted, function)
@@ -446,12 +451,12 @@ class Retrier:
         return Decision(True, held)
 
     def worker_left(
-        self, owner: Hashable, route: Hashable, running: list[TrackedJob], now: float
-    ) -> list[Action]:
+        self, owner: OwnerT, route: RouteT, running: list[TrackedJob], now: float
+    ) -> list[Action[OwnerT, RouteT]]:
         """The worker of `owner` disconnected while `owner` holds retries for us, so `owner`
         stays open and gearmand cannot requeue the original jobs the worker was still running
         there: they are retried here at once instead, as gearmand would have done."""
-        actions: list[Action] = []
+        actions: list[Action[OwnerT, RouteT]] = []
         for job in running:
             policy = self.policies.for_function(job.function)
             if self._held_per_function[job.function] < policy.max_held:
@@ -467,7 +472,7 @@ class Retrier:
             actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
         return actions
 
-    def timer_fired(self, key: int, wait: int, now: float) -> list[Action]:
+    def timer_fired(self, key: int, wait: int, now: float) -> list[Action[OwnerT, RouteT]]:
         job = self.held.get(key)
         if job is None or job.wait != wait:
             return []
@@ -481,13 +486,13 @@ class Retrier:
             return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
         return []
 
-    def budget_recheck(self, function: bytes, now: float) -> list[Action]:
+    def budget_recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """Submit the deferred retries of `function` that its budget allows now, oldest first."""
         queue = self._deferred.get(function)
         if queue is None:
             return []
         budget = self._budget(function, now)
-        actions: list[Action] = []
+        actions: list[Action[OwnerT, RouteT]] = []
         while queue:
             job = self.held.get(queue[0])
             if job is None or job.state is not State.DEFERRED:
@@ -506,7 +511,7 @@ class Retrier:
             del self._deferred[function]
         return actions
 
-    def retry_created(self, key: int, retry_handle: bytes) -> list[Action]:
+    def retry_created(self, key: int, retry_handle: bytes) -> list[Action[OwnerT, RouteT]]:
         job = self.held.get(key)
         if job is None or job.state is not State.SUBMITTING:
             return []
@@ -514,7 +519,7 @@ class Retrier:
         self._by_retry_handle[(job.route, retry_handle)] = key
         return []
 
-    def retry_rejected(self, key: int, error: bytes, now: float) -> list[Action]:
+    def retry_rejected(self, key: int, error: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """gearmand answered the retry's submission with ERROR (e.g. a full queue): a real
         refusal, so the job gets its last failure."""
         job = self.held.get(key)
@@ -527,8 +532,8 @@ class Retrier:
         return self._give_up(job, now, GiveUp.REFUSED)
 
     def retry_packet(
-        self, route: Hashable, ptype: PacketType, args: dict[str, bytes], now: float
-    ) -> list[Action]:
+        self, route: RouteT, ptype: PacketType, args: dict[str, bytes], now: float
+    ) -> list[Action[OwnerT, RouteT]]:
         """A packet for a retry job H2, seen on the retry-client connection."""
         key = self._by_retry_handle.get((route, args.get("handle", b"")))
         job = self.held.get(key) if key is not None else None
@@ -564,7 +569,7 @@ class Retrier:
             return self._give_up(job, now, GiveUp.EXHAUSTED)
         return self._schedule(job, verdict, now)
 
-    def retry_failed_for_good(self, route: Hashable, retry_handle: bytes, reason: bytes, now: float) -> list[Action]:
+    def retry_failed_for_good(self, route: RouteT, retry_handle: bytes, reason: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """A retry job went wrong in a way no further attempt would mend (its result is too
         large to relay): the original gets `reason` as a final exception."""
         key = self._by_retry_handle.get((route, retry_handle))
@@ -575,7 +580,7 @@ class Retrier:
         job.last_failure = (P.WORK_EXCEPTION, reason)
         return self._give_up(job, now, GiveUp.FINAL)
 
-    def retry_connection_lost(self, route: Hashable, in_flight: Collection[int], now: float) -> list[Action]:
+    def retry_connection_lost(self, route: RouteT, in_flight: Collection[int], now: float) -> list[Action[OwnerT, RouteT]]:
         """The retry-client connection to `route` broke with the submissions `in_flight`
         unanswered. gearmand abandons the retry jobs of that connection (a queued one is
         dropped when a worker would take it, even if a new client attached to its unique id
@@ -583,7 +588,7 @@ class Retrier:
         had created counts as an attempt (it may have run), and one with no attempt left is
         given up; an unanswered submission is simply sent again. Submissions not yet sent
         are not affected."""
-        actions: list[Action] = []
+        actions: list[Action[OwnerT, RouteT]] = []
         lost = [
             job for job in self.held.values()
             if job.route == route
@@ -607,7 +612,7 @@ class Retrier:
             actions.append(self._submit(job))
         return actions
 
-    def owner_lost(self, owner: Hashable) -> list[Action]:
+    def owner_lost(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
         """H1's connection is gone, so gearmand has requeued H1: our retries have no job to
         finish any more. Dropped; whatever runs of them still finishes unseen."""
         for key in list(self._by_owner.get(owner, ())):
@@ -643,14 +648,14 @@ class Retrier:
 
     def _hold(
         self,
-        owner: Hashable,
-        route: Hashable,
+        owner: OwnerT,
+        route: RouteT,
         tracked: TrackedJob,
         verdict: Verdict,
         now: float,
         last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b""),
         exception_ends_job: bool = True,
-    ) -> list[Action]:
+    ) -> list[Action[OwnerT, RouteT]]:
         self._next_key += 1
         job = HeldJob(
             key=self._next_key, owner=owner, route=route, handle=tracked.handle,
@@ -665,7 +670,7 @@ class Retrier:
         self.metrics.count(self.metrics.jobs, job.function, "retried")
         return self._schedule(job, verdict, now)
 
-    def _schedule(self, job: HeldJob, verdict: Verdict, now: float) -> list[Action]:
+    def _schedule(self, job: HeldJob[OwnerT, RouteT], verdict: Verdict, now: float) -> list[Action[OwnerT, RouteT]]:
         delay = job.policy.delay(verdict, job.attempt, self.rng)
         job.state, job.retry_handle = State.WAITING, None
         job.wait += 1
@@ -679,7 +684,7 @@ class Retrier:
         # A backoff that ends after the deadline wakes at the deadline, to give up.
         return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]
 
-    def _submit_or_defer(self, job: HeldJob, now: float) -> list[Action]:
+    def _submit_or_defer(self, job: HeldJob[OwnerT, RouteT], now: float) -> list[Action[OwnerT, RouteT]]:
         """The backoff is over: submit the retry if the budget allows it and no older retry
         of the function is waiting for the budget; else wait for the budget, in line."""
         queue = self._deferred.get(job.function)
@@ -692,19 +697,19 @@ class Retrier:
             "retry of %s %s deferred: the retry budget of %s is spent",
             _text(job.function), _text(job.handle), _text(job.function),
         )
-        actions: list[Action] = [Wakeup(job.key, job.deadline - now, job.wait)]
+        actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
         if queue is None:
             queue = self._deferred[job.function] = deque()
             actions.append(RecheckBudget(job.function, budget.slice))
         queue.append(job.key)
         return actions
 
-    def _submit(self, job: HeldJob) -> Submit:
+    def _submit(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
         job.attempt += 1
         job.state = State.SUBMITTING
         return self._submission(job)
 
-    def _submission(self, job: HeldJob) -> Submit:
+    def _submission(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
         """The retry's SUBMIT_JOB. Its unique id is never used twice: gearmand would attach
         a new submission to an abandoned retry job, which it drops unrun."""
         unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted, self.tag)
@@ -712,7 +717,7 @@ class Retrier:
             job.route, job.key, job.function, unique, job.payload, job.policy.retry_priority.submit_type
         )
 
-    def _give_up(self, job: HeldJob, now: float, why: GiveUp) -> list[Action]:
+    def _give_up(self, job: HeldJob[OwnerT, RouteT], now: float, why: GiveUp) -> list[Action[OwnerT, RouteT]]:
         ptype, failure = job.last_failure
         self.metrics.job_ended(job.function, "exception" if ptype is P.WORK_EXCEPTION else "fail", now - job.started_at)
         if why is GiveUp.EXHAUSTED:
@@ -736,7 +741,7 @@ class Retrier:
         dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
         return dead_letter + self._finish(job, packet)
 
-    def _dead_letter(self, route: Hashable, policy: RetryPolicy, job: TrackedJob | HeldJob) -> list[Action]:
+    def _dead_letter(self, route: RouteT, policy: RetryPolicy, job: TrackedJob | HeldJob[OwnerT, RouteT]) -> list[Action[OwnerT, RouteT]]:
         function = policy.dead_letter_function(job.function)
         if function is None:
             return []
@@ -744,14 +749,14 @@ class Retrier:
         unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
         return [Submit(route, None, function, unique, job.payload, P.SUBMIT_JOB_BG)]
 
-    def _finish(self, job: HeldJob, packet: bytes) -> list[Action]:
+    def _finish(self, job: HeldJob[OwnerT, RouteT], packet: bytes) -> list[Action[OwnerT, RouteT]]:
         return [SendUpstream(job.owner, packet), *self._release(job)]
 
-    def _release(self, job: HeldJob) -> list[Action]:
+    def _release(self, job: HeldJob[OwnerT, RouteT]) -> list[Action[OwnerT, RouteT]]:
         self._forget(job)
         return [] if self.holds(job.owner) else [Released(job.owner)]
 
-    def _forget(self, job: HeldJob) -> None:
+    def _forget(self, job: HeldJob[OwnerT, RouteT]) -> None:
         del self.held[job.key]
         if self._by_handle.get((job.route, job.handle)) == job.key:
             del self._by_handle[(job.route, job.handle)]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
+from .config import Route
 from .connection import Connection
 from .protocol import DEFAULT_MAX_PACKET_SIZE, ProtocolError
 from .retry import Action, Retrier, Submit
@@ -28,7 +30,10 @@ RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0
 """Seconds between attempts to reach gearmand again: doubling from the first to the last."""
 
-Execute = Callable[[Sequence[Action]], Awaitable[None]]
+if TYPE_CHECKING:
+    from .session import UpstreamLink
+
+Execute = Callable[[Sequence[Action["UpstreamLink", Route]]], Awaitable[None]]
 
 
 class RetryClient:
@@ -36,8 +41,8 @@ class RetryClient:
 
     def __init__(
         self,
-        route: Hashable,
-        retrier: Retrier,
+        route: Route,
+        retrier: Retrier[UpstreamLink, Route],
         connect: Callable[[], Awaitable[Connection]],
         execute: Execute,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
@@ -50,17 +55,17 @@ class RetryClient:
         self._retrier = retrier
         self._connect = connect
         self._execute = execute
-        self._pending: deque[Submit] = deque()
+        self._pending: deque[Submit[Route]] = deque()
         """Submissions not yet written, oldest first; they wait here through any outage."""
         self._more = trio.Event()
         self._connection: Connection | None = None
-        self._submitter = Submitter(max_packet_size)
+        self._submitter: Submitter[Route] = Submitter(max_packet_size)
 
     @property
     def connected(self) -> bool:
         return self._connection is not None
 
-    def submit(self, action: Submit) -> None:
+    def submit(self, action: Submit[Route]) -> None:
         self._pending.append(action)
         self._more.set()
 
@@ -136,7 +141,7 @@ class RetryClient:
                 await connection.send_all(self._submitter.submit(action))
             await self._work()
 
-    async def _handle(self, events: list[Event]) -> None:
+    async def _handle(self, events: list[Event[Route]]) -> None:
         retrier = self._retrier
         for event in events:
             now = trio.current_time()

@@ -27,10 +27,10 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
+from .config import Route
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
 from .protocol import (
@@ -38,6 +38,7 @@ from .protocol import (
     HEADER_SIZE,
     REQ,
     RES,
+    AdminLine,
     Framer,
     Oversized,
     Packet,
@@ -141,7 +142,7 @@ class CloseUpstream:
     link: UpstreamLink
 
 
-Command = Action | OpenUpstream | CloseUpstream
+Command = Action["UpstreamLink", Route] | OpenUpstream | CloseUpstream
 
 
 class Session:
@@ -153,8 +154,8 @@ class Session:
         upstream_name: str,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         *,
-        retrier: Retrier | None = None,
-        route: Hashable = None,
+        route: Route,
+        retrier: Retrier[UpstreamLink, Route] | None = None,
         metrics: Metrics | None = None,
         traits: ServerTraits | None = None,
     ) -> None:
@@ -199,12 +200,14 @@ class Session:
         watched = _WATCHED_DRAINING if self.draining else _WATCHED_DOWNSTREAM
         self._out = []
         for frame in self.downstream.receive(data):
-            if type(frame) is Packet and frame.type in watched:
-                forward = self._downstream_packet(frame, now)
-                if forward:
+            if type(frame) is Packet:
+                if frame.type not in watched:
+                    self._out.append(frame.raw)
+                elif forward := self._downstream_packet(frame, now):
                     self._out.append(forward)
-            else:
+            elif type(frame) is AdminLine:
                 self._out.append(frame.raw)
+            # (no Oversized: this framer refuses a packet over the cap)
         out, self._out = self._out, []
         return b"".join(out)
 
@@ -216,7 +219,7 @@ class Session:
                 out.append(self._upstream_packet(link, frame, now) if frame.type in _WATCHED_UPSTREAM else frame.raw)
             elif type(frame) is Oversized:
                 out.append(self._too_large(link, frame))
-            else:
+            elif type(frame) is AdminLine:
                 out.append(frame.raw)
         if link is not self.current:
             self._close_if_idle(link)
@@ -252,7 +255,8 @@ class Session:
             SendUpstream(link, self._disconnected(job.handle)) for job in running if job.is_retry
         ]
         originals = [job for job in running if not job.is_retry]
-        return actions + retrier.worker_left(link, self.route, originals, now)
+        actions += retrier.worker_left(link, self.route, originals, now)
+        return actions
 
     def link_closed(self, link: UpstreamLink) -> bytes:
         """`link`'s connection is gone: gearmand requeues whatever it still held. Returns
@@ -509,7 +513,7 @@ def _handle_of(packet: Packet) -> bytes:
     return packet.raw[HEADER_SIZE:end]
 
 
-def route_name(route: Hashable) -> str:
+def route_name(route: object) -> str:
     """The job server a route leads to, for log lines."""
     upstream = getattr(route, "upstream", None)
     return str(upstream if upstream is not None else route)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Generic
 
 from .protocol import DEFAULT_MAX_PACKET_SIZE, REQ, RES, Framer, Oversized, Packet, PacketType, build_packet
-from .retry import Submit
+from .retry import RouteT, Submit
 
 P = PacketType
 HELLO: Final = build_packet(REQ, P.OPTION_REQ, option=b"exceptions")
@@ -28,10 +28,10 @@ class Created:
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(Generic[RouteT]):
     """gearmand answered a submission with ERROR; `submit.key` None: a dead letter."""
 
-    submit: Submit
+    submit: Submit[RouteT]
     error: bytes
 
 
@@ -50,27 +50,28 @@ class TooLarge:
     size: int
 
 
-Event = Created | Refused | JobPacket | TooLarge
+Event = Created | Refused[RouteT] | JobPacket | TooLarge
+"""`Event[RouteT]`: what a Submitter reads from gearmand."""
 
 
-class Submitter:
+class Submitter(Generic[RouteT]):
     """One connection's worth: a new connection gets a new Submitter."""
 
     def __init__(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
         self._framer = Framer(RES, max_packet_size, skip_oversized=_JOB_PACKETS)
-        self._awaiting: deque[Submit] = deque()
+        self._awaiting: deque[Submit[RouteT]] = deque()
         """Submissions sent and not yet answered, oldest first."""
 
-    def submit(self, action: Submit) -> bytes:
+    def submit(self, action: Submit[RouteT]) -> bytes:
         self._awaiting.append(action)
         return build_packet(REQ, action.type, function=action.function, unique=action.unique, data=action.payload)
 
-    def unanswered(self) -> list[Submit]:
+    def unanswered(self) -> list[Submit[RouteT]]:
         """What was sent and never acknowledged, for when the connection is lost."""
         return list(self._awaiting)
 
-    def receive(self, data: bytes) -> list[Event]:
-        events: list[Event] = []
+    def receive(self, data: bytes) -> list[Event[RouteT]]:
+        events: list[Event[RouteT]] = []
         for frame in self._framer.receive(data):
             if type(frame) is Oversized:
                 events.append(TooLarge(frame.type, frame.fields[0], frame.size))

@@ -206,7 +206,7 @@ async def test_a_peer_that_resets_at_once_is_named_by_its_address(
 async def test_a_refusal_keeps_its_reason_when_the_other_side_closes_right_after() -> None:
     # Found by the fuzz tier: both sides' pumps woken in one batch, in either order.
     for first, second in (("refuse", "close"), ("close", "refuse")):
-        pair = _Pair("p", Session("up"), None, trio.CancelScope())  # type: ignore[arg-type]
+        pair = _Pair("p", Session("up", route=None), None, trio.CancelScope())  # type: ignore[arg-type]
         for event in (first, second):
             if event == "refuse":
                 pair.fail("protocol error from peer: bad magic")

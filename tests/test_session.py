@@ -8,10 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
 from gproxy.retry import DISCONNECTED, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
 from gproxy.session import MAX_SILENCED, CloseUpstream, OpenUpstream, ServerTraits, Session
 from tests.test_protocol import admin_lines, packets
+
+ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))
 
 P = PacketType
 
@@ -30,7 +33,7 @@ def assign_uniq(handle: bytes, function: bytes = b"f", unique: bytes = b"u-1", d
 
 @pytest.fixture
 def session() -> Session:
-    return Session("up-1")
+    return Session("up-1", route=ROUTE)
 
 
 def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: Session) -> None:
@@ -130,7 +133,7 @@ _UNWATCHED_RES = tuple(
 def test_everything_else_passes_byte_for_byte_in_order(
     down: list[bytes], up: list[bytes], chunk: int
 ) -> None:
-    session = Session("up")
+    session = Session("up", route=ROUTE)
     down_stream, up_stream = b"".join(down), b"".join(up)
     sent = b"".join(session.from_downstream(down_stream[i : i + chunk], now=0.0) for i in range(0, len(down_stream), chunk))
     received = b"".join(
@@ -140,7 +143,7 @@ def test_everything_else_passes_byte_for_byte_in_order(
 
 
 def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None:
-    session = Session("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route="r")
+    session = Session("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route=ROUTE)
     old = session.current
     registration = req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"f") + req(
         P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"
@@ -194,7 +197,7 @@ FAST = RetryPolicy(jitter=False)
 
 
 def retrying(policy: RetryPolicy = FAST, traits: ServerTraits | None = None) -> Session:
-    return Session("up", retrier=Retrier(Policies(policy)), route="r", traits=traits)
+    return Session("up", retrier=Retrier(Policies(policy)), route=ROUTE, traits=traits)
 
 
 def give(session: Session, *jobs: bytes, plain: bool = False) -> None:
@@ -317,7 +320,7 @@ def test_a_retired_connection_closes_once_its_last_grab_is_answered() -> None:
     retrier = session.retrier
     retrier.timer_fired(1, 1, now=1.0)
     retrier.retry_created(1, b"H:9")
-    finished = retrier.retry_packet("r", P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)
+    finished = retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)
     assert finished[-1] == Released(old)
     assert not session.released(old)  # still owed the answer to that grab
     session.actions.clear()
@@ -429,7 +432,7 @@ def test_after_a_hold_ends_the_worker_still_cannot_finish_that_job_again() -> No
     retrier = session.retrier
     retrier.timer_fired(1, 1, now=1.0)
     retrier.retry_created(1, b"H:9")
-    assert retrier.retry_packet("r", P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)[-1] == Released(link)
+    assert retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)[-1] == Released(link)
     # gearmand has finished H:1 with the retry's result; a straggler would only earn an ERROR.
     assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"late"), now=3.0) == b""
 
@@ -447,7 +450,7 @@ def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work
 
 
 def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_job() -> None:
-    session = Session("up", max_packet_size=2048)
+    session = Session("up", max_packet_size=2048, route=ROUTE)
     link = session.current
     assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
     big = assign_uniq(b"H:big", function=b"resize", data=b"x" * 4096)
@@ -492,7 +495,7 @@ def test_grabs_left_open_on_a_lost_retired_connection_are_answered_no_job() -> N
 
 
 def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into_the_next_packet() -> None:
-    session = Session("up")
+    session = Session("up", route=ROUTE)
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
     short = b"\0REQ" + (12).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"H:1\x001"
@@ -503,10 +506,10 @@ def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into
 @pytest.mark.parametrize("timeout", [b"18446744073709551616", b"-5", b"30s", b"1" * 19])
 def test_a_can_do_timeout_gearmand_would_die_of_is_refused(timeout: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed CAN_DO_TIMEOUT"):
-        Session("up").from_downstream(req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout), now=0.0)
+        Session("up", route=ROUTE).from_downstream(req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout), now=0.0)
 
 
 @pytest.mark.parametrize("timeout", [b"30", b"", b"9" * 18])
 def test_an_ordinary_can_do_timeout_passes(timeout: bytes) -> None:
     packet = req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout)
-    assert Session("up").from_downstream(packet, now=0.0) == packet
+    assert Session("up", route=ROUTE).from_downstream(packet, now=0.0) == packet

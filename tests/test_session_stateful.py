@@ -37,6 +37,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from gproxy.config import Address, Route
 from gproxy.metrics import Metrics
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.retry import (
@@ -56,7 +57,7 @@ from gproxy.session import CloseUpstream, OpenUpstream, ServerTraits, Session, U
 from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
-ROUTE = "route"
+ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))
 F, G = b"f", b"g"
 FUNCTIONS = (F, G)
 POLICY = RetryPolicy(
