@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -23,7 +24,6 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: tuple[str, int] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self._fd = sock.fileno()
         self._send_lock = trio.StrictFIFOLock()
         if peer is None:
             with contextlib.suppress(OSError):
@@ -44,9 +44,10 @@ class Connection:
         return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()), peer)
 
     async def receive(self, max_bytes: int) -> bytes:
-        """The next bytes, or b"" at EOF. Raises OSError if the connection broke."""
+        """The next bytes, or b"" at EOF. Raises OSError if the connection broke, or was
+        closed here meanwhile."""
         while True:
-            await trio.lowlevel.wait_readable(self._fd)
+            await _wait(trio.lowlevel.wait_readable, self.sock)
             try:
                 return self.sock.recv(max_bytes)
             except BlockingIOError:  # woken without data (it happens): wait again
@@ -54,6 +55,7 @@ class Connection:
 
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting only while the kernel's buffer is full (backpressure).
+        Raises OSError if the connection broke, or was closed here meanwhile.
 
         The lock is taken only when a write has to wait, so the usual write (the kernel takes
         it all at once) costs one send and no scheduling; a write that finds another one
@@ -78,7 +80,7 @@ class Connection:
 
     async def _send_rest(self, view: memoryview) -> None:
         while view:
-            await trio.lowlevel.wait_writable(self._fd)
+            await _wait(trio.lowlevel.wait_writable, self.sock)
             try:
                 view = view[self.sock.send(view) :]
             except BlockingIOError:
@@ -91,6 +93,18 @@ class Connection:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+
+class ClosedHere(OSError):
+    """The connection was closed by gproxy itself while a task waited on it: to the waiting
+    task the same as a broken connection (trio says ClosedResourceError, which is no OSError)."""
+
+
+async def _wait(wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket) -> None:
+    try:
+        await wait(sock)
+    except trio.ClosedResourceError as exc:
+        raise ClosedHere("closed while in use") from exc
 
 
 def _address(peer: tuple[str, int]) -> str:

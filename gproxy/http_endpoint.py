@@ -6,6 +6,7 @@ so a stuck client cannot hold anything for long.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -51,6 +52,10 @@ async def _handle(registry: CollectorRegistry, ready: Readiness, stream: trio.So
                     await stream.send_all(await _respond(request, registry, ready))
             except (trio.BrokenResourceError, OSError):
                 pass
+            except Exception:  # a failing collector costs one scrape, never the proxy
+                log.exception("internal error answering an HTTP request")
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.send_all(_response(500, b"internal error\n"))
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes | None:
@@ -81,7 +86,9 @@ async def _respond(request: bytes, registry: CollectorRegistry, ready: Readiness
     return _response(404, b"not found\n", head_only=head_only)
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable",
+}
 
 
 def _response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", head_only: bool = False) -> bytes:

@@ -12,7 +12,7 @@ import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
@@ -48,6 +48,8 @@ HALF_CLOSE_LINGER = 10.0
 """After one side closes, seconds the other may take to finish before the pair is cut."""
 DRAIN_POLL = 0.05
 """While draining, how often to look whether the last job has finished."""
+RESTART_PAUSE = 1.0
+"""Seconds before a process-wide task that failed unexpectedly is started again."""
 
 
 @dataclass(slots=True)
@@ -333,7 +335,7 @@ class Proxy:
         """Answers gproxy owes the worker itself (see Session.link_closed)."""
         try:
             await pair.downstream.send_all(data)
-        except (OSError, trio.ClosedResourceError) as exc:
+        except OSError as exc:
             self._lose_worker(pair, exc)
 
     def _holds_retries(self, pair: _Pair) -> bool:
@@ -383,7 +385,7 @@ class Proxy:
                     if out and not pair.worker_gone and pair.worker_lost is None:
                         try:
                             await pair.downstream.send_all(out)
-                        except (OSError, trio.ClosedResourceError) as exc:
+                        except OSError as exc:
                             self._lose_worker(pair, exc)  # this link goes on for its held jobs
                 if link.framer.buffered:
                     return self._refuse(pair, "mid_packet", _mid_packet("gearmand", link.framer.buffered))
@@ -411,7 +413,7 @@ class Proxy:
                 upstream = pair.upstreams.get(action.owner) if pair is not None else None
                 if upstream is not None:
                     # A loss (or a close racing this send) is that link's own pump's to report.
-                    with contextlib.suppress(OSError, trio.ClosedResourceError):
+                    with contextlib.suppress(OSError):
                         await upstream.connection.send_all(action.data)
             elif type(action) is Released:
                 if (pair := self._owners.get(action.owner)) is not None:
@@ -445,11 +447,38 @@ class Proxy:
 
     async def _wake(self, wakeup: Wakeup) -> None:
         await trio.sleep(wakeup.delay)
-        await self.execute(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
+        what = f"retry timer of {self.retrier.describe(wakeup.key)}"
+        with self._supervised(what, self.retrier.owners(key=wakeup.key)):
+            await self.execute(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
 
     async def _recheck(self, recheck: RecheckBudget) -> None:
         await trio.sleep(recheck.delay)
-        await self.execute(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+        function = recheck.function.decode("utf-8", "replace")
+        with self._supervised(f"retry budget of {function}", self.retrier.owners(function=recheck.function)):
+            await self.execute(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+
+    @contextlib.contextmanager
+    def _supervised(self, what: str, owners: list[UpstreamLink]) -> Iterator[None]:
+        """A background task's unexpected error must not take the process down: it is logged
+        with the connections it concerns, and their pairs close, so gearmand requeues their
+        jobs; everything else serves on."""
+        try:
+            yield
+        except Exception:
+            pairs = list(dict.fromkeys(pair for owner in owners if (pair := self._owners.get(owner)) is not None))
+            log.exception("%s: internal error; closing %s", what, "; ".join(p.name for p in pairs) or "no connection")
+            for pair in pairs:
+                pair.fail(f"internal error in the {what}", logging.ERROR)
+
+    async def _keep_running(self, what: str, task: Callable[[], Awaitable[None]]) -> None:
+        """Run a task that serves the whole process again whenever it fails unexpectedly."""
+        while True:
+            try:
+                await task()
+                return
+            except Exception:
+                log.exception("%s: internal error; starting it again in %gs", what, RESTART_PAUSE)
+            await trio.sleep(RESTART_PAUSE)
 
     async def connect(self, route: Route) -> Connection:
         """A new connection to the route's gearmand; failures are counted and raised."""
@@ -472,7 +501,7 @@ class Proxy:
                 route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size,
                 bad_input=lambda reason: self.metrics.protocol_errors.labels(reason).inc(),
             )
-            self._nursery.start_soon(client.run)
+            self._nursery.start_soon(self._keep_running, f"retry client to gearmand {route.upstream}", client.run)
         return client
 
 

@@ -377,6 +377,18 @@ class Retrier(Generic[OwnerT, RouteT]):
         key = self._by_handle.get((route, handle))
         return None if key is None else self.held[key].owner
 
+    def owners(self, key: int | None = None, function: bytes | None = None) -> list[OwnerT]:
+        """Who a timer concerns: the owner of held job `key`, or of the jobs deferred for
+        `function`'s budget. (Should handling it fail, these are the connections to close:
+        gearmand requeues what they own.)"""
+        keys = [key] if key is not None else list(self._deferred.get(function or b"", ()))
+        return list(dict.fromkeys(self.held[k].owner for k in keys if k in self.held))
+
+    def describe(self, key: int) -> str:
+        """Held job `key` as a log line names it."""
+        job = self.held.get(key)
+        return f"held job {key}" if job is None else f"{_text(job.function)} {_text(job.handle)}"
+
     def is_retry_handle(self, route: RouteT, handle: bytes) -> bool:
         """Is `handle` a retry job this process submitted? (How retries are recognised on a
         server that cannot tell a worker the unique id.)"""

@@ -60,6 +60,8 @@ class RetryClient:
         self._more = trio.Event()
         self._connection: Connection | None = None
         self._submitter: Submitter[Route] = Submitter(max_packet_size)
+        self._acknowledging: int | None = None
+        """The submission whose JOB_CREATED is being handled."""
 
     @property
     def connected(self) -> bool:
@@ -94,6 +96,9 @@ class RetryClient:
             self._connection, self._submitter = connection, Submitter(self._max_packet_size)
             try:
                 reason = await self._serve(connection)
+            except Exception:  # a bug must cost this connection at most, never a retry
+                log.exception("retry client to gearmand %s: internal error", route_name(self.route))
+                reason = "internal error"
             finally:
                 self._connection = None
                 connection.close()
@@ -148,7 +153,9 @@ class RetryClient:
             if type(event) is JobPacket:
                 actions = retrier.retry_packet(self.route, event.type, event.args, now)
             elif type(event) is Created:
+                self._acknowledging = event.key  # unanswered still, should this fail
                 actions = retrier.retry_created(event.key, event.handle)
+                self._acknowledging = None
             elif type(event) is TooLarge:
                 reason = b"gproxy: the retry's %s of %d bytes exceeds max_packet_size %d" % (
                     event.type.name.encode(), event.size, self._max_packet_size,
@@ -170,6 +177,9 @@ class RetryClient:
         unanswered = self._submitter.unanswered()
         dead_letters = [submit for submit in unanswered if submit.key is None]
         in_flight = {submit.key for submit in unanswered if submit.key is not None}
+        if self._acknowledging is not None:  # its JOB_CREATED came, but was never taken in
+            in_flight.add(self._acknowledging)
+            self._acknowledging = None
         log.warning(
             "retry client to gearmand %s lost (%s); resubmitting retries in flight", route_name(self.route), reason
         )

@@ -1,0 +1,195 @@
+"""No background task can take the process down: a send racing a close, an unexpected error
+in a timer, in the retry client or in a scrape costs at most the connections it concerns."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from gproxy.config import Address, Route
+from gproxy.connection import Connection
+from gproxy.jobs import TrackedJob
+from gproxy.metrics import Metrics
+from gproxy.protocol import PacketType
+from gproxy.retry import Policies, Retrier, RetryPolicy, Submit
+from gproxy.retry_client import RetryClient
+from tests.gearmand import Gearmand
+from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_pyworker
+from tests.proxy_thread import ProxyThread
+
+FAST = RetryPolicy(backoff_initial=0.02, jitter=False)
+
+
+def _failing_once(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
+    """Make `cls.name` raise RuntimeError on its first call; returns the list of calls."""
+    calls: list[int] = []
+    real = getattr(cls, name)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, patched)
+    return calls
+
+
+async def test_a_send_racing_a_close_is_an_oserror_not_a_crash() -> None:
+    """trio reports a socket closed while a task waits on it as ClosedResourceError, which
+    escaped every `except OSError` of the proxy's background tasks."""
+    ours, theirs = socket.socketpair()
+    connection = Connection(ours)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    outcome: list[BaseException] = []
+
+    async def send_until_blocked() -> None:
+        try:
+            await connection.send_all(b"x" * (16 << 20))  # far more than the buffers hold
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_until_blocked)
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close()
+    theirs.close()
+    (error,) = outcome
+    assert isinstance(error, OSError), repr(error)
+
+
+async def test_a_receive_racing_a_close_is_an_oserror() -> None:
+    ours, theirs = socket.socketpair()
+    connection = Connection(ours)
+    outcome: list[BaseException] = []
+
+    async def receive() -> None:
+        try:
+            await connection.receive(100)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        connection.close()
+    theirs.close()
+    (error,) = outcome
+    assert isinstance(error, OSError), repr(error)
+
+
+def test_an_error_in_a_retry_timer_closes_only_its_pair_and_the_job_is_requeued(
+    gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = _failing_once(monkeypatch, Retrier, "timer_fired")
+    caplog.set_level(logging.INFO, logger="gproxy")
+    with ProxyThread.to(gearmand.address, FAST) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        # Attempt 1 fails and is held; its timer fails: the pair closes, gearmand requeues
+        # the job, the worker reconnects; attempt 2 fails and is retried; attempt 3 succeeds.
+        run = run_pyclient(gearmand.address, "flaky", "2:job", unique="supervised-timer")
+        second = run_pyclient(gearmand.address, "reverse", "abc")  # and the proxy serves on
+        assert proxy.proxy is not None and proxy.call(lambda: len(proxy.proxy._pairs)) == 1  # type: ignore[union-attr]
+    assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr
+    assert (second.returncode, second.stdout) == (0, b"cba"), second.stderr
+    assert len(calls) >= 2 and attempt_count(tmp_path, "supervised-timer") == 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    (traceback,) = [r.getMessage() for r in errors if r.exc_info]
+    assert re.fullmatch(r"retry timer of flaky H:\S+: internal error; closing peer 127\.0\.0\.1:\d+ \(via .*\)", traceback)
+    (closing,) = [r.getMessage() for r in errors if not r.exc_info]
+    assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in the retry timer of flaky H:\S+", closing)
+
+
+async def test_an_error_in_the_retry_client_costs_its_connection_not_the_retry(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry client's reply handling fails once: the connection is treated as lost, the
+    submission in flight is made again, and the client task serves on."""
+    calls = _failing_once(monkeypatch, Retrier, "retry_created")
+    route = Route(Address("127.0.0.1", 0), Address(*gearmand.address))
+    retrier: Retrier[str, Route] = Retrier(Policies(FAST), metrics=Metrics())
+    executed: list[Any] = []
+
+    async def connect() -> Connection:
+        return Connection.from_stream(await trio.open_tcp_stream(*gearmand.address))
+
+    async def execute(actions: Any) -> None:  # as the proxy does: submissions go back to the client
+        executed.extend(actions)
+        for action in actions:
+            if type(action) is Submit:
+                client.submit(action)
+
+    job = TrackedJob(b"H:orig:1", b"supervised_rc", b"u-rc", b"payload", "up", 0.0)
+    start = trio.current_time()
+    decision = retrier.worker_failed(
+        owner="up", route=route, job=job, ptype=PacketType.WORK_EXCEPTION, failure=b"RETRY: x", now=start
+    )
+    assert decision.held
+    client = RetryClient(route, retrier, connect, execute)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="gproxy")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        (key,) = retrier.held
+        with trio.fail_after(10):
+            actions = retrier.timer_fired(key, retrier.held[key].wait, start + 1.0)
+            for action in actions:
+                if type(action) is Submit:
+                    client.submit(action)
+            while len(calls) < 2 or retrier.held[key].retry_handle is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+        f"retry client to gearmand {route.upstream}: internal error"
+    ]
+    # Its JOB_CREATED was never taken in: submitted again, under a new unique id.
+    assert retrier.held[key].resubmitted == 1
+
+
+def test_a_failing_scrape_answers_500_and_the_proxy_serves_on(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> dict[str, int]:
+        raise RuntimeError("injected failure in a collector")
+
+    with ProxyThread.to(gearmand.address, FAST, metrics_listen=Address("127.0.0.1", 0)) as proxy:
+        assert proxy.proxy is not None and proxy.proxy.metrics_address is not None
+        url = f"http://{proxy.proxy.metrics_address}/metrics"
+        monkeypatch.setattr(proxy.proxy.metrics, "connections", broken)
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(url, timeout=10)
+        assert failed.value.code == 500
+        monkeypatch.undo()
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"gproxy_connections" in response.read()
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["internal error answering an HTTP request"]
+
+
+async def test_a_process_wide_task_that_fails_is_started_again(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry client's own loop is the last line: should it fail past its own handling
+    (a bug in handing back what was in flight), it is started again, not lost."""
+    from gproxy.config import Config
+    from gproxy.proxy import RESTART_PAUSE, Proxy
+
+    proxy = Proxy(Config(routes=(Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730)),)))
+    runs: list[float] = []
+
+    async def task() -> None:
+        runs.append(trio.current_time())
+        if len(runs) == 1:
+            raise RuntimeError("injected failure in the task")
+
+    await proxy._keep_running("the task", task)
+    assert len(runs) == 2 and runs[1] - runs[0] >= RESTART_PAUSE
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+        f"the task: internal error; starting it again in {RESTART_PAUSE:g}s"
+    ]
