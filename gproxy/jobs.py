@@ -11,12 +11,15 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import NamedTuple
 
+Payload = bytes | memoryview
+"""A job's payload: a view into the packet that brought it, so a large job is not copied."""
+
 
 class TrackedJob(NamedTuple):
     handle: bytes
     function: bytes
     unique: bytes
-    payload: bytes
+    payload: Payload
     upstream: str
     """Name of the upstream connection that owns the job (only it can finish the job)."""
     started_at: float
@@ -44,7 +47,7 @@ class JobTable:
         return self._jobs.get(handle)
 
     def assigned(
-        self, handle: bytes, function: bytes, unique: bytes, payload: bytes, now: float,
+        self, handle: bytes, function: bytes, unique: bytes, payload: Payload, now: float,
         is_retry: bool = False,
     ) -> TrackedJob:
         job = TrackedJob(handle, function, unique, payload, self.upstream, now, is_retry)

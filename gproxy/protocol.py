@@ -249,6 +249,37 @@ def parse_body(ptype: PacketType, body: bytes) -> dict[str, bytes]:
     return dict(zip(layout.names, parts, strict=True))
 
 
+def split_head(raw: bytes, count: int) -> tuple[list[bytes], int]:
+    """The first `count` NUL-terminated fields of a packet, and where the rest of its body
+    starts: the rest (a job's payload, perhaps megabytes) is neither split nor copied."""
+    fields = []
+    pos = HEADER_SIZE
+    for _ in range(count):
+        end = raw.find(b"\0", pos)
+        if end < 0:
+            ptype = _TYPE_BY_NUMBER.get(_HEADER_STRUCT.unpack_from(raw)[1])
+            raise ProtocolError(f"malformed {ptype.name if ptype else 'packet'} payload ({len(raw) - HEADER_SIZE} bytes, too few NULs)")
+        fields.append(raw[pos:end])
+        pos = end + 1
+    return fields, pos
+
+
+def splice(raw: bytes, ptype: PacketType, start: int, end: int, insert: bytes = b"") -> bytes:
+    """`raw` as a packet of type `ptype`, with its bytes from `start` to `end` replaced by
+    `insert`: a field rewritten by offsets, the payload copied once, never parsed."""
+    view = memoryview(raw)
+    size = len(raw) - HEADER_SIZE - (end - start) + len(insert)
+    return b"".join((_HEADER_STRUCT.pack(raw[:4], ptype, size), view[HEADER_SIZE:start], insert, view[end:]))
+
+
+def build_submission(ptype: PacketType, function: bytes, unique: bytes, payload: bytes | memoryview) -> bytes:
+    """A SUBMIT_JOB* packet; the payload may be a view (of the packet that brought the job)."""
+    if b"\0" in function or b"\0" in unique:
+        raise ValueError(f"{ptype.name}: function and unique id may not contain NUL")
+    size = len(function) + len(unique) + 2 + len(payload)
+    return b"".join((_HEADER_STRUCT.pack(REQ, ptype, size), function, b"\0", unique, b"\0", payload))
+
+
 def build_packet(magic: bytes, ptype: PacketType, **args: bytes) -> bytes:
     """Encode a packet; refuses a NUL inside a NUL-terminated field (it would shift the rest)."""
     layout = LAYOUTS[ptype]

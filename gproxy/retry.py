@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 from .budget import RetryBudget
-from .jobs import TrackedJob
+from .jobs import Payload, TrackedJob
 from .metrics import Metrics
 from .protocol import REQ, PacketType, build_packet
 
@@ -223,7 +223,7 @@ def parse_retry_unique(unique: bytes) -> tuple[int, bytes] | None:
     return int(attempt), shown
 
 
-def dead_letter_unique(function: bytes, unique: bytes, handle: bytes, payload: bytes) -> bytes:
+def dead_letter_unique(function: bytes, unique: bytes, handle: bytes, payload: Payload) -> bytes:
     """A unique id of the dead letter's own: persistent queues key their rows on it, so an
     empty one would keep one dead letter per function across a gearmand restart. Derived from
     the job (a dead letter submitted again after a crash coalesces with the first), and from
@@ -253,7 +253,7 @@ class HeldJob(Generic[OwnerT, RouteT]):
     handle: bytes
     function: bytes
     unique: bytes
-    payload: bytes
+    payload: Payload
     policy: RetryPolicy
     started_at: float
     exception_ends_job: bool = True
@@ -299,7 +299,7 @@ class Submit(Generic[RouteT]):
     key: int | None
     function: bytes
     unique: bytes
-    payload: bytes
+    payload: Payload
     type: PacketType = P.SUBMIT_JOB
 
 

@@ -45,6 +45,8 @@ from .protocol import (
     PacketType,
     ProtocolError,
     build_packet,
+    splice,
+    split_head,
 )
 from .retry import DISCONNECTED, Action, Retrier, SendUpstream, parse_retry_unique
 
@@ -374,8 +376,10 @@ class Session:
         upgraded = link.grabs_pending.popleft() if link.grabs_pending else False
         if ptype is P.NO_JOB:
             return packet.raw
-        args = packet.args()
-        handle, function, unique = args["handle"], args["function"], args.get("unique", b"")
+        raw = packet.raw
+        fields, rest = split_head(raw, _ASSIGN_FIELDS[ptype])
+        handle, function = fields[0], fields[1]
+        unique = fields[2] if ptype is not P.JOB_ASSIGN else b""
         shown = parse_retry_unique(unique) if unique.startswith(b"gpr:") else None
         is_retry = shown is not None or (
             self.retrier is not None and not unique and self.retrier.is_retry_handle(self.route, handle)
@@ -383,16 +387,17 @@ class Session:
         self._silenced.pop(handle, None)
         if self.retrier is not None:
             self.actions += self.retrier.job_assigned(self.route, handle, function, is_retry, now)
-        link.jobs.assigned(handle, function, unique, args["data"], now, is_retry)
+        # The payload stays in the packet that brought it: a view, not a copy.
+        link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
         if self.worker_gone:  # the answer to a grab of a worker that has left since
             self.actions += self._orphaned(link, now)
             return b""
-        if upgraded and ptype is P.JOB_ASSIGN_UNIQ:
-            del args["unique"]
-            return build_packet(RES, P.JOB_ASSIGN, **args)
+        unique_at = HEADER_SIZE + len(handle) + len(function) + 2
+        if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out
+            return splice(raw, P.JOB_ASSIGN, unique_at, unique_at + len(unique) + 1)
         if shown is not None:
-            return build_packet(RES, ptype, **{**args, "unique": shown[1]})
-        return packet.raw
+            return splice(raw, ptype, unique_at, unique_at + len(unique), shown[1])
+        return raw
 
     def _too_large(self, link: UpstreamLink, frame: Oversized) -> bytes:
         """A job over max_packet_size: handing it over would cost the worker its connection,
@@ -490,6 +495,8 @@ class Session:
 
 _TIMEOUT: Final = re.compile(rb"\d{0,18}")
 """CAN_DO_TIMEOUT's milliseconds, decimal: at most 18 digits fit gearmand's 64-bit long."""
+_ASSIGN_FIELDS: Final = {P.JOB_ASSIGN: 2, P.JOB_ASSIGN_UNIQ: 3, P.JOB_ASSIGN_ALL: 4}
+"""NUL-terminated fields before the payload: handle, function (unique, reducer)."""
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 

@@ -10,7 +10,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, Generic
 
-from .protocol import DEFAULT_MAX_PACKET_SIZE, REQ, RES, Framer, Oversized, Packet, PacketType, build_packet
+from .protocol import (
+    DEFAULT_MAX_PACKET_SIZE,
+    REQ,
+    RES,
+    Framer,
+    Oversized,
+    Packet,
+    PacketType,
+    build_packet,
+    build_submission,
+)
 from .retry import RouteT, Submit
 
 P = PacketType
@@ -64,7 +74,7 @@ class Submitter(Generic[RouteT]):
 
     def submit(self, action: Submit[RouteT]) -> bytes:
         self._awaiting.append(action)
-        return build_packet(REQ, action.type, function=action.function, unique=action.unique, data=action.payload)
+        return build_submission(action.type, action.function, action.unique, action.payload)
 
     def unanswered(self) -> list[Submit[RouteT]]:
         """What was sent and never acknowledged, for when the connection is lost."""

@@ -23,7 +23,10 @@ from gproxy.protocol import (
     PacketType,
     ProtocolError,
     build_packet,
+    build_submission,
     parse_body,
+    splice,
+    split_head,
 )
 
 COMPILED = {ptype: body.compile() for ptype, body in BODIES.items()}
@@ -226,3 +229,44 @@ def test_an_admin_line_over_max_packet_size_is_refused_even_when_it_arrives_whol
     with pytest.raises(ProtocolError, match="admin text line longer"):
         framer.receive(b"x" * 3072 + b"\n" + build_packet(REQ, PacketType.NOOP))
     assert Framer(REQ, max_packet_size=1024).receive(b"x" * 1023 + b"\n") == [AdminLine(b"x" * 1023 + b"\n")]
+
+
+@given(packets(magic=RES, types=(PacketType.JOB_ASSIGN, PacketType.JOB_ASSIGN_UNIQ, PacketType.JOB_ASSIGN_ALL)))
+def test_the_head_split_and_the_splices_agree_with_a_full_parse_and_rebuild(raw: bytes) -> None:
+    """The hot path reads an assignment's head and rewrites its unique id by offsets; the
+    construct definitions, parsing and building the whole packet, say what that must give."""
+    ptype = Packet(PacketType(struct.unpack(">I", raw[4:8])[0]), raw).type
+    args = parse_body(ptype, raw[12:])
+    names = LAYOUTS[ptype].fields
+    fields, rest = split_head(raw, len(names))
+    assert dict(zip(names, fields, strict=True)) == {name: args[name] for name in names}
+    assert raw[rest:] == args["data"]
+    if ptype is PacketType.JOB_ASSIGN:
+        return
+    unique_at = 12 + len(args["handle"]) + len(args["function"]) + 2
+    if ptype is PacketType.JOB_ASSIGN_UNIQ:
+        plain = {name: value for name, value in args.items() if name != "unique"}
+        assert splice(raw, PacketType.JOB_ASSIGN, unique_at, unique_at + len(args["unique"]) + 1) == build_packet(
+            RES, PacketType.JOB_ASSIGN, **plain
+        )
+    shown = b"shown-" + args["unique"][:5]
+    assert splice(raw, ptype, unique_at, unique_at + len(args["unique"]), shown) == build_packet(
+        RES, ptype, **{**args, "unique": shown}
+    )
+
+
+def test_a_head_short_of_a_nul_is_malformed() -> None:
+    raw = build_packet(RES, PacketType.JOB_ASSIGN_UNIQ, handle=b"H:1", function=b"f", unique=b"u", data=b"")
+    with pytest.raises(ProtocolError, match="malformed JOB_ASSIGN_UNIQ"):
+        split_head(raw[:-3], 3)
+
+
+@given(field_bytes, field_bytes, rest_bytes)
+def test_a_submission_with_a_viewed_payload_is_the_packet_construct_builds(
+    function: bytes, unique: bytes, payload: bytes
+) -> None:
+    for ptype in (PacketType.SUBMIT_JOB, PacketType.SUBMIT_JOB_BG, PacketType.SUBMIT_JOB_HIGH):
+        built = build_packet(REQ, ptype, function=function, unique=unique, data=payload)
+        assert build_submission(ptype, function, unique, memoryview(b"xx" + payload)[2:]) == built
+    with pytest.raises(ValueError):
+        build_submission(PacketType.SUBMIT_JOB, b"f\0", unique, payload)
