@@ -50,3 +50,22 @@ def test_open_bugs_have_their_regression_file() -> None:
     names = {path.name for path in REGRESSIONS}
     assert set(OPEN.values()) <= names
     assert set(OPEN) <= set(BUGS)
+
+
+def test_a_close_line_long_after_a_run_ended_is_not_that_runs() -> None:
+    """Found by a 600 s run: a port comes back many times; a close line written minutes
+    after the script that last used it had ended belonged to a connection of the real
+    worker whose port the fake could not pin down, and was counted as the script's second."""
+    from tests.fuzz.checks import CLOSE_LINE_LATENESS, ActorDigest, CloseIndex, RunDigest, assign_lines
+    from tests.fuzz.monitor import CloseLine
+    from tests.fuzz.script import Script
+
+    actor = ActorDigest("w", "worker", "B", 38608, 100.0, 101.0, True, False, True, 10, "", None, [])  # type: ignore[arg-type]
+    run = RunDigest(Script([]), [], [], 0.0, {"w": actor})
+
+    def line(at: float) -> CloseLine:
+        return CloseLine("WARNING", "127.0.0.1:38608", "127.0.0.1:0", "127.0.0.1:4730", "bad magic", 1, at)
+
+    index = CloseIndex.of([line(100.5), line(101.0 + CLOSE_LINE_LATENESS - 1), line(400.0)])
+    lines = assign_lines([run], index, {"B": "127.0.0.1:4730"})
+    assert [close.time for close in lines[(0, "w")]] == [100.5, 101.0 + CLOSE_LINE_LATENESS - 1]

@@ -20,6 +20,8 @@ Each broken invariant is one line: `check: detail`.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -27,6 +29,9 @@ from tests.fuzz import wire
 from tests.fuzz.monitor import CloseLine
 from tests.fuzz.script import Actor, Run, Script
 
+CLOSE_LINE_LATENESS = 30.0
+"""Seconds after a run ended within which gproxy has logged the close of its connections
+(a pair lingers at most 10 s after one side closed)."""
 NORMAL_CLOSES = ("peer closed the connection", "both sides finished")
 GEARMAND_WENT = ("gearmand closed the connection", "gearmand connection lost")
 
@@ -63,26 +68,31 @@ def assign_lines(
 ) -> dict[tuple[int, str], list[CloseLine]]:
     """(run number, actor) -> its close lines. A port is used again and again in a long run:
     each line goes to the last connection from that port that had connected before it was
-    written (log times have milliseconds; connect times are taken after connect()).
-    `others`: when other connections (the real worker's) used a port, by (upstream, port)."""
-    by_key: dict[tuple[str, int], list[tuple[float, int, str]]] = defaultdict(list)
+    written (log times have milliseconds; connect times are taken after connect()), unless
+    that connection's run had ended more than CLOSE_LINE_LATENESS before: then the line is
+    some other connection's whose port is not known (the real worker's, when the fake could
+    not tell which of several it was). `others`: where other connections (the real
+    worker's) used a port, by (upstream, port), and when."""
+    by_key: dict[tuple[str, int], list[tuple[float, float, int, str]]] = defaultdict(list)
     for number, run in enumerate(runs):
         for actor in run.actors.values():
             if actor.role == "worker" and actor.route in upstreams:
-                by_key[(upstreams[actor.route], actor.local_port)].append((actor.connected_wall, number, actor.name))
+                by_key[(upstreams[actor.route], actor.local_port)].append(
+                    (actor.connected_wall, actor.ended_wall, number, actor.name)
+                )
     for key, times in (others or {}).items():
         if key in by_key:
-            by_key[key] += [(t, -1, "") for t in times]
+            by_key[key] += [(t, math.inf, -1, "") for t in times]
     result: dict[tuple[int, str], list[CloseLine]] = {}
     for key, users in by_key.items():
         users.sort()
-        for _, number, name in users:
+        for _, _, number, name in users:
             result[(number, name)] = []
         for line in index.take(*key):
             owner = None
-            for connected, number, name in users:
+            for connected, ended, number, name in users:
                 if connected - 0.005 <= line.time:  # the log's times are cut to milliseconds
-                    owner = (number, name)
+                    owner = (number, name) if line.time <= ended + CLOSE_LINE_LATENESS else None
             if owner is not None:
                 result[owner].append(line)
     return result
@@ -106,6 +116,8 @@ class ActorDigest:
     route: str
     local_port: int
     connected_wall: float
+    ended_wall: float
+    """When its run ended, on the clock of connected_wall (and of the log's lines)."""
     fin_sent: bool
     reset_sent: bool
     sent_any: bool
@@ -141,7 +153,8 @@ def digest(run: Run, max_size: int) -> RunDigest:
                                  eof=actor.fin_sent and not actor.send_failed, reset=actor.reset_sent)
         oversized = _oversized_frames(actor, max_size) if actor.role != "direct" else []
         actors[actor.name] = ActorDigest(
-            actor.name, actor.role, actor.route, actor.local_port, actor.connected_wall, actor.fin_sent,
+            actor.name, actor.role, actor.route, actor.local_port, actor.connected_wall,
+            actor.connected_wall + (run.ended or time.monotonic()) - actor.connected_at, actor.fin_sent,
             actor.reset_sent, bool(actor.sent), len(actor.sent), actor.client_id, verdict, oversized,
         )  # fmt: skip
     result = RunDigest(run.script, list(run.violations), list(run.connect_failures), run.ended, actors)
