@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
 from .retry_client import RetryClient
-from .session import CloseUpstream, Command, OpenUpstream, ServerTraits, Session, UpstreamLink
+from .session import CloseUpstream, Command, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 
@@ -274,7 +274,7 @@ class Proxy:
         owed = pair.session.link_closed(link)
         upstream.connection.close()
         if owed and pair.nursery is not None and not pair.cancel_scope.cancel_called:
-            pair.nursery.start_soon(self._reply, pair, owed)
+            pair.nursery.start_soon(self._run, pair, owed)
         if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()  # nothing left to wait for, even if it was lost, not finished
 
@@ -290,27 +290,10 @@ class Proxy:
             if not data:
                 break
             try:
-                out = session.from_downstream(data, trio.current_time())
+                commands = session.from_downstream(data, trio.current_time())
             except ProtocolError as exc:
                 return self._refuse(pair, exc.reason, f"protocol error from peer: {exc}")
-            if session.actions:
-                actions, session.actions = session.actions, []
-                await self.execute(actions)
-            if session.replies:
-                replies, session.replies = b"".join(session.replies), []
-                try:
-                    await pair.downstream.send_all(replies)
-                except OSError as exc:
-                    self._lose_worker(pair, exc)
-                    break
-            if out:
-                upstream = pair.upstreams.get(session.current)
-                try:
-                    if upstream is None:
-                        raise OSError("closed")
-                    await upstream.connection.send_all(out)
-                except OSError as exc:
-                    return pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
+            await self._run(pair, commands)
         if pair.worker_lost is None and session.downstream.buffered:
             return self._refuse(pair, "mid_packet", _mid_packet("peer", session.downstream.buffered))
         if self._holds_retries(pair):
@@ -331,13 +314,6 @@ class Proxy:
             with contextlib.suppress(OSError):
                 pair.downstream.sock.shutdown(socket.SHUT_RD)
 
-    async def _reply(self, pair: _Pair, data: bytes) -> None:
-        """Answers gproxy owes the worker itself (see Session.link_closed)."""
-        try:
-            await pair.downstream.send_all(data)
-        except OSError as exc:
-            self._lose_worker(pair, exc)
-
     def _holds_retries(self, pair: _Pair) -> bool:
         return any(self.retrier.holds(link) for link in pair.session.links)
 
@@ -353,12 +329,12 @@ class Proxy:
         session = pair.session
         pair.released = trio.Event()
         log.info("%s: worker left while retries are held; keeping their gearmand connections", pair.name)
-        actions = session.worker_left(trio.current_time())
+        commands = session.worker_left(trio.current_time())
         for link in session.links:
             if not self.retrier.holds(link) and (upstream := pair.upstreams.get(link)) is not None:
                 with contextlib.suppress(OSError):
                     upstream.connection.send_eof()  # its running jobs requeue natively
-        await self.execute(actions)
+        await self._run(pair, commands)
         await pair.released.wait()
 
     async def _upstream_pump(self, pair: _Pair, link: UpstreamLink, upstream: _Upstream) -> None:
@@ -376,17 +352,10 @@ class Proxy:
                     if not data:
                         break
                     try:
-                        out = session.from_upstream(link, data, trio.current_time())
+                        commands = session.from_upstream(link, data, trio.current_time())
                     except ProtocolError as exc:
                         return self._refuse(pair, exc.reason, f"protocol error from gearmand: {exc}")
-                    if session.actions:
-                        actions, session.actions = session.actions, []
-                        await self.execute(actions)
-                    if out and not pair.worker_gone and pair.worker_lost is None:
-                        try:
-                            await pair.downstream.send_all(out)
-                        except OSError as exc:
-                            self._lose_worker(pair, exc)  # this link goes on for its held jobs
+                    await self._run(pair, commands)
                 if link.framer.buffered:
                     return self._refuse(pair, "mid_packet", _mid_packet("gearmand", link.framer.buffered))
                 if link is session.current and not pair.worker_gone:
@@ -401,27 +370,45 @@ class Proxy:
     # -- what the pure parts ask for
 
     async def execute(self, actions: Sequence[Command]) -> None:
-        for action in actions:
-            if type(action) is Wakeup:
+        """What the Retrier asks for outside any pair's own events (timers, retry replies)."""
+        await self._run(None, actions)
+
+    async def _run(self, pair: _Pair | None, commands: Sequence[Command]) -> None:
+        """Carry out commands in order; `pair`: the one whose event they answer, if any."""
+        for action in commands:
+            if type(action) is SendDownstream:
+                assert pair is not None
+                if pair.worker_lost is None and not pair.worker_gone:
+                    try:
+                        await pair.downstream.send_all(action.data)
+                    except OSError as exc:
+                        self._lose_worker(pair, exc)  # its links go on for their held jobs
+            elif type(action) is Wakeup:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._wake, action)
             elif type(action) is RecheckBudget:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._recheck, action)
             elif type(action) is SendUpstream:
-                pair = self._owners.get(action.owner)
-                upstream = pair.upstreams.get(action.owner) if pair is not None else None
-                if upstream is not None:
-                    # A loss (or a close racing this send) is that link's own pump's to report.
-                    with contextlib.suppress(OSError):
-                        await upstream.connection.send_all(action.data)
+                owner = self._owners.get(action.owner)
+                upstream = owner.upstreams.get(action.owner) if owner is not None else None
+                try:
+                    if upstream is None:
+                        raise OSError("closed")
+                    await upstream.connection.send_all(action.data)
+                except OSError as exc:
+                    # The worker's own link lost: the pair ends. Any other loss is that
+                    # link's own pump's to report.
+                    if pair is not None and action.owner is pair.session.current and not pair.worker_gone:
+                        pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
             elif type(action) is Released:
                 if (pair := self._owners.get(action.owner)) is not None:
                     self._settle(pair, action.owner)
             elif type(action) is Submit:
                 self._retry_client(action.route).submit(action)
             elif type(action) is OpenUpstream:
-                await self._open_upstream(action)
+                assert pair is not None
+                await self._open_upstream(pair, action)
             elif type(action) is CloseUpstream and (pair := self._owners.get(action.link)) is not None:
                 pair.upstreams[action.link].scope.cancel()
 
@@ -432,11 +419,8 @@ class Proxy:
         if pair.worker_gone and not self._holds_retries(pair):
             pair.released.set()
 
-    async def _open_upstream(self, action: OpenUpstream) -> None:
+    async def _open_upstream(self, pair: _Pair, action: OpenUpstream) -> None:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
-        pair = next((p for p in self._pairs if p.session is action.session), None)
-        if pair is None:
-            return
         try:
             connection = await self.connect(pair.session.route)
             await connection.send_all(action.replay)

@@ -129,10 +129,16 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
-class OpenUpstream:
-    """Open a fresh gearmand connection for `session`'s worker, as `link`, and send `replay`."""
+class SendDownstream:
+    """Bytes for the worker (or client): what gearmand sent, and gproxy's own answers."""
 
-    session: Session
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """Open a fresh gearmand connection for the worker, as `link`, and send `replay` first."""
+
     link: UpstreamLink
     replay: bytes
 
@@ -144,12 +150,14 @@ class CloseUpstream:
     link: UpstreamLink
 
 
-Command = Action["UpstreamLink", Route] | OpenUpstream | CloseUpstream
+Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream
+"""What a Session asks of its caller, in the order it must happen. (SendUpstream may name
+another worker's connection: the retry outcome of a job that connection holds.)"""
 
 
 class Session:
-    """One downstream connection and its upstream links. Raises ProtocolError (from a framer)
-    on bytes that are not Gearman."""
+    """One downstream connection and its upstream links. Every event returns one ordered
+    list of commands; bytes that are not Gearman raise ProtocolError (from a framer)."""
 
     def __init__(
         self,
@@ -172,20 +180,20 @@ class Session:
         self.retrier = retrier
         self.route = route
         self.traits = traits if traits is not None else ServerTraits()
-        self.actions: list[Command] = []
-        """What this session asked for while it worked; the caller drains and executes it."""
+        self._commands: list[Command] = []
+        """What the event being handled asks for so far, in order."""
         self._silenced: dict[bytes, None] = {}
         """Handles whose job is held or ended by a failure: what the worker still sends for
         them is dropped. Oldest first, at most MAX_SILENCED; a new assignment clears one."""
         self._out: list[bytes] = []
-        """What `from_downstream` has so far for the current link."""
+        """Bytes for the current link not yet in `_commands` (consecutive ones go as one)."""
+        self._back: list[bytes] = []
+        """Bytes for the worker not yet in `_commands`."""
         self._moves = 0
         self.draining = False
         """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
         self.worker_gone = False
         """The worker left; connections that hold retries stay open for them (worker_left)."""
-        self.replies: list[bytes] = []
-        """Packets gproxy answers the downstream peer itself; the caller sends and clears them."""
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -196,11 +204,9 @@ class Session:
 
     # -- events
 
-    def from_downstream(self, data: bytes, now: float) -> bytes:
-        """Bytes from the worker or client; returns what to send on `self.current` (which a
-        CANT_DO may have replaced: what was due before it goes out as an action)."""
+    def from_downstream(self, data: bytes, now: float) -> list[Command]:
+        """Bytes from the worker or client."""
         watched = _WATCHED_DRAINING if self.draining else _WATCHED_DOWNSTREAM
-        self._out = []
         for frame in self.downstream.receive(data):
             if type(frame) is Packet:
                 if frame.type not in watched:
@@ -210,22 +216,23 @@ class Session:
             elif type(frame) is AdminLine:
                 self._out.append(frame.raw)
             # (no Oversized: this framer refuses a packet over the cap)
-        out, self._out = self._out, []
-        return b"".join(out)
+        return self._done()
 
-    def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> bytes:
-        """Bytes from gearmand on `link`; returns what to send to the worker or client."""
-        out: list[bytes] = []
+    def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> list[Command]:
+        """Bytes from gearmand on `link`."""
         for frame in link.framer.receive(data):
             if type(frame) is Packet:
-                out.append(self._upstream_packet(link, frame, now) if frame.type in _WATCHED_UPSTREAM else frame.raw)
+                if frame.type not in _WATCHED_UPSTREAM:
+                    self._back.append(frame.raw)
+                elif back := self._upstream_packet(link, frame, now):
+                    self._back.append(back)
             elif type(frame) is Oversized:
-                out.append(self._too_large(link, frame))
+                self._back.append(self._too_large(link, frame))
             elif type(frame) is AdminLine:
-                out.append(frame.raw)
+                self._back.append(frame.raw)
         if link is not self.current:
             self._close_if_idle(link)
-        return b"".join(out)
+        return self._done()
 
     def released(self, link: UpstreamLink) -> bool:
         """The Retrier holds nothing more on `link`: True if it is a retired link that may
@@ -241,10 +248,9 @@ class Session:
         (reason disconnect), and retry jobs are failed back to the gproxy that owns their
         loop, which retries them the same way. Its other connections may simply close."""
         self.worker_gone = True
-        actions: list[Command] = []
         for link in self.links:
-            actions += self._orphaned(link, now)
-        return actions
+            self._command(*self._orphaned(link, now))
+        return self._done()
 
     def _orphaned(self, link: UpstreamLink, now: float) -> list[Command]:
         """The jobs running on `link` whose worker has left, if `link` stays open for held
@@ -260,20 +266,19 @@ class Session:
         actions += retrier.worker_left(link, self.route, originals, now)
         return actions
 
-    def link_closed(self, link: UpstreamLink) -> bytes:
-        """`link`'s connection is gone: gearmand requeues whatever it still held. Returns
-        what the worker is owed instead of the answers that will not come: NO_JOB for each
-        grab still open on a connection it was moved off."""
-        owed = b""
+    def link_closed(self, link: UpstreamLink) -> list[Command]:
+        """`link`'s connection is gone: gearmand requeues whatever it still held. The worker
+        is owed what will not come now: NO_JOB for each grab still open on a connection it
+        was moved off."""
         if link in self.retired:
             self.retired.remove(link)
-            if not self.worker_gone:
-                owed = _NO_JOB * len(link.grabs_pending)
+            if not self.worker_gone and link.grabs_pending:
+                self._back.append(_NO_JOB * len(link.grabs_pending))
         link.grabs_pending.clear()
         link.jobs.released_all()
         if self.retrier is not None:
-            self.retrier.owner_lost(link)
-        return owed
+            self._command(*self.retrier.owner_lost(link))
+        return self._done()
 
     def idle(self, link: UpstreamLink) -> bool:
         """A retired link that owns nothing and is owed nothing: it may close."""
@@ -291,7 +296,7 @@ class Session:
         if self.draining and (ptype in _GRABS or ptype is P.PRE_SLEEP):
             # No new jobs while shutting down; a sleeping worker is simply never woken.
             if ptype is not P.PRE_SLEEP:
-                self.replies.append(_NO_JOB)
+                self._back.append(_NO_JOB)
             return b""
         if ptype in _GRABS:
             upgrade = ptype is P.GRAB_JOB and self.traits.grab_uniq
@@ -327,7 +332,7 @@ class Session:
                 failure=packet.args()["data"] if ptype is P.WORK_EXCEPTION else b"",
                 now=now, exception_ends_job=self.traits.exception_ends_job,
             )
-            self.actions += decision.actions
+            self._command(*decision.actions)
             held = decision.held
         if not held and not job.is_retry:  # a retry's outcome is counted where it is held
             self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
@@ -358,14 +363,12 @@ class Session:
 
     def _move(self) -> None:
         old = self.current
-        if self._out:  # what came before the move was meant for the old connection
-            self.actions.append(SendUpstream(old, b"".join(self._out)))
-            self._out = []
+        self._flush()  # what came before the move was meant for the old connection
         self._moves += 1
         self.retired.append(old)
         self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics)
         self.current.replies_to_swallow = self.registration.options
-        self.actions.append(OpenUpstream(self, self.current, self.registration.replay()))
+        self._command(OpenUpstream(self.current, self.registration.replay()))
 
     # -- from gearmand
 
@@ -386,11 +389,11 @@ class Session:
         )
         self._silenced.pop(handle, None)
         if self.retrier is not None:
-            self.actions += self.retrier.job_assigned(self.route, handle, function, is_retry, now)
+            self._command(*self.retrier.job_assigned(self.route, handle, function, is_retry, now))
         # The payload stays in the packet that brought it: a view, not a copy.
         link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
         if self.worker_gone:  # the answer to a grab of a worker that has left since
-            self.actions += self._orphaned(link, now)
+            self._command(*self._orphaned(link, now))
             return b""
         unique_at = HEADER_SIZE + len(handle) + len(function) + 2
         if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out
@@ -419,7 +422,7 @@ class Session:
         if not self.traits.exception_ends_job:
             packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
         self.metrics.job_ended(function, "exception", 0.0)
-        self.actions.append(SendUpstream(link, packet))
+        self._command(SendUpstream(link, packet))
         return _NO_JOB
 
     def _upstream_reply(self, link: UpstreamLink, packet: Packet) -> bytes:
@@ -446,10 +449,30 @@ class Session:
         self.traits.grab_uniq = False
         self.traits.exception_ends_job = False  # the same server: WORK_FAIL ends jobs there
         link.grabs_pending.appendleft(False)
-        self.actions.append(SendUpstream(link, _GRAB_JOB))
+        self._command(SendUpstream(link, _GRAB_JOB))
         return b""
 
     # -- helpers
+
+    def _command(self, *commands: Command) -> None:
+        """Add commands after everything asked for so far (bytes pending included)."""
+        if commands:
+            self._flush()
+            self._commands += commands
+
+    def _flush(self) -> None:
+        if self._out:
+            self._commands.append(SendUpstream(self.current, b"".join(self._out)))
+            self._out = []
+        if self._back:
+            self._commands.append(SendDownstream(b"".join(self._back)))
+            self._back = []
+
+    def _done(self) -> list[Command]:
+        """The event's commands, in order; the next event starts afresh."""
+        self._flush()
+        commands, self._commands = self._commands, []
+        return commands
 
     def _is_silenced(self, handle: bytes) -> bool:
         if handle in self._silenced:
@@ -484,13 +507,13 @@ class Session:
         """`raw` for `link`: returned if it is the current link, else sent as an action."""
         if link is self.current:
             return raw
-        self.actions.append(SendUpstream(link, raw))
+        self._command(SendUpstream(link, raw))
         self._close_if_idle(link)
         return b""
 
     def _close_if_idle(self, link: UpstreamLink) -> None:
         if self.released(link):
-            self.actions.append(CloseUpstream(link))
+            self._command(CloseUpstream(link))
 
 
 _TIMEOUT: Final = re.compile(rb"\d{0,18}")

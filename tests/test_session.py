@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,12 +12,52 @@ from hypothesis import strategies as st
 from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
 from gproxy.retry import DISCONNECTED, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
-from gproxy.session import MAX_SILENCED, CloseUpstream, OpenUpstream, ServerTraits, Session
+from gproxy.session import (
+    MAX_SILENCED,
+    CloseUpstream,
+    Command,
+    OpenUpstream,
+    SendDownstream,
+    ServerTraits,
+    Session,
+    UpstreamLink,
+)
 from tests.test_protocol import admin_lines, packets
 
 ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))
 
 P = PacketType
+
+
+class Driven(Session):
+    """A Session as most of these tests look at it: an event returns the bytes forwarded
+    (to the current gearmand connection, or to the worker), gproxy's own answers to the
+    worker pile up in `replies`, and every other command in `actions`, in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.actions: list[Command] = []
+        self.replies: list[bytes] = []
+
+    def from_downstream(self, data: bytes, now: float) -> bytes:  # type: ignore[override]
+        return self._split(super().from_downstream(data, now), to_gearmand=True)
+
+    def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> bytes:  # type: ignore[override]
+        return self._split(super().from_upstream(link, data, now), to_gearmand=False)
+
+    def link_closed(self, link: UpstreamLink) -> bytes:  # type: ignore[override]
+        return self._split(super().link_closed(link), to_gearmand=False)
+
+    def _split(self, commands: list[Command], to_gearmand: bool) -> bytes:
+        forwarded = []
+        for command in commands:
+            if to_gearmand and type(command) is SendUpstream and command.owner is self.current:
+                forwarded.append(command.data)
+            elif type(command) is SendDownstream:
+                (self.replies if to_gearmand else forwarded).append(command.data)
+            else:
+                self.actions.append(command)
+        return b"".join(forwarded)
 
 
 def req(ptype: PacketType, **args: bytes) -> bytes:
@@ -32,11 +73,11 @@ def assign_uniq(handle: bytes, function: bytes = b"f", unique: bytes = b"u-1", d
 
 
 @pytest.fixture
-def session() -> Session:
-    return Session("up-1", route=ROUTE)
+def session() -> Driven:
+    return Driven("up-1", route=ROUTE)
 
 
-def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: Session) -> None:
+def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: Driven) -> None:
     assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
     got = session.from_upstream(session.current, assign_uniq(b"H:x:1", data=b"pay\0load"), now=7.0)
     assert got == res(P.JOB_ASSIGN, handle=b"H:x:1", function=b"f", data=b"pay\0load")
@@ -57,14 +98,14 @@ def test_grab_job_is_upgraded_and_the_worker_still_gets_a_plain_assign(session: 
     ],
 )
 def test_other_grabs_and_their_assigns_pass_unchanged_and_are_tracked(
-    session: Session, grab: PacketType, reply: bytes
+    session: Driven, grab: PacketType, reply: bytes
 ) -> None:
     assert session.from_downstream(req(grab), now=0.0) == req(grab)
     assert session.from_upstream(session.current, reply, now=1.0) == reply
     assert [(j.handle, j.unique) for j in session.current.jobs] == [(b"H:x:2", b"u-1")]
 
 
-def test_pipelined_grabs_are_answered_in_order(session: Session) -> None:
+def test_pipelined_grabs_are_answered_in_order(session: Driven) -> None:
     sent = session.from_downstream(req(P.GRAB_JOB) + req(P.GRAB_JOB_UNIQ) + req(P.GRAB_JOB), now=0.0)
     assert sent == req(P.GRAB_JOB_UNIQ) * 3
     replies = assign_uniq(b"H:1") + assign_uniq(b"H:2") + res(P.NO_JOB)
@@ -86,14 +127,14 @@ def test_pipelined_grabs_are_answered_in_order(session: Session) -> None:
         req(P.WORK_EXCEPTION, handle=b"H:1", data=b"boom"),
     ],
 )
-def test_a_final_result_ends_the_job_and_passes_through(session: Session, result: bytes) -> None:
+def test_a_final_result_ends_the_job_and_passes_through(session: Driven, result: bytes) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1") + assign_uniq(b"H:2"), now=0.0)
     assert session.from_downstream(result, now=0.0) == result
     assert [j.handle for j in session.current.jobs] == [b"H:2"]
 
 
-def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
+def test_cant_do_hands_back_only_that_functions_jobs(session: Driven) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1", function=b"a") + assign_uniq(b"H:2", function=b"b"), now=0.0)
     assert session.from_downstream(req(P.CANT_DO, function=b"a"), now=0.0) == req(P.CANT_DO, function=b"a")
@@ -102,14 +143,14 @@ def test_cant_do_hands_back_only_that_functions_jobs(session: Session) -> None:
     assert list(session.current.jobs) == []
 
 
-def test_closing_hands_back_everything(session: Session) -> None:
+def test_closing_hands_back_everything(session: Driven) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
     session.link_closed(session.current)
     assert len(session.current.jobs) == 0 and session.metrics.running == {}
 
 
-def test_a_work_result_without_a_handle_terminator_is_refused(session: Session) -> None:
+def test_a_work_result_without_a_handle_terminator_is_refused(session: Driven) -> None:
     bad = b"\0REQ" + (13).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"H:x:1"
     with pytest.raises(ProtocolError, match="WORK_COMPLETE"):
         session.from_downstream(bad, now=0.0)
@@ -133,7 +174,7 @@ _UNWATCHED_RES = tuple(
 def test_everything_else_passes_byte_for_byte_in_order(
     down: list[bytes], up: list[bytes], chunk: int
 ) -> None:
-    session = Session("up", route=ROUTE)
+    session = Driven("up", route=ROUTE)
     down_stream, up_stream = b"".join(down), b"".join(up)
     sent = b"".join(session.from_downstream(down_stream[i : i + chunk], now=0.0) for i in range(0, len(down_stream), chunk))
     received = b"".join(
@@ -143,7 +184,7 @@ def test_everything_else_passes_byte_for_byte_in_order(
 
 
 def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None:
-    session = Session("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route=ROUTE)
+    session = Driven("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route=ROUTE)
     old = session.current
     registration = req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"f") + req(
         P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"
@@ -165,7 +206,7 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     assert new is not old and session.retired == [old]
     assert session.actions == [
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
-        OpenUpstream(session, new, req(P.SET_CLIENT_ID, client_id=b"w1")
+        OpenUpstream(new, req(P.SET_CLIENT_ID, client_id=b"w1")
                      + req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000")),
     ]
     assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
@@ -180,7 +221,7 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     assert session.idle(old)
 
 
-def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Session) -> None:
+def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Driven) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
     session.draining = True
@@ -196,11 +237,11 @@ def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Ses
 FAST = RetryPolicy(jitter=False)
 
 
-def retrying(policy: RetryPolicy = FAST, traits: ServerTraits | None = None) -> Session:
-    return Session("up", retrier=Retrier(Policies(policy)), route=ROUTE, traits=traits)
+def retrying(policy: RetryPolicy = FAST, traits: ServerTraits | None = None) -> Driven:
+    return Driven("up", retrier=Retrier(Policies(policy)), route=ROUTE, traits=traits)
 
 
-def give(session: Session, *jobs: bytes, plain: bool = False) -> None:
+def give(session: Driven, *jobs: bytes, plain: bool = False) -> None:
     """The worker grabs and gets each job; `jobs` are handle or handle=unique."""
     grab = req(P.GRAB_JOB if plain else P.GRAB_JOB_UNIQ)
     for job in jobs:
@@ -303,7 +344,7 @@ def test_updates_after_a_cant_do_in_the_same_read_go_to_the_connection_that_owns
     assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
     new = session.current
     assert session.actions == [
-        OpenUpstream(session, new, b""),  # it can do nothing now
+        OpenUpstream(new, b""),  # it can do nothing now
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
         SendUpstream(old, req(P.WORK_STATUS, handle=b"H:2", numerator=b"1", denominator=b"2")),
     ]
@@ -450,7 +491,7 @@ def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work
 
 
 def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_job() -> None:
-    session = Session("up", max_packet_size=2048, route=ROUTE)
+    session = Driven("up", max_packet_size=2048, route=ROUTE)
     link = session.current
     assert session.from_downstream(req(P.GRAB_JOB), now=0.0) == req(P.GRAB_JOB_UNIQ)
     big = assign_uniq(b"H:big", function=b"resize", data=b"x" * 4096)
@@ -495,7 +536,7 @@ def test_grabs_left_open_on_a_lost_retired_connection_are_answered_no_job() -> N
 
 
 def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into_the_next_packet() -> None:
-    session = Session("up", route=ROUTE)
+    session = Driven("up", route=ROUTE)
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
     short = b"\0REQ" + (12).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"H:1\x001"
@@ -506,10 +547,38 @@ def test_a_work_status_short_of_a_field_is_refused_before_gearmand_reads_on_into
 @pytest.mark.parametrize("timeout", [b"18446744073709551616", b"-5", b"30s", b"1" * 19])
 def test_a_can_do_timeout_gearmand_would_die_of_is_refused(timeout: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed CAN_DO_TIMEOUT"):
-        Session("up", route=ROUTE).from_downstream(req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout), now=0.0)
+        Driven("up", route=ROUTE).from_downstream(req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout), now=0.0)
 
 
 @pytest.mark.parametrize("timeout", [b"30", b"", b"9" * 18])
 def test_an_ordinary_can_do_timeout_passes(timeout: bytes) -> None:
     packet = req(P.CAN_DO_TIMEOUT, function=b"f", timeout=timeout)
-    assert Session("up", route=ROUTE).from_downstream(packet, now=0.0) == packet
+    assert Driven("up", route=ROUTE).from_downstream(packet, now=0.0) == packet
+
+
+def test_every_event_answers_with_one_ordered_list_of_commands() -> None:
+    """The caller carries the commands out in the order given: the bytes before a move go to
+    the old connection, the fresh one is opened (its replay first) before anything is
+    written to it, and gproxy's own answers to the worker come in their place."""
+    session = Session("up", retrier=Retrier(Policies(RetryPolicy(jitter=False))), route=ROUTE)
+    old = session.current
+    session.from_downstream(req(P.CAN_DO, function=b"f") + req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.from_upstream(old, assign_uniq(b"H:1", function=b"f") + assign_uniq(b"H:2", function=b"f"), now=0.0)
+    [wakeup] = session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    assert type(wakeup) is Wakeup
+    commands = session.from_downstream(
+        req(P.WORK_DATA, handle=b"H:2", data=b"d") + req(P.CANT_DO, function=b"f") + req(P.GRAB_JOB_UNIQ),
+        now=0.0,
+    )
+    new = session.current
+    assert commands == [
+        SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
+        OpenUpstream(new, b""),
+        SendUpstream(new, req(P.GRAB_JOB_UNIQ)),
+    ]
+    session.draining = True
+    assert session.from_downstream(req(P.GRAB_JOB) + req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"), now=1.0) == [
+        SendDownstream(res(P.NO_JOB)),  # the grab's answer, as it came first
+        SendUpstream(old, req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")),  # H:2 is the old one's
+    ]
+    assert session.from_upstream(new, res(P.NO_JOB), now=1.0) == [SendDownstream(res(P.NO_JOB))]

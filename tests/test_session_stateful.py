@@ -53,7 +53,7 @@ from gproxy.retry import (
     Wakeup,
     parse_retry_unique,
 )
-from gproxy.session import CloseUpstream, OpenUpstream, ServerTraits, Session, UpstreamLink
+from gproxy.session import CloseUpstream, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -330,10 +330,15 @@ class SessionWorld(RuleBasedStateMachine):
 
     # -- executing what gproxy asks for, as gproxy.proxy does
 
-    def run(self, commands: list) -> None:
+    def run(self, commands: list, worker: Worker | None = None) -> None:
+        """In order; `worker`: the one whose event they answer, if any."""
         for command in commands:
             kind = type(command)
-            if kind is Wakeup or kind is RecheckBudget:
+            if kind is SendDownstream:
+                assert worker is not None, f"{command!r} with no worker to send it to"
+                if not worker.gone:
+                    self.to_worker(worker, command.data)
+            elif kind is Wakeup or kind is RecheckBudget:
                 self.timers.append(Timer(self.now + command.delay, command))
             elif kind is Submit:
                 self.rc_pending.append(command)
@@ -346,16 +351,13 @@ class SessionWorld(RuleBasedStateMachine):
                     self.close(command.owner, by_gproxy=True)
                 self.settle(worker)
             elif kind is OpenUpstream:
-                self.open(next(w for w in self.workers if w.session is command.session), command.link)
+                assert worker is not None
+                self.open(worker, command.link)
                 self.gearmand.receive(command.link, command.replay)
             elif kind is CloseUpstream:
                 self.close(command.link, by_gproxy=True)
             else:
                 raise AssertionError(f"unknown command {command!r}")
-
-    def actions_of(self, session: Session) -> list:
-        actions, session.actions = session.actions, []
-        return actions
 
     def open(self, worker: Worker, link: UpstreamLink) -> None:
         self.gearmand.conns[link] = Conn()
@@ -370,11 +372,11 @@ class SessionWorld(RuleBasedStateMachine):
         if by_gproxy:
             owned = [job.handle for job in self.gearmand.owned_by(link)]
             assert not owned, f"gproxy closed {link!r}, which still owns {owned}: gearmand requeues them"
-        if lost and link.grabs_pending:
-            worker.grabs.clear()  # its grab went down with the connection, unanswered
         for job in self.gearmand.close(link):
             worker.running.pop(job.handle, None)  # a worker's result there would only earn an ERROR
-        worker.session.link_closed(link)
+        # Grabs open on a connection the worker was moved off are answered NO_JOB by gproxy;
+        # on its current one, the pair ends (the caller makes the worker leave).
+        self.run(worker.session.link_closed(link), worker)
         self.settle(worker)
 
     def settle(self, worker: Worker) -> None:
@@ -385,23 +387,14 @@ class SessionWorld(RuleBasedStateMachine):
                 self.close(link)
 
     def send(self, worker: Worker, data: bytes) -> None:
-        """The worker's bytes through its Session: commands first, then what is for the
-        current connection (which a move may have replaced)."""
-        session = worker.session
-        out = session.from_downstream(data, self.now)
-        self.run(self.actions_of(session))
-        assert not session.replies
-        if out:
-            self.gearmand.receive(session.current, out)
+        """The worker's bytes through its Session, and its commands carried out in order."""
+        self.run(worker.session.from_downstream(data, self.now), worker)
 
     def deliver(self, link: UpstreamLink) -> None:
         """gearmand's next reply on `link` reaches the Session, and the worker if it is there."""
         data, _ = self.gearmand.conns[link].outbox.popleft()
         worker = self.worker_of[link]
-        out = worker.session.from_upstream(link, data, self.now)
-        self.run(self.actions_of(worker.session))
-        if out and not worker.gone:
-            self.to_worker(worker, out)
+        self.run(worker.session.from_upstream(link, data, self.now), worker)
 
     def to_worker(self, worker: Worker, data: bytes) -> None:
         for frame in worker.framer.receive(data):
@@ -447,7 +440,7 @@ class SessionWorld(RuleBasedStateMachine):
             for link in list(session.links):
                 if not self.retrier.holds(link):
                     self.close(link)  # EOF: gearmand requeues its jobs
-            self.run(session.worker_left(self.now))
+            self.run(session.worker_left(self.now), worker)
             self.settle(worker)
         else:
             for link in list(session.links):
