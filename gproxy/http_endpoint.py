@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import Address
+from .metrics import Metrics
 
 log = logging.getLogger("gproxy.http")
 REQUEST_DEADLINE = 10.0
@@ -35,21 +36,21 @@ async def bind_http(address: Address) -> tuple[list[trio.SocketListener], Addres
 
 async def serve_http(
     listeners: list[trio.SocketListener],
-    registry: CollectorRegistry,
+    metrics: Metrics,
     ready: Readiness,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await trio.serve_listeners(partial(_handle, registry, ready), listeners, task_status=task_status)
+    await trio.serve_listeners(partial(_handle, metrics, ready), listeners, task_status=task_status)
 
 
-async def _handle(registry: CollectorRegistry, ready: Readiness, stream: trio.SocketStream) -> None:
+async def _handle(metrics: Metrics, ready: Readiness, stream: trio.SocketStream) -> None:
     async with stream:
         with trio.move_on_after(REQUEST_DEADLINE):
             try:
                 request = await _read_head(stream)
                 if request is not None:
-                    await stream.send_all(await _respond(request, registry, ready))
+                    await stream.send_all(await _respond(request, metrics, ready))
             except (trio.BrokenResourceError, OSError):
                 pass
             except Exception:  # a failing collector costs one scrape, never the proxy
@@ -70,14 +71,16 @@ async def _read_head(stream: trio.SocketStream) -> bytes | None:
     return data
 
 
-async def _respond(request: bytes, registry: CollectorRegistry, ready: Readiness) -> bytes:
+async def _respond(request: bytes, metrics: Metrics, ready: Readiness) -> bytes:
     parts = request.split(b"\n", 1)[0].split()
     if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
         return _response(405, b"method not allowed\n")
     path = parts[1].split(b"?", 1)[0]
     head_only = parts[0] == b"HEAD"
     if path == b"/metrics":
-        return _response(200, generate_latest(registry), CONTENT_TYPE_LATEST, head_only)
+        # Copied on the loop, rendered in a thread: traffic never waits for a scrape.
+        body = await trio.to_thread.run_sync(metrics.render, metrics.snapshot())
+        return _response(200, body, CONTENT_TYPE_LATEST, head_only)
     if path == b"/healthz":
         return _response(200, b"ok\n", head_only=head_only)
     if path == b"/readyz":

@@ -1,22 +1,26 @@
 """Prometheus metrics on a registry of gproxy's own.
 
-Counters that change per job are prometheus-client objects. What changes per packet (packet
-counts) or is state anyway (jobs running and held, connections) is kept as plain numbers and
-read only when Prometheus scrapes: nothing on the hot path but an integer increment.
-Function names come from the network, so the `function` label has a cap; beyond it every new
-function is counted as `__other__`.
+What changes per packet or per job (packet counts, job outcomes, job and attempt durations)
+or is state anyway (jobs running and held, connections) is kept as plain numbers: nothing on
+the hot path but an integer increment (prometheus-client objects take a lock per update).
+Counters of rarer events (retries and their reasons) are prometheus-client objects.
+
+A scrape copies the plain numbers on the loop (a snapshot, well under a millisecond) and
+renders the text in a thread (tens of milliseconds at the label cap), so traffic never waits
+for Prometheus. Function names come from the network, so the `function` label has a cap;
+beyond it every new function is counted as `__other__`.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .protocol import PacketType
@@ -39,18 +43,19 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, max_functions: int = DEFAULT_MAX_FUNCTIONS
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        """Everything, read live (tests, and any in-process reader); a scrape renders a snapshot."""
         self.max_functions = max_functions
         self._functions: dict[bytes, str] = {}
-        self._per_job: dict[bytes, _PerJob] = {}
-        r = self.registry
-        self.jobs = Counter("gproxy_jobs", "Jobs by final outcome, and jobs retried or dead-lettered.", ["function", "outcome"], registry=r)
+        self._stats: dict[str, JobStats] = {}
+        """Per label: outcomes and durations, plain numbers."""
+        self._per_job: dict[bytes, JobStats] = {}
+        """The stats of each labelled function, looked up once per function, not per job."""
+        self._objects = r = CollectorRegistry(auto_describe=True)
         self.retries = Counter("gproxy_retries", "Retry attempts scheduled, by why.", ["function", "reason"], registry=r)
         self.exhausted = Counter("gproxy_retries_exhausted", "Jobs that failed every attempt allowed.", ["function"], registry=r)
         self.deferred = Counter("gproxy_retries_deferred", "Retries that waited for the retry budget after their backoff.", ["function"], registry=r)
         self.cap_rejections = Counter("gproxy_retry_cap_rejections", "Retryable failures forwarded because a cap was reached: max_held (jobs held at once) or max_hold_time (a wait too long).", ["function", "cap"], registry=r)
         self.observed = Counter("gproxy_retries_observed", "Failures observe mode would have retried.", ["function"], registry=r)
-        self.job_duration = Histogram("gproxy_job_duration_seconds", "From assignment to the final outcome, retries included.", ["function"], buckets=DURATION_BUCKETS, registry=r)
-        self.attempt_duration = Histogram("gproxy_attempt_duration_seconds", "One attempt, from assignment to the worker's result.", ["function"], buckets=DURATION_BUCKETS, registry=r)
         self.upstream_connect_errors = Counter("gproxy_upstream_connect_errors", "Failed connections to gearmand.", registry=r)
         self.protocol_errors = Counter("gproxy_protocol_errors", "Connections closed for bad input, by reason.", ["reason"], registry=r)
         self.upstream_up = Gauge("gproxy_upstream_up", "1 if the last connection to this gearmand succeeded.", ["upstream"], registry=r)
@@ -62,7 +67,7 @@ class Metrics:
         self.held: Callable[[], Mapping[bytes, int]] = dict
         self.budget_balance: Callable[[], Mapping[bytes, float]] = dict
         self.connections: Callable[[], Mapping[str, int]] = lambda: {"worker": 0, "upstream": 0}
-        r.register(_StateCollector(self))
+        self.registry.register(_Live(self))
 
     def function(self, name: bytes) -> str:
         """The label for a function name: itself, until the cap is reached."""
@@ -71,8 +76,7 @@ class Metrics:
             if len(self._functions) >= self.max_functions:
                 return OTHER
             label = self._functions[name] = _label(name)
-            for outcome in OUTCOMES:  # zero-valued series, so rates and alerts see them start
-                self.jobs.labels(label, outcome)
+            self._stats.setdefault(label, JobStats())  # zero-valued series, so rates and alerts see them start
             for reason in REASONS:
                 self.retries.labels(label, reason)
             for counter in (self.exhausted, self.deferred, self.observed):
@@ -86,27 +90,49 @@ class Metrics:
         return list(self._functions)
 
     def job_ended(self, function: bytes, outcome: str, duration: float) -> None:
-        per_job = self._per_job.get(function) or self._per_job_for(function)
-        per_job.outcomes[outcome].inc()
-        per_job.job_duration.observe(duration)
+        stats = self._per_job.get(function) or self._stats_of(function)
+        stats.outcomes[outcome] += 1
+        stats.jobs[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        stats.jobs_seconds += duration
+
+    def job_outcome(self, function: bytes, outcome: str) -> None:
+        """A job retried or dead-lettered (not an end: counted, not timed)."""
+        (self._per_job.get(function) or self._stats_of(function)).outcomes[outcome] += 1
 
     def attempt_ended(self, function: bytes, duration: float) -> None:
-        (self._per_job.get(function) or self._per_job_for(function)).attempt_duration.observe(duration)
+        stats = self._per_job.get(function) or self._stats_of(function)
+        stats.attempts[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        stats.attempts_seconds += duration
 
-    def _per_job_for(self, function: bytes) -> _PerJob:
-        """The children recorded for every job, looked up once per function, not per job."""
+    def _stats_of(self, function: bytes) -> JobStats:
         label = self.function(function)
-        per_job = _PerJob(
-            {outcome: self.jobs.labels(label, outcome) for outcome in OUTCOMES},
-            self.job_duration.labels(label),
-            self.attempt_duration.labels(label),
-        )
+        stats = self._stats.setdefault(label, JobStats())
         if label != OTHER:
-            self._per_job[function] = per_job
-        return per_job
+            self._per_job[function] = stats
+        return stats
 
     def count(self, metric: Counter, function: bytes, *labels: str) -> None:
         metric.labels(self.function(function), *labels).inc()
+
+    # -- scrapes
+
+    def snapshot(self) -> Snapshot:
+        """Everything read at scrape time, copied: cheap, and taken on the loop."""
+        running, held, balance = dict(self.running), dict(self.held()), dict(self.budget_balance())
+        for name in (*running, *held, *balance):
+            self.function(name)  # a function seen only here gets its label now, as ever
+        return Snapshot(
+            {direction: list(counts) for direction, counts in self.packets.items()},
+            dict(self._functions), running, held, balance, dict(self.connections()),
+            {label: stats.copy() for label, stats in self._stats.items()},
+        )
+
+    def render(self, snapshot: Snapshot) -> bytes:
+        """The exposition text of `snapshot` and the prometheus-client counters (which are
+        safe to read from another thread): for a thread, off the loop."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(self._objects, snapshot))
+        return generate_latest(registry)
 
 
 def _label(name: bytes) -> str:
@@ -116,40 +142,101 @@ def _label(name: bytes) -> str:
     return f"{name[:80].decode('utf-8', 'replace')}…{digest}"
 
 
+def _buckets() -> list[int]:
+    return [0] * (len(DURATION_BUCKETS) + 1)
+
+
+@dataclass(slots=True)
+class JobStats:
+    """One label's jobs: outcomes, and job and attempt durations by bucket (not cumulative;
+    the last one is +Inf) with their sums."""
+
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    jobs: list[int] = field(default_factory=_buckets)
+    jobs_seconds: float = 0.0
+    attempts: list[int] = field(default_factory=_buckets)
+    attempts_seconds: float = 0.0
+
+    def copy(self) -> JobStats:
+        return JobStats(dict(self.outcomes), list(self.jobs), self.jobs_seconds, list(self.attempts), self.attempts_seconds)
+
+
 @dataclass(frozen=True, slots=True)
-class _PerJob:
-    outcomes: dict[str, Any]
-    job_duration: Any
-    attempt_duration: Any
+class Snapshot:
+    packets: dict[str, list[int]]
+    labels: dict[bytes, str]
+    running: dict[bytes, int]
+    held: dict[bytes, int]
+    budget_balance: dict[bytes, float]
+    connections: dict[str, int]
+    stats: dict[str, JobStats]
 
 
-class _StateCollector(Collector):
+class _Live(Collector):
+    """The registry's view: a fresh snapshot on every collect."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        m = self.metrics
-        packets = CounterMetricFamily("gproxy_packets", "Packets forwarded, by direction and type.", labels=["direction", "type"])
-        for direction, counts in m.packets.items():
-            for ptype in PacketType:
-                packets.add_metric([direction, ptype.name], counts[ptype])
-        yield packets
-        yield _per_function("gproxy_jobs_running", "Jobs assigned to workers behind gproxy now.", m, m.running)
-        yield _per_function("gproxy_jobs_held", "Jobs held for a retry now.", m, m.held())
-        yield _per_function(
-            "gproxy_retry_budget_balance", "Retries the retry budget allows right now.", m, m.budget_balance()
-        )
-        connections = GaugeMetricFamily("gproxy_connections", "Open connections, by side.", labels=["side"])
-        for side, value in m.connections().items():
-            connections.add_metric([side], value)
-        yield connections
+    def collect(self) -> Iterator[Metric]:
+        yield from self.metrics._objects.collect()
+        yield from _families(self.metrics.snapshot())
 
 
-def _per_function(name: str, documentation: str, metrics: Metrics, values: Mapping[bytes, float]) -> GaugeMetricFamily:
+class _Fixed(Collector):
+    def __init__(self, objects: CollectorRegistry, snapshot: Snapshot) -> None:
+        self.objects, self.snapshot = objects, snapshot
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.objects.collect()
+        yield from _families(self.snapshot)
+
+
+def _families(snap: Snapshot) -> Iterator[Metric]:
+    jobs = CounterMetricFamily("gproxy_jobs", "Jobs by final outcome, and jobs retried or dead-lettered.", labels=["function", "outcome"])
+    job_duration = HistogramMetricFamily("gproxy_job_duration_seconds", "From assignment to the final outcome, retries included.", labels=["function"])
+    attempt_duration = HistogramMetricFamily("gproxy_attempt_duration_seconds", "One attempt, from assignment to the worker's result.", labels=["function"])
+    for label, stats in sorted(snap.stats.items()):
+        for outcome, value in stats.outcomes.items():
+            jobs.add_metric([label, outcome], value)
+        job_duration.add_metric([label], _cumulative(stats.jobs), stats.jobs_seconds)
+        attempt_duration.add_metric([label], _cumulative(stats.attempts), stats.attempts_seconds)
+    yield from (jobs, job_duration, attempt_duration)
+    packets = CounterMetricFamily("gproxy_packets", "Packets forwarded, by direction and type.", labels=["direction", "type"])
+    for direction, counts in snap.packets.items():
+        for ptype in PacketType:
+            packets.add_metric([direction, ptype.name], counts[ptype])
+    yield packets
+    yield _per_function("gproxy_jobs_running", "Jobs assigned to workers behind gproxy now.", snap, snap.running)
+    yield _per_function("gproxy_jobs_held", "Jobs held for a retry now.", snap, snap.held)
+    yield _per_function("gproxy_retry_budget_balance", "Retries the retry budget allows right now.", snap, snap.budget_balance)
+    connections = GaugeMetricFamily("gproxy_connections", "Open connections, by side.", labels=["side"])
+    for side, value in snap.connections.items():
+        connections.add_metric([side], value)
+    yield connections
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    bounds = [*map(_bound, DURATION_BUCKETS), "+Inf"]
+    total, buckets = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        buckets.append((bound, float(total)))
+    return buckets
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def _per_function(name: str, documentation: str, snap: Snapshot, values: Mapping[bytes, float]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=["function"])
-    totals: dict[str, float] = {label: 0 for label in metrics._functions.values()}
+    totals: dict[str, float] = dict.fromkeys(snap.labels.values(), 0)
     for function, value in values.items():
-        label = metrics.function(function)
+        label = snap.labels.get(function, OTHER)
         totals[label] = totals.get(label, 0) + value
     for label, value in sorted(totals.items()):
         family.add_metric([label], value)

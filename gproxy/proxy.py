@@ -164,7 +164,7 @@ class Proxy:
             self._nursery = nursery
             nursery.start_soon(self._trimmer.run)
             if self._http:
-                await nursery.start(serve_http, self._http, self.metrics.registry, self.ready)
+                await nursery.start(serve_http, self._http, self.metrics, self.ready)
             await nursery.start(self._accept)
             task_status.started(self)
 

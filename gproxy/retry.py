@@ -679,7 +679,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         self._by_handle[(route, job.handle)] = job.key
         self._by_owner.setdefault(owner, set()).add(job.key)
         self._held_per_function[job.function] += 1
-        self.metrics.count(self.metrics.jobs, job.function, "retried")
+        self.metrics.job_outcome(job.function, "retried")
         return self._schedule(job, verdict, now)
 
     def _schedule(self, job: HeldJob[OwnerT, RouteT], verdict: Verdict, now: float) -> list[Action[OwnerT, RouteT]]:
@@ -757,7 +757,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         function = policy.dead_letter_function(job.function)
         if function is None:
             return []
-        self.metrics.count(self.metrics.jobs, job.function, "dead_lettered")
+        self.metrics.job_outcome(job.function, "dead_lettered")
         unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
         return [Submit(route, None, function, unique, job.payload, P.SUBMIT_JOB_BG)]
 

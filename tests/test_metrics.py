@@ -6,6 +6,10 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gproxy.config import Address, Config, Route
 from prometheus_client import generate_latest
 
@@ -104,3 +108,37 @@ def test_a_long_function_name_is_shortened_in_its_label() -> None:
     for name in names:
         metrics.job_ended(name, "complete", 0.1)
     assert len(generate_latest(metrics.registry)) < 200_000
+
+
+@given(st.lists(st.sampled_from([0.0, 0.005, 0.0051, 0.3, 1.0, 2.5, 299.0, 300.0, 301.0, 1e6]) | st.floats(0, 400), max_size=30))
+def test_durations_kept_as_plain_numbers_render_as_prometheus_clients_histogram(durations: list[float]) -> None:
+    """Per-job metrics are plain numbers (no lock per update); what a scrape shows must be
+    what prometheus-client's own Histogram would have shown."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gproxy.metrics import DURATION_BUCKETS
+
+    metrics = Metrics()
+    reference = Histogram("gproxy_job_duration_seconds", "x", ["function"], buckets=DURATION_BUCKETS, registry=None)
+    metrics.function(b"f")  # zero-valued series from the start, in both
+    reference.labels("f")
+    for duration in durations:
+        metrics.job_ended(b"f", "complete", duration)
+        reference.labels("f").observe(duration)
+
+    def samples(text: bytes) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for family in text_string_to_metric_families(text.decode())
+            if family.name == "gproxy_job_duration_seconds"
+            for s in family.samples if not s.name.endswith("_created")
+        }
+
+    reference_registry = CollectorRegistry()
+    reference_registry.register(reference)
+    ours, theirs = samples(metrics.render(metrics.snapshot())), samples(generate_latest(reference_registry))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key]), key
+    assert metrics.registry.get_sample_value("gproxy_jobs_total", {"function": "f", "outcome": "complete"}) == len(durations)
