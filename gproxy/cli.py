@@ -13,6 +13,7 @@ import trio
 
 from . import __version__
 from .config import LOG_LEVELS, Config, ConfigError, load_config
+from .dataplane import DataPlane
 from .proxy import Proxy
 
 log = logging.getLogger("gproxy")
@@ -51,19 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    plane = DataPlane()
     try:
-        trio.run(run_until_signalled, config)
+        plane.run_host(run_until_signalled, config, plane)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        plane.close()
     return 0
 
 
-async def run_until_signalled(config: Config) -> None:
+async def run_until_signalled(config: Config, plane: DataPlane | None = None) -> None:
     """Serve until SIGINT or SIGTERM; then drain for up to the grace period (a second signal
     cuts it short), close every connection (gearmand requeues whatever is left) and return,
-    so the process exits 0."""
-    proxy = Proxy(config)
+    so the process exits 0. `plane`: the data plane hosting this trio run, if one does."""
+    proxy = Proxy(config, plane=plane)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         await proxy.listen()
         async with trio.open_nursery() as nursery:

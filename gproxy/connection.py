@@ -1,11 +1,8 @@
-"""A TCP connection driven straight from trio's readiness waits.
+"""A TCP connection for trio code: gproxy's own retry connections and readiness probes.
 
-Every worker packet crosses gproxy twice, so the cost per read and per write matters more
-than anything else in the proxy. trio's SocketStream tries each recv before it waits (an
-extra failing syscall per packet on an idle socket) and yields to the scheduler after every
-call; measured under the benchmark, that was most of gproxy's CPU time per job. Here a read
-waits for readiness first and then makes one recv, and a write that fits in the kernel
-buffer is one send with no wait at all.
+(Workers' connections and theirs to gearmand belong to the data plane, not to trio.) A
+read waits for readiness first and then makes one recv, and a write that fits in the
+kernel buffer is one send with no wait at all.
 """
 
 from __future__ import annotations
@@ -35,13 +32,6 @@ class Connection:
         """Take over the socket of a trio stream (TCP_NODELAY, set by trio, stays on)."""
         sock = stream.socket
         return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
-
-    @classmethod
-    def accepted(cls, sock: trio.socket.SocketType, peer: tuple[str, int]) -> Connection:
-        """A connection just accepted, named by the address accept() gave: a peer that resets
-        it at once has no address to ask for any more."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()), peer)
 
     async def receive(self, max_bytes: int) -> bytes:
         """The next bytes, or b"" at EOF. Raises OSError if the connection broke, or was

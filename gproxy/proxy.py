@@ -1,19 +1,24 @@
-"""The trio shell: listeners, upstream connections per downstream connection, byte pumps.
+"""The control plane: what gproxy does in trio, around a data plane that moves the bytes.
 
-All protocol decisions are made by Session and Retrier (pure); this module only moves bytes,
-executes their actions, keeps a downstream connection and its upstream ones alive and dead
-together, and turns every failure of one pair into one log line and a closed pair, never
-into a crashed proxy.
+The Proxy accepts workers, opens their first gearmand connection and hands both sockets to
+a Pair in the data plane; from then on the pair decides everything about them. Here stays
+what is rare and needs trio: retry timers and budget rechecks, the retry client of each
+route, connecting a worker that a move sends to a fresh gearmand connection, lingering
+pairs, the HTTP endpoint, the drain, and stopping. Pairs post what they need (an action
+list, never a call into trio); timers and retry replies answer through the PairSet.
+
+No task here can take the process down: an unexpected error is logged with the pairs it
+concerns, which close (gearmand requeues their jobs), and the rest serves on.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
 
@@ -21,18 +26,19 @@ import trio
 
 from .config import Address, Config, Route
 from .connection import Connection
+from .dataplane import DataPlane
 from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
 from .memory import Trimmer
 from .metrics import Metrics
-from .protocol import ProtocolError
-from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from .pair import Connect, Ended, Linger, Pair, PairSet, Posted
+from .retry import Action, RecheckBudget, Retrier, Submit, Wakeup
 from .retry_client import RetryClient
-from .session import CloseUpstream, Command, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from .session import ServerTraits, Session, UpstreamLink
+from .timers import Timer, Timers
 
 log = logging.getLogger("gproxy.proxy")
 
-RECEIVE_SIZE = 65536
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach gearmand before the downstream connection is refused."""
 READY_TIMEOUT = 2.0
@@ -44,66 +50,20 @@ _ACCEPT_RETRY: Final = {
     errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 }
-HALF_CLOSE_LINGER = 10.0
-"""After one side closes, seconds the other may take to finish before the pair is cut."""
 DRAIN_POLL = 0.05
 """While draining, how often to look whether the last job has finished."""
 RESTART_PAUSE = 1.0
 """Seconds before a process-wide task that failed unexpectedly is started again."""
 
 
-@dataclass(slots=True)
-class _Upstream:
-    connection: Connection
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-
-@dataclass(slots=True, eq=False)
-class _Pair:
-    """A downstream connection with its upstream ones, and why they ended: the first reason
-    wins, and is logged once."""
-
-    name: str
-    session: Session
-    downstream: Connection
-    cancel_scope: trio.CancelScope
-    nursery: trio.Nursery | None = None
-    upstreams: dict[UpstreamLink, _Upstream] = field(default_factory=dict)
-    reason: str | None = None
-    level: int = logging.DEBUG
-    eofs: int = 0
-    released: trio.Event = field(default_factory=trio.Event)
-    worker_lost: str | None = None
-    """Why the worker's connection broke (a reset, a failed send), if it did: it has left,
-    as if it had closed, and its connections that hold retries stay open for them."""
-
-    @property
-    def worker_gone(self) -> bool:
-        """The worker left while retries were held: their connections stay open for them."""
-        return self.session.worker_gone
-
-    def fail(self, reason: str, level: int = logging.WARNING) -> None:
-        """Close the pair. The first reason is the one logged, unless a graver one follows
-        (bad input after the other side closed is still a WARNING, like its metric)."""
-        if self.reason is None or level > self.level:
-            self.reason, self.level = reason, level
-        self.cancel_scope.cancel()
-
-    def closing(self, reason: str) -> None:
-        """One side closed: the other gets a grace period to finish, then the pair is cut."""
-        self.eofs += 1
-        if self.eofs == 1:
-            if self.reason is None:  # a refusal that came first keeps its reason
-                self.reason = reason
-            self.cancel_scope.deadline = min(
-                self.cancel_scope.deadline, trio.current_time() + HALF_CLOSE_LINGER
-            )
-
-
 class Proxy:
-    """Serves every configured route; `tracked_jobs()` shows what workers hold right now."""
+    """Serves every configured route; `tracked_jobs()` shows what workers hold right now.
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    `plane`: the data plane to serve with. Given one that runs as trio's host (production,
+    see cli), the proxy uses it as it is; otherwise it makes one and drives it from a task.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics | None = None, plane: DataPlane | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
         self.metrics.connections = self._connection_counts
@@ -111,18 +71,25 @@ class Proxy:
         self.metrics.budget_balance = lambda: self.retrier.budget_balances(
             trio.current_time(), self.metrics.labelled()
         )
+        self.pairs = PairSet()
+        self.plane = plane
         self.listen_addresses: list[Address] = []
         self.metrics_address: Address | None = None
         self.draining = False
         self._accepting = trio.CancelScope()
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
         self._http: list[trio.SocketListener] = []
-        self._pairs: set[_Pair] = set()
-        self._owners: dict[UpstreamLink, _Pair] = {}
         self._retry_clients: dict[Route, RetryClient] = {}
         self._traits: dict[Route, ServerTraits] = {route: ServerTraits() for route in config.routes}
         self._trimmer = Trimmer()
         self._nursery: trio.Nursery | None = None
+        self._posted: collections.deque[Posted] = collections.deque()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wake_due = False
+        self._wakeup = trio.Event()
+        self._timers = Timers(self._timer_failed)
+        self._lingering: dict[Pair, Timer] = {}
+        """Pairs one side of which has closed, until they end or their linger runs out."""
 
     async def ready(self) -> tuple[bool, str]:
         """Ready when every route's gearmand accepts a connection now (and not shutting down)."""
@@ -138,11 +105,11 @@ class Proxy:
         return (not problems, "; ".join(problems) or "ready")
 
     def _connection_counts(self) -> dict[str, int]:
-        upstream = len(self._owners) + sum(client.connected for client in self._retry_clients.values())
-        return {"worker": len(self._pairs), "upstream": upstream}
+        upstream = self.pairs.upstream_connections() + sum(client.connected for client in self._retry_clients.values())
+        return {"worker": len(self.pairs), "upstream": upstream}
 
     def tracked_jobs(self) -> list[TrackedJob]:
-        return [job for pair in self._pairs for job in pair.session.tracked_jobs()]
+        return self.pairs.tracked_jobs()
 
     async def listen(self) -> None:
         """Bind every route's listen address; an OSError here (address in use) is plain, not
@@ -157,19 +124,34 @@ class Proxy:
             self._http, self.metrics_address = await bind_http(self.config.metrics_listen)
 
     async def serve(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen (unless `listen()` was awaited already), report `self` as started, serve."""
+        """Listen (unless `listen()` was awaited already), report `self` as started, serve.
+        When this returns (cancelled), every pair has closed."""
         if not self._bound:
             await self.listen()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._trimmer.run)
-            if self._http:
-                await nursery.start(serve_http, self._http, self.metrics, self.ready)
-            await nursery.start(self._accept)
-            task_status.started(self)
+        self._token = trio.lowlevel.current_trio_token()
+        plane = self.plane
+        if plane is None:
+            plane = self.plane = DataPlane(trio.current_time)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if not plane.hosted:
+                    nursery.start_soon(plane.drive)
+                nursery.start_soon(self._dispatch)
+                nursery.start_soon(self._timers.run)
+                nursery.start_soon(self._trimmer.run)
+                if self._http:
+                    await nursery.start(serve_http, self._http, self.metrics, self.ready)
+                await nursery.start(self._accept)
+                task_status.started(self)
+        finally:
+            for pair in self.pairs:
+                pair.stop()
+            if not plane.hosted:
+                plane.close()
 
     async def _accept(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept on every route until shutdown; connections live on in the outer nursery."""
+        """Accept on every route until shutdown."""
         with self._accepting:
             async with trio.open_nursery() as listeners:
                 for route, bound in self._bound:
@@ -180,7 +162,6 @@ class Proxy:
     async def _accept_on(self, listener: trio.SocketListener, route: Route) -> None:
         """trio.serve_listeners, keeping the peer's address that accept() returns. When
         accepting stops (a drain), the listener closes: new workers are refused at once."""
-        assert self._nursery is not None
         with listener.socket:
             await self._accept_loop(listener.socket, route)
 
@@ -197,7 +178,9 @@ class Proxy:
                 log.warning("cannot accept on %s for now (%s): trying again shortly", route.listen, exc)
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
-            self._nursery.start_soon(self._handle, Connection.accepted(accepted, peer), route)
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            worker = socket.socket(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
+            self._nursery.start_soon(self._open_pair, worker, _address(peer), route)
 
     async def shutdown(self, grace_period: float) -> None:
         """Stop accepting and stop handing out jobs, then wait up to `grace_period` seconds
@@ -205,19 +188,19 @@ class Proxy:
         handed back to gearmand when the caller closes the connections: nothing is lost."""
         self.draining = True
         self._accepting.cancel()
-        for pair in self._pairs:
-            pair.session.draining = True
+        for pair in self.pairs:
+            pair.drain()
         log.info(
             "draining: no new connections or jobs; waiting up to %gs for %d running and %d held jobs",
-            grace_period, self._running_total(), len(self.retrier.held),
+            grace_period, self._running_total(), self.retrier.holding,
         )
         with trio.move_on_after(grace_period):
-            while self._running_total() or self.retrier.held:
+            while self._running_total() or self.retrier.holding:
                 await trio.sleep(DRAIN_POLL)
-        if self._running_total() or self.retrier.held:
+        if self._running_total() or self.retrier.holding:
             log.warning(
                 "grace period over: %d running and %d held jobs handed back to gearmand",
-                self._running_total(), len(self.retrier.held),
+                self._running_total(), self.retrier.holding,
             )
         else:
             log.info("drained: every job finished")
@@ -225,221 +208,110 @@ class Proxy:
     def _running_total(self) -> int:
         return sum(self.metrics.running.values())
 
-    # -- one downstream connection
+    # -- a new worker
 
-    async def _handle(self, downstream: Connection, route: Route) -> None:
-        name = f"peer {downstream.peer} (via {route.listen} to gearmand {route.upstream})"
+    async def _open_pair(self, worker: socket.socket, peer: str, route: Route) -> None:
+        name = f"peer {peer} (via {route.listen} to gearmand {route.upstream})"
         try:
-            upstream = await self.connect(route)
+            upstream = await self._connect_socket(route)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
-            downstream.close()
+            worker.close()
             return
+        assert self.plane is not None
         session = Session(
-            f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
+            f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
             retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route],
         )
-        session.draining = self.draining  # accepted before a drain began, served after
-        pair = _Pair(name, session, downstream, trio.CancelScope())
-        self._pairs.add(pair)
+        pair = Pair(name, session, self.plane, self, self.pairs, self.retrier, self.metrics)
+        if self.draining:  # accepted before a drain began, served after
+            pair.drain()
+        pair.start(worker, peer, upstream)
+
+    # -- what the data plane posts
+
+    def post(self, item: Posted) -> None:
+        """From the data plane (or trio): queued, and the dispatcher woken by trio itself."""
+        self._posted.append(item)
+        if not self._wake_due and self._token is not None:
+            self._wake_due = True
+            self._token.run_sync_soon(self._wake_dispatcher)
+
+    def _wake_dispatcher(self) -> None:
+        self._wakeup.set()
+
+    async def _dispatch(self) -> None:
+        assert self._nursery is not None
+        nursery = self._nursery
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self._wake_due = False
+            while self._posted:
+                self._take_next(nursery)  # (holds no item between items: an ended pair is let go)
+
+    def _take_next(self, nursery: trio.Nursery) -> None:
+        item = self._posted.popleft()
         try:
-            with pair.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    pair.nursery = nursery
-                    self._attach(pair, session.current, upstream)
-                    nursery.start_soon(self._downstream_pump, pair)
-        except Exception:
-            log.exception("%s: closed: internal error", name)
-        else:
-            log.log(pair.level, "%s: closed: %s", name, pair.reason or "both sides finished")
-        finally:
-            self._pairs.discard(pair)
-            for link in list(pair.upstreams):
-                self._detach(pair, link)
-            downstream.close()
+            self._take(item, nursery)
+        except Exception:  # one item lost to a bug; the dispatcher serves on
+            log.exception("internal error handling %r", item)
+            if isinstance(item, Connect | Linger | Ended):
+                item.pair.fail("internal error in the control plane", logging.ERROR)
+
+    def _take(self, item: Posted, nursery: trio.Nursery) -> None:
+        if type(item) is Connect:
+            nursery.start_soon(self._connect_link, item)
+        elif type(item) is Linger:
+            pair = item.pair
+            self._lingering[pair] = self._timers.call_later(item.delay, pair.linger_over)
+        elif type(item) is Ended:
+            if (timer := self._lingering.pop(item.pair, None)) is not None:
+                timer.cancel()  # and the pair is let go of now, not when it would have run out
             self._trimmer.soon()  # what the pair's buffers and jobs held is free now
+        elif type(item) is Wakeup or type(item) is RecheckBudget or type(item) is Submit:
+            self._carry_out([item])
 
-    def _attach(self, pair: _Pair, link: UpstreamLink, connection: Connection) -> None:
-        assert pair.nursery is not None
-        upstream = pair.upstreams[link] = _Upstream(connection)
-        self._owners[link] = pair
-        pair.nursery.start_soon(self._upstream_pump, pair, link, upstream)
+    async def execute(self, actions: Sequence[Action[UpstreamLink, Route]]) -> None:
+        """What the Retrier asks for in answer to the retry connection."""
+        self._carry_out(actions)
 
-    def _detach(self, pair: _Pair, link: UpstreamLink) -> None:
-        """`link`'s connection closes: gearmand requeues whatever it still owns."""
-        upstream = pair.upstreams.pop(link, None)
-        if upstream is None:
-            return
-        self._owners.pop(link, None)
-        owed = pair.session.link_closed(link)
-        upstream.connection.close()
-        if owed and pair.nursery is not None and not pair.cancel_scope.cancel_called:
-            pair.nursery.start_soon(self._run, pair, owed)
-        if pair.worker_gone and not self._holds_retries(pair):
-            pair.released.set()  # nothing left to wait for, even if it was lost, not finished
-
-    async def _downstream_pump(self, pair: _Pair) -> None:
-        """Worker to gearmand, until the worker leaves; then what it left behind is settled."""
-        session, source = pair.session, pair.downstream
-        while pair.worker_lost is None:
-            try:
-                data = await source.receive(RECEIVE_SIZE)
-            except OSError as exc:
-                self._lose_worker(pair, exc)
-                break
-            if not data:
-                break
-            try:
-                commands = session.from_downstream(data, trio.current_time())
-            except ProtocolError as exc:
-                return self._refuse(pair, exc.reason, f"protocol error from peer: {exc}")
-            await self._run(pair, commands)
-        if pair.worker_lost is None and session.downstream.buffered:
-            return self._refuse(pair, "mid_packet", _mid_packet("peer", session.downstream.buffered))
-        if self._holds_retries(pair):
-            await self._keep_for_held_retries(pair)
-        if pair.worker_lost is not None:
-            return pair.fail(pair.worker_lost, logging.INFO)
-        pair.closing("peer closed the connection")
-        for upstream in list(pair.upstreams.values()):
-            with contextlib.suppress(OSError):
-                upstream.connection.send_eof()
-
-    def _lose_worker(self, pair: _Pair, exc: BaseException) -> None:
-        """The worker's connection broke. It has left, as much as if it had closed, and is
-        handled the same way (by the downstream pump, which this wakes): connections that
-        hold retries stay open; only then does the pair close."""
-        if pair.worker_lost is None:
-            pair.worker_lost = f"peer connection lost: {exc}"
-            with contextlib.suppress(OSError):
-                pair.downstream.sock.shutdown(socket.SHUT_RD)
-
-    def _holds_retries(self, pair: _Pair) -> bool:
-        return any(self.retrier.holds(link) for link in pair.session.links)
-
-    def _refuse(self, pair: _Pair, reason: str, message: str) -> None:
-        """Bad input: counted by reason, and the pair closes with one warning."""
-        self.metrics.protocol_errors.labels(reason).inc()
-        pair.fail(message)
-
-    async def _keep_for_held_retries(self, pair: _Pair) -> None:
-        """The worker left, but closing its gearmand connections would requeue the jobs gproxy
-        holds for retries: keep those open, retry what the worker was still running on them
-        (as gearmand would have), and return once nothing is held."""
-        session = pair.session
-        pair.released = trio.Event()
-        log.info("%s: worker left while retries are held; keeping their gearmand connections", pair.name)
-        commands = session.worker_left(trio.current_time())
-        for link in session.links:
-            if not self.retrier.holds(link) and (upstream := pair.upstreams.get(link)) is not None:
-                with contextlib.suppress(OSError):
-                    upstream.connection.send_eof()  # its running jobs requeue natively
-        await self._run(pair, commands)
-        await pair.released.wait()
-
-    async def _upstream_pump(self, pair: _Pair, link: UpstreamLink, upstream: _Upstream) -> None:
-        """gearmand to the worker on one of the pair's upstream connections."""
-        session, connection = pair.session, upstream.connection
-        try:
-            with upstream.scope:
-                while True:
-                    try:
-                        data = await connection.receive(RECEIVE_SIZE)
-                    except OSError as exc:
-                        if link is session.current and not pair.worker_gone:
-                            pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
-                        return
-                    if not data:
-                        break
-                    try:
-                        commands = session.from_upstream(link, data, trio.current_time())
-                    except ProtocolError as exc:
-                        return self._refuse(pair, exc.reason, f"protocol error from gearmand: {exc}")
-                    await self._run(pair, commands)
-                if link.framer.buffered:
-                    return self._refuse(pair, "mid_packet", _mid_packet("gearmand", link.framer.buffered))
-                if link is session.current and not pair.worker_gone:
-                    pair.closing("gearmand closed the connection")
-                    with contextlib.suppress(OSError):
-                        pair.downstream.send_eof()
-        finally:
-            # The connection is gone, so is everything gearmand had assigned through it (it
-            # requeues those jobs): their holds end now, not when the pair is done lingering.
-            self._detach(pair, link)
-
-    # -- what the pure parts ask for
-
-    async def execute(self, actions: Sequence[Command]) -> None:
-        """What the Retrier asks for outside any pair's own events (timers, retry replies)."""
-        await self._run(None, actions)
-
-    async def _run(self, pair: _Pair | None, commands: Sequence[Command]) -> None:
-        """Carry out commands in order; `pair`: the one whose event they answer, if any."""
-        for action in commands:
-            if type(action) is SendDownstream:
-                assert pair is not None
-                if pair.worker_lost is None and not pair.worker_gone:
-                    try:
-                        await pair.downstream.send_all(action.data)
-                    except OSError as exc:
-                        self._lose_worker(pair, exc)  # its links go on for their held jobs
-            elif type(action) is Wakeup:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._wake, action)
+    def _carry_out(self, actions: Sequence[Action[UpstreamLink, Route]]) -> None:
+        """The Retrier's actions outside any pair's own events: timers and submissions here,
+        bytes and releases for the pairs that hold the jobs."""
+        for_pairs = []
+        for action in actions:
+            if type(action) is Wakeup:
+                self._timers.call_later(action.delay, partial(self._wake, action))
             elif type(action) is RecheckBudget:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._recheck, action)
-            elif type(action) is SendUpstream:
-                owner = self._owners.get(action.owner)
-                upstream = owner.upstreams.get(action.owner) if owner is not None else None
-                try:
-                    if upstream is None:
-                        raise OSError("closed")
-                    await upstream.connection.send_all(action.data)
-                except OSError as exc:
-                    # The worker's own link lost: the pair ends. Any other loss is that
-                    # link's own pump's to report.
-                    if pair is not None and action.owner is pair.session.current and not pair.worker_gone:
-                        pair.fail(f"gearmand connection lost: {exc}", logging.INFO)
-            elif type(action) is Released:
-                if (pair := self._owners.get(action.owner)) is not None:
-                    self._settle(pair, action.owner)
+                self._timers.call_later(action.delay, partial(self._recheck, action))
             elif type(action) is Submit:
                 self._retry_client(action.route).submit(action)
-            elif type(action) is OpenUpstream:
-                assert pair is not None
-                await self._open_upstream(pair, action)
-            elif type(action) is CloseUpstream and (pair := self._owners.get(action.link)) is not None:
-                pair.upstreams[action.link].scope.cancel()
+            else:
+                for_pairs.append(action)
+        self.pairs.execute(for_pairs)
 
-    def _settle(self, pair: _Pair, link: UpstreamLink) -> None:
-        """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
-        if pair.session.released(link) and link in pair.upstreams:
-            pair.upstreams[link].scope.cancel()
-        if pair.worker_gone and not self._holds_retries(pair):
-            pair.released.set()
-
-    async def _open_upstream(self, pair: _Pair, action: OpenUpstream) -> None:
+    async def _connect_link(self, connect: Connect) -> None:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
+        pair = connect.pair
         try:
-            connection = await self.connect(pair.session.route)
-            await connection.send_all(action.replay)
+            sock = await self._connect_socket(pair.route)
         except (OSError, trio.TooSlowError) as exc:
-            return pair.fail(f"gearmand unreachable for a fresh connection: {exc or 'timed out'}")
-        log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", pair.name)
-        self._attach(pair, action.link, connection)
+            return pair.link_failed(connect.link, str(exc) or "timed out")
+        pair.link_connected(connect.link, sock)
 
-    async def _wake(self, wakeup: Wakeup) -> None:
-        await trio.sleep(wakeup.delay)
+    def _wake(self, wakeup: Wakeup) -> None:
         what = f"retry timer of {self.retrier.describe(wakeup.key)}"
         with self._supervised(what, self.retrier.owners(key=wakeup.key)):
-            await self.execute(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
+            self._carry_out(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
 
-    async def _recheck(self, recheck: RecheckBudget) -> None:
-        await trio.sleep(recheck.delay)
+    def _recheck(self, recheck: RecheckBudget) -> None:
         function = recheck.function.decode("utf-8", "replace")
         with self._supervised(f"retry budget of {function}", self.retrier.owners(function=recheck.function)):
-            await self.execute(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+            self._carry_out(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+
+    def _timer_failed(self, exc: Exception) -> None:
+        log.error("internal error in a timer", exc_info=exc)
 
     @contextlib.contextmanager
     def _supervised(self, what: str, owners: list[UpstreamLink]) -> Iterator[None]:
@@ -449,7 +321,7 @@ class Proxy:
         try:
             yield
         except Exception:
-            pairs = list(dict.fromkeys(pair for owner in owners if (pair := self._owners.get(owner)) is not None))
+            pairs = list(dict.fromkeys(pair for owner in owners if (pair := self.pairs.owner(owner)) is not None))
             log.exception("%s: internal error; closing %s", what, "; ".join(p.name for p in pairs) or "no connection")
             for pair in pairs:
                 pair.fail(f"internal error in the {what}", logging.ERROR)
@@ -464,8 +336,13 @@ class Proxy:
                 log.exception("%s: internal error; starting it again in %gs", what, RESTART_PAUSE)
             await trio.sleep(RESTART_PAUSE)
 
+    # -- connecting to gearmand
+
     async def connect(self, route: Route) -> Connection:
-        """A new connection to the route's gearmand; failures are counted and raised."""
+        """A new connection to the route's gearmand for trio code; failures are counted."""
+        return Connection(await self._connect_socket(route))
+
+    async def _connect_socket(self, route: Route) -> socket.socket:
         up = self.metrics.upstream_up.labels(str(route.upstream))
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -475,7 +352,8 @@ class Proxy:
             up.set(0)
             raise
         up.set(1)
-        return Connection.from_stream(stream)
+        sock = stream.socket  # TCP_NODELAY, set by trio, stays on
+        return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
 
     def _retry_client(self, route: Route) -> RetryClient:
         client = self._retry_clients.get(route)
@@ -489,5 +367,6 @@ class Proxy:
         return client
 
 
-def _mid_packet(side: str, buffered: int) -> str:
-    return f"{side} closed mid-packet ({buffered} bytes of an unfinished frame)"
+def _address(peer: tuple[str, int]) -> str:
+    host, port, *_ = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

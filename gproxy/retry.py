@@ -384,6 +384,11 @@ class Retrier(Generic[OwnerT, RouteT]):
         keys = [key] if key is not None else list(self._deferred.get(function or b"", ()))
         return list(dict.fromkeys(self.held[k].owner for k in keys if k in self.held))
 
+    @property
+    def holding(self) -> int:
+        """Jobs held now."""
+        return len(self.held)
+
     def describe(self, key: int) -> str:
         """Held job `key` as a log line names it."""
         job = self.held.get(key)

@@ -234,6 +234,11 @@ class Session:
             self._close_if_idle(link)
         return self._done()
 
+    def unfinished(self, link: UpstreamLink | None = None) -> int:
+        """Bytes of an unfinished frame from the worker (or from gearmand on `link`): at an
+        EOF, non-zero means that side left in the middle of a packet."""
+        return self.downstream.buffered if link is None else link.framer.buffered
+
     def released(self, link: UpstreamLink) -> bool:
         """The Retrier holds nothing more on `link`: True if it is a retired link that may
         close now (it is forgotten here)."""

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import logging
 import struct
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from gproxy.config import Address, Config, Route
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.proxy import Proxy, _Pair
-from gproxy.session import Session
+from gproxy.dataplane import DataPlane
+from gproxy.metrics import Metrics
+from gproxy.pair import Pair, PairSet
+from gproxy.proxy import Proxy
+from gproxy.retry import Policies, Retrier
+from gproxy.session import Session, UpstreamLink
+
+ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
 
 pytestmark = pytest.mark.timeout(30)
 LOOPBACK = "127.0.0.1"
@@ -204,9 +211,14 @@ async def test_a_peer_that_resets_at_once_is_named_by_its_address(
 
 
 async def test_a_refusal_keeps_its_reason_when_the_other_side_closes_right_after() -> None:
-    # Found by the fuzz tier: both sides' pumps woken in one batch, in either order.
+    # Found by the fuzz tier: both sides' events in one batch, in either order.
     for first, second in (("refuse", "close"), ("close", "refuse")):
-        pair = _Pair("p", Session("up", route=None), None, trio.CancelScope())  # type: ignore[arg-type]
+        metrics = Metrics()
+        retrier: Retrier[UpstreamLink, Route] = Retrier(Policies(), metrics=metrics)
+        session = Session("up", route=ROUTE, retrier=retrier, metrics=metrics)
+        posted: list[object] = []
+        control = SimpleNamespace(post=posted.append)
+        pair = Pair("p", session, DataPlane(), control, PairSet(), retrier, metrics)  # type: ignore[arg-type]
         for event in (first, second):
             if event == "refuse":
                 pair.fail("protocol error from peer: bad magic")

@@ -336,7 +336,7 @@ def test_a_worker_whose_connection_is_reset_leaves_its_held_jobs_held(
         worker.close()  # a reset, not a FIN
 
         def departure() -> str | None:
-            pairs = proxy.call(lambda: [pair.session.worker_gone for pair in proxy.proxy._pairs])
+            pairs = proxy.call(lambda: [pair.session.worker_gone for pair in proxy.proxy.pairs])
             return "closed" if not pairs else "kept for the held job" if pairs == [True] else None
 
         wait_for(lambda: departure() is not None, WAIT_S, "gproxy to see the worker go")

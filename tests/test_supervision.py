@@ -97,7 +97,7 @@ def test_an_error_in_a_retry_timer_closes_only_its_pair_and_the_job_is_requeued(
         # the job, the worker reconnects; attempt 2 fails and is retried; attempt 3 succeeds.
         run = run_pyclient(gearmand.address, "flaky", "2:job", unique="supervised-timer")
         second = run_pyclient(gearmand.address, "reverse", "abc")  # and the proxy serves on
-        assert proxy.proxy is not None and proxy.call(lambda: len(proxy.proxy._pairs)) == 1  # type: ignore[union-attr]
+        assert proxy.proxy is not None and proxy.call(lambda: len(proxy.proxy.pairs)) == 1  # type: ignore[union-attr]
     assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr
     assert (second.returncode, second.stdout) == (0, b"cba"), second.stderr
     assert len(calls) >= 2 and attempt_count(tmp_path, "supervised-timer") == 3

@@ -1,0 +1,392 @@
+"""The data plane: one readiness loop that owns every worker and gearmand socket of the proxy.
+
+Every worker packet crosses gproxy twice. A trio task per socket costs a scheduler wake-up
+per packet, which measured as most of gproxy's overhead over haproxy; here each socket is
+registered once with epoll, and one wake-up serves every socket that is ready: a read is
+handed straight to the socket's handler (the pure Session's owner), whose writes go out at
+once when the kernel takes them, and wait in the endpoint's buffer when it does not.
+
+The loop runs one of two ways, the same code either way:
+- `run_host(main)`: production. This loop is the process's main loop and trio runs as its
+  guest (trio.lowlevel.start_guest_run): timers, retry connections, HTTP and signals stay
+  trio code, woken through an eventfd, while bytes never pass through trio's scheduler.
+- `drive()`: a trio task waits on the epoll fd and serves what is ready: for tests, where
+  trio is the main loop (pytest-trio, a proxy in a thread).
+
+Handlers run synchronously inside `poll()`; one that raises is reported to its own
+`failed()`, so a bug closes the pair it concerns and nothing else. A write never calls a
+handler back: a socket found broken while writing is reported at the next poll.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol, TypeVar
+
+import trio
+
+log = logging.getLogger("gproxy.dataplane")
+
+RECEIVE_SIZE: Final = 65536
+HIGH_WATER: Final = 1 << 20
+"""Bytes waiting in an endpoint's buffer above which its pair stops reading the other side:
+a peer that does not read never makes gproxy hold more than about this much for it."""
+MAX_EVENTS: Final = 256
+_READ: Final = select.EPOLLIN | select.EPOLLRDHUP
+_WRITE: Final = select.EPOLLOUT
+_BROKEN: Final = select.EPOLLERR | select.EPOLLHUP
+_WAKE: Final = -1
+T = TypeVar("T")
+
+
+class Handler(Protocol):
+    """Whoever owns an endpoint: told of what arrives on it, never asked to poll."""
+
+    def received(self, endpoint: Endpoint, data: bytes) -> None: ...
+
+    def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
+        """The peer closed (`error` None: an EOF) or the connection broke. Reading stops."""
+
+    def drained(self, endpoint: Endpoint) -> None:
+        """The endpoint's buffer has gone out (below HIGH_WATER: the other side may be read)."""
+
+    def failed(self, endpoint: Endpoint, exc: Exception) -> None:
+        """A handler method raised unexpectedly (a bug): close what it concerns."""
+
+
+class Endpoint:
+    """One connected socket of the data plane, and what waits to be written to it."""
+
+    __slots__ = ("_buffered", "_eof_pending", "_mask", "_out", "_plane", "closed", "ended", "error", "fd", "handler",
+                 "peer", "reading", "sock", "watched")
+
+    def __init__(self, plane: DataPlane, sock: socket.socket, handler: Handler, peer: str) -> None:
+        self._plane = plane
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.handler = handler
+        self.peer = peer
+        self.reading = True
+        """Reads are wanted (the pair may pause them for backpressure)."""
+        self.closed = False
+        self.ended = False
+        """The handler was told the peer closed or the connection broke."""
+        self.watched = True
+        """Registered with epoll (not once the peer has hung up: epoll reports that forever)."""
+        self.error: OSError | None = None
+        """Why a write failed; reported to the handler at the next poll."""
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._buffered = 0
+        self._eof_pending = False
+        self._mask = _READ
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written here and not yet taken by the kernel."""
+        return self._buffered
+
+    def write(self, data: bytes) -> None:
+        """Send `data` after whatever waits already; never blocks, never raises."""
+        if self.closed or self.error is not None or not data:
+            return
+        if not self._out:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._broken(exc)
+                return
+            if sent == len(data):
+                return
+            view = memoryview(data)[sent:]
+        else:
+            view = memoryview(data)
+        self._out.append(view)
+        self._buffered += len(view)
+        self._watch()
+
+    def shutdown_write(self) -> None:
+        """Half-close once everything written so far has gone: the peer reads EOF."""
+        if self.closed:
+            return
+        if self._out:
+            self._eof_pending = True
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self._broken(exc)
+
+    def pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self._watch()
+
+    def resume(self) -> None:
+        if not self.reading and not self.closed and not self.ended:
+            self.reading = True
+            self._watch()
+
+    def close(self) -> None:
+        """Forget it and close the socket; what waited to be written is dropped, and so is
+        the handler (no cycle keeps a closed pair's memory until the garbage collector runs)."""
+        if not self.closed:
+            self.closed = True
+            self._out.clear()
+            self._buffered = 0
+            self._plane._forget(self)
+            self.sock.close()
+            self.handler = _CLOSED
+
+    # -- for the loop
+
+    def _flush(self) -> bool:
+        """Write what waits; True if the buffer fell below HIGH_WATER from above it."""
+        before = self._buffered
+        out = self._out
+        try:
+            while out:
+                view = out[0]
+                sent = self.sock.send(view)
+                self._buffered -= sent
+                if sent < len(view):
+                    out[0] = view[sent:]
+                    break
+                out.popleft()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._broken(exc)
+            return False
+        if not out:
+            if self._eof_pending:
+                self._eof_pending = False
+                self.shutdown_write()
+            self._watch()
+        return before >= HIGH_WATER > self._buffered
+
+    def _watch(self) -> None:
+        mask = (_READ if self.reading else 0) | (_WRITE if self._out else 0)
+        if mask != self._mask and self.watched and not self.closed:
+            self._mask = mask
+            self._plane._epoll.modify(self.fd, mask)
+
+    def _broken(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+            self._out.clear()
+            self._buffered = 0
+            self._plane._report(self)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.peer}, fd {self.fd})"
+
+
+class _Closed:
+    """The handler of a closed endpoint: hears nothing."""
+
+    def received(self, endpoint: Endpoint, data: bytes) -> None:
+        pass
+
+    def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
+        pass
+
+    def drained(self, endpoint: Endpoint) -> None:
+        pass
+
+    def failed(self, endpoint: Endpoint, exc: Exception) -> None:
+        pass
+
+
+_CLOSED: Final = _Closed()
+
+
+class DataPlane:
+    """Owns the epoll object and the endpoints registered with it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Now, for the handlers: the clock trio's timers run on, so the two planes agree."""
+        self._epoll = select.epoll()
+        self._endpoints: dict[int, Endpoint] = {}
+        self._broken: list[Endpoint] = []
+        self._wake_fd: int | None = None
+        self.hosted = False
+        """Running as the host of trio's guest run (else a trio task drives it)."""
+
+    def __len__(self) -> int:
+        return len(self._endpoints)
+
+    def add(self, sock: socket.socket, handler: Handler, peer: str) -> Endpoint:
+        """Take over a connected socket: from now on only this loop reads and writes it."""
+        sock.setblocking(False)
+        endpoint = Endpoint(self, sock, handler, peer)
+        self._endpoints[endpoint.fd] = endpoint
+        self._epoll.register(endpoint.fd, _READ)
+        return endpoint
+
+    def poll(self, timeout: float) -> int:
+        """Serve everything ready now (waiting up to `timeout` seconds, -1: until something
+        is); returns how many events there were."""
+        try:
+            events = self._epoll.poll(timeout, MAX_EVENTS)
+        except InterruptedError:
+            events = []
+        endpoints = self._endpoints
+        for fd, mask in events:
+            if fd == self._wake_fd:
+                os.eventfd_read(fd)
+                continue
+            endpoint = endpoints.get(fd)
+            if endpoint is None:
+                continue
+            handler = endpoint.handler
+            try:
+                if mask & _WRITE and endpoint._flush():
+                    handler.drained(endpoint)
+                if endpoint.closed or endpoint.error is not None:
+                    continue
+                if (endpoint.reading and mask & _READ) or (mask & _BROKEN and not endpoint.ended):
+                    self._read(endpoint, handler)  # a hang-up is read even while paused: its EOF or error
+                elif mask & _BROKEN:  # told already; epoll would report the hang-up forever
+                    self._unwatch(endpoint)
+            except Exception as exc:  # noqa: BLE001 - a bug closes its pair, not the process
+                self._failed(endpoint, exc)
+        self._report_broken()
+        return len(events)
+
+    def _read(self, endpoint: Endpoint, handler: Handler) -> None:
+        try:
+            data = endpoint.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            endpoint.error = exc
+            endpoint.ended = True
+            endpoint.pause()
+            handler.ended(endpoint, exc)
+            return
+        if data:
+            handler.received(endpoint, data)
+        else:
+            endpoint.ended = True
+            endpoint.pause()  # level-triggered: an EOF would be reported again and again
+            handler.ended(endpoint, None)
+
+    def _report_broken(self) -> None:
+        while self._broken:
+            broken, self._broken = self._broken, []
+            for endpoint in broken:
+                if endpoint.closed or endpoint.ended:
+                    continue
+                endpoint.ended = True
+                endpoint.pause()
+                try:
+                    endpoint.handler.ended(endpoint, endpoint.error)
+                except Exception as exc:  # noqa: BLE001 - as in poll()
+                    self._failed(endpoint, exc)
+
+    def _failed(self, endpoint: Endpoint, exc: Exception) -> None:
+        try:
+            endpoint.handler.failed(endpoint, exc)
+        except Exception:  # the handler's last resort failed too: still only this socket
+            log.exception("%r: internal error while closing it", endpoint)
+            endpoint.close()
+
+    def _report(self, endpoint: Endpoint) -> None:
+        """A write found `endpoint` broken: its handler hears of it from the loop, not from
+        inside the write (whose caller may be that very handler)."""
+        self._broken.append(endpoint)
+        if self._wake_fd is not None:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _unwatch(self, endpoint: Endpoint) -> None:
+        if endpoint.watched:
+            endpoint.watched = False
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(endpoint.fd)
+
+    def _forget(self, endpoint: Endpoint) -> None:
+        if self._endpoints.get(endpoint.fd) is endpoint:
+            del self._endpoints[endpoint.fd]
+            self._unwatch(endpoint)
+
+    # -- driven by a trio task
+
+    async def drive(self) -> None:
+        """Serve until cancelled, as a trio task: for tests and embedding under trio."""
+        self._ensure_wake_fd()
+        fd = self._epoll.fileno()
+        while True:
+            if self._broken:
+                self._report_broken()
+            await trio.lowlevel.wait_readable(fd)
+            self.poll(0)
+
+    # -- as the host of trio's guest run
+
+    def run_host(self, main: Callable[..., Awaitable[T]], *args: Any, clock: trio.abc.Clock | None = None) -> T:
+        """Run `main(*args)` under trio as this loop's guest, serving sockets meanwhile;
+        returns what it returns (or raises what it raises)."""
+        self.hosted = True
+        wake = self._ensure_wake_fd()
+        calls: collections.deque[Callable[[], object]] = collections.deque()
+        done: list[Any] = []
+
+        def soon_threadsafe(fn: Callable[[], object]) -> None:
+            calls.append(fn)
+            os.eventfd_write(wake, 1)
+
+        trio.lowlevel.start_guest_run(
+            main, *args,
+            run_sync_soon_threadsafe=soon_threadsafe,
+            run_sync_soon_not_threadsafe=calls.append,
+            done_callback=done.append,
+            host_uses_signal_set_wakeup_fd=False,
+            clock=clock if clock is not None else MonotonicClock(),
+        )  # fmt: skip
+        while not done:
+            self.poll(0 if calls or self._broken else -1)
+            for _ in range(len(calls)):  # those queued now; new ones wait for the next round
+                calls.popleft()()
+        self.hosted = False
+        result: T = done[0].unwrap()
+        return result
+
+    def _ensure_wake_fd(self) -> int:
+        if self._wake_fd is None:
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
+        return self._wake_fd
+
+    def close(self) -> None:
+        for endpoint in list(self._endpoints.values()):
+            endpoint.close()
+        if self._wake_fd is not None:
+            os.close(self._wake_fd)
+            self._wake_fd = None
+        self._epoll.close()
+
+
+class MonotonicClock(trio.abc.Clock):
+    """trio's clock in production: time.monotonic, which the data plane reads directly (it
+    cannot ask trio for the time between trio's own steps)."""
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return time.monotonic()
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return deadline - time.monotonic()

@@ -1,0 +1,404 @@
+"""One worker connection and its gearmand connections: everything about them decided here.
+
+A Pair owns its Session and its endpoints in the data plane. Bytes that arrive go through
+the Session, and the Session's commands are carried out in order: bytes are written to the
+worker or to a gearmand connection (of this pair, or of the pair whose connection holds a
+job being retried), and what only trio code can do (timers, the retry client, connecting)
+is posted to the control plane. The lifecycle is the pair's too: a worker that leaves while
+retries are held keeps the connections that hold them; one side's EOF gives the other
+HALF_CLOSE_LINGER seconds; bad input is refused with one WARNING; and whatever ends it, the
+pair logs one line, closes every connection (gearmand requeues what they owned) and is
+gone. A PairSet knows every pair and which pair owns each gearmand connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from .config import Route
+from .dataplane import HIGH_WATER, DataPlane, Endpoint
+from .jobs import TrackedJob
+from .metrics import Metrics
+from .protocol import ProtocolError
+from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from .session import CloseUpstream, Command, OpenUpstream, SendDownstream, Session, UpstreamLink
+
+log = logging.getLogger("gproxy.proxy")
+
+HALF_CLOSE_LINGER: Final = 10.0
+"""After one side closes, seconds the other may take to finish before the pair is cut."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Connect:
+    """Open a gearmand connection for `pair` as `link` (the Session moved the worker)."""
+
+    pair: Pair
+    link: UpstreamLink
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Linger:
+    """Call `pair.linger_over()` after `delay` seconds."""
+
+    pair: Pair
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Ended:
+    """`pair` has closed every connection it had."""
+
+    pair: Pair
+
+
+Posted = Connect | Linger | Ended | Wakeup | RecheckBudget | Submit[Route]
+"""What the data plane asks of the control plane (trio): rare, and never waited for."""
+
+
+class ControlPlane(Protocol):
+    def post(self, item: Posted) -> None:
+        """Queue `item` for the trio side; returns at once, from any context."""
+
+
+class PairSet:
+    """Every pair of the process, and which pair owns each gearmand connection."""
+
+    def __init__(self) -> None:
+        self.pairs: set[Pair] = set()
+        self._owners: dict[UpstreamLink, Pair] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(list(self.pairs))
+
+    def owner(self, link: UpstreamLink) -> Pair | None:
+        return self._owners.get(link)
+
+    def own(self, link: UpstreamLink, pair: Pair) -> None:
+        self._owners[link] = pair
+
+    def disown(self, link: UpstreamLink, pair: Pair) -> None:
+        if self._owners.get(link) is pair:
+            del self._owners[link]
+
+    def upstream_connections(self) -> int:
+        return sum(pair.open_links for pair in self.pairs)
+
+    def tracked_jobs(self) -> list[TrackedJob]:
+        return [job for pair in self.pairs for job in pair.session.tracked_jobs()]
+
+    def execute(self, commands: Sequence[Command]) -> None:
+        """Commands that concern no pair's own event (a retry's outcome, a timer's): bytes for
+        the connection that holds a job, and the news that it holds nothing more."""
+        for command in commands:
+            if type(command) is SendUpstream:
+                if (pair := self._owners.get(command.owner)) is not None:
+                    pair.write_link(command.owner, command.data)
+            elif type(command) is Released:
+                if (pair := self._owners.get(command.owner)) is not None:
+                    pair.settle(command.owner)
+            else:
+                raise TypeError(f"not for the data plane: {command!r}")
+
+
+class Pair:
+    """A worker's connection, its gearmand connections and its Session. Handles the data
+    plane's events for all of them (see dataplane.Handler)."""
+
+    def __init__(
+        self, name: str, session: Session, plane: DataPlane, control: ControlPlane, pairs: PairSet,
+        retrier: Retrier[UpstreamLink, Route], metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self.session = session
+        self._plane = plane
+        self._control = control
+        self._pairs = pairs
+        self._retrier = retrier
+        self._metrics = metrics
+        self.worker: Endpoint | None = None
+        self._links: dict[UpstreamLink, Endpoint | None] = {}
+        """The pair's gearmand connections; None while one is being opened."""
+        self._waiting: dict[UpstreamLink, list[bytes]] = {}
+        """What was written to a connection still being opened, its replay first."""
+        self._link_of: dict[Endpoint, UpstreamLink] = {}
+        self.reason: str | None = None
+        self.level = logging.DEBUG
+        self._eofs = 0
+        self._departing = False
+        """The worker has left, and its connections that hold retries are kept for them."""
+        self.worker_lost: str | None = None
+        """Why the worker's connection broke (a reset, a failed send), if it did: it has left,
+        as if it had closed, and its connections that hold retries stay open for them."""
+        self.done = False
+
+    def start(self, worker: socket.socket, peer: str, upstream: socket.socket) -> None:
+        """Take over the worker's socket and its first gearmand connection's."""
+        self._pairs.pairs.add(self)
+        self.worker = self._plane.add(worker, self, peer)
+        self._attach(self.session.current, upstream)
+
+    @property
+    def route(self) -> Route:
+        return self.session.route
+
+    def drain(self) -> None:
+        """gproxy is shutting down: the worker's grabs get NO_JOB, its jobs finish."""
+        self.session.draining = True
+
+    @property
+    def open_links(self) -> int:
+        return sum(endpoint is not None for endpoint in self._links.values())
+
+    # -- the data plane's events
+
+    def received(self, endpoint: Endpoint, data: bytes) -> None:
+        now = self._plane.clock()
+        if endpoint is self.worker:
+            try:
+                commands = self.session.from_downstream(data, now)
+            except ProtocolError as exc:
+                return self.refuse(exc.reason, f"protocol error from peer: {exc}")
+        else:
+            try:
+                commands = self.session.from_upstream(self._link_of[endpoint], data, now)
+            except ProtocolError as exc:
+                return self.refuse(exc.reason, f"protocol error from gearmand: {exc}")
+        self.run(commands)
+
+    def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
+        if endpoint is self.worker:
+            self._worker_ended(error)
+        else:
+            self._link_ended(self._link_of[endpoint], error)
+
+    def drained(self, endpoint: Endpoint) -> None:
+        self._flow()
+
+    def failed(self, endpoint: Endpoint, exc: Exception) -> None:
+        log.error("%s: closed: internal error", self.name, exc_info=exc)
+        self.reason, self.level = "internal error", logging.ERROR
+        self._finish(logged=True)
+
+    # -- carrying out the Session's commands
+
+    def run(self, commands: list[Command]) -> None:
+        """In order. (Commands of another pair's event may name this pair's connections.)"""
+        for command in commands:
+            if type(command) is SendUpstream:
+                self._send_upstream(command.owner, command.data)
+            elif type(command) is SendDownstream:
+                worker = self.worker
+                if worker is not None and self.worker_lost is None and not self.session.worker_gone:
+                    worker.write(command.data)
+                    if worker.buffered:
+                        self._flow()
+            elif type(command) is Released:
+                if (owner := self._pairs.owner(command.owner)) is not None:
+                    owner.settle(command.owner)
+            elif type(command) is CloseUpstream:
+                if (owner := self._pairs.owner(command.link)) is not None:
+                    owner.detach(command.link)
+            elif type(command) is OpenUpstream:
+                self._links[command.link] = None
+                self._waiting[command.link] = [command.replay]
+                self._pairs.own(command.link, self)
+                self._control.post(Connect(self, command.link))
+            elif type(command) is Wakeup or type(command) is RecheckBudget or type(command) is Submit:
+                self._control.post(command)
+
+    def _send_upstream(self, link: UpstreamLink, data: bytes) -> None:
+        owner = self if link in self._links else self._pairs.owner(link)
+        if owner is not None:
+            owner.write_link(link, data)
+        elif link is self.session.current and not self.session.worker_gone:
+            self.fail("gearmand connection lost: closed", logging.INFO)
+        # else: a connection that is gone already; its loss was that pair's to report
+
+    def write_link(self, link: UpstreamLink, data: bytes) -> None:
+        endpoint = self._links.get(link)
+        if endpoint is None:
+            if link in self._waiting:
+                self._waiting[link].append(data)
+            return
+        endpoint.write(data)
+        if endpoint.buffered:
+            self._flow()
+
+    def _flow(self) -> None:
+        """A side whose buffer is over HIGH_WATER stops the other side being read."""
+        worker = self.worker
+        if worker is None:
+            return
+        links = [endpoint for endpoint in self._links.values() if endpoint is not None]
+        if any(endpoint.buffered >= HIGH_WATER for endpoint in links):
+            worker.pause()
+        else:
+            worker.resume()
+        for endpoint in links:
+            if worker.buffered >= HIGH_WATER:
+                endpoint.pause()
+            else:
+                endpoint.resume()
+
+    # -- gearmand connections
+
+    def _attach(self, link: UpstreamLink, sock: socket.socket) -> Endpoint:
+        endpoint = self._plane.add(sock, self, f"gearmand via {link.name}")
+        self._links[link] = endpoint
+        self._link_of[endpoint] = link
+        self._pairs.own(link, self)
+        return endpoint
+
+    def link_connected(self, link: UpstreamLink, sock: socket.socket) -> None:
+        """The control plane opened the connection a move asked for."""
+        if self.done or link not in self._links:
+            sock.close()
+            return
+        endpoint = self._attach(link, sock)
+        for data in self._waiting.pop(link, []):
+            endpoint.write(data)
+        log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self.name)
+
+    def link_failed(self, link: UpstreamLink, why: str) -> None:
+        if not self.done:
+            self.fail(f"gearmand unreachable for a fresh connection: {why}")
+
+    def _link_ended(self, link: UpstreamLink, error: OSError | None) -> None:
+        current = link is self.session.current and not self.session.worker_gone
+        if error is not None:
+            if current:
+                self.fail(f"gearmand connection lost: {error}", logging.INFO)
+        elif unfinished := self.session.unfinished(link):
+            return self.refuse("mid_packet", _mid_packet("gearmand", unfinished))
+        elif current:
+            self.closing("gearmand closed the connection")
+            if self.worker is not None:
+                self.worker.shutdown_write()
+        # The connection is gone, so is everything gearmand had assigned through it (it
+        # requeues those jobs): their holds end now, not when the pair is done lingering.
+        self.detach(link)
+
+    def detach(self, link: UpstreamLink) -> None:
+        """`link`'s connection closes: gearmand requeues whatever it still owns."""
+        if link not in self._links:
+            return
+        endpoint = self._links.pop(link)
+        self._waiting.pop(link, None)
+        self._pairs.disown(link, self)
+        if endpoint is not None:
+            del self._link_of[endpoint]
+            endpoint.close()
+        owed = self.session.link_closed(link)
+        if not self.done:
+            self.run(owed)
+            self._released()
+            self._maybe_finished()
+
+    def settle(self, link: UpstreamLink) -> None:
+        """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
+        if self.session.released(link) and link in self._links:
+            self.detach(link)
+        self._released()
+
+    def _holds_retries(self) -> bool:
+        return any(self._retrier.holds(link) for link in self.session.links)
+
+    # -- the worker
+
+    def _worker_ended(self, error: OSError | None) -> None:
+        if error is not None:
+            self.worker_lost = f"peer connection lost: {error}"
+        elif unfinished := self.session.unfinished():
+            return self.refuse("mid_packet", _mid_packet("peer", unfinished))
+        if self._holds_retries():
+            # Closing its gearmand connections would requeue the jobs gproxy holds: keep
+            # those, retry what the worker was still running on them (as gearmand would
+            # have), and close once nothing is held.
+            log.info("%s: worker left while retries are held; keeping their gearmand connections", self.name)
+            self._departing = True
+            commands = self.session.worker_left(self._plane.clock())
+            for link, endpoint in list(self._links.items()):
+                if endpoint is not None and not self._retrier.holds(link):
+                    endpoint.shutdown_write()  # its running jobs requeue natively
+            self.run(commands)
+            return self._released()
+        self._left()
+
+    def _released(self) -> None:
+        if self._departing and not self.done and not self._holds_retries():
+            self._departing = False
+            self._left()
+
+    def _left(self) -> None:
+        """The worker has gone and nothing is held for it."""
+        if self.worker_lost is not None:
+            return self.fail(self.worker_lost, logging.INFO)
+        self.closing("peer closed the connection")
+        for endpoint in list(self._links.values()):
+            if endpoint is not None:
+                endpoint.shutdown_write()
+        self._maybe_finished()
+
+    # -- the end
+
+    def refuse(self, reason: str, message: str) -> None:
+        """Bad input: counted by reason, and the pair closes with one warning."""
+        self._metrics.protocol_errors.labels(reason).inc()
+        self.fail(message)
+
+    def fail(self, reason: str, level: int = logging.WARNING) -> None:
+        """Close the pair. The first reason is the one logged, unless a graver one follows
+        (bad input after the other side closed is still a WARNING, like its metric)."""
+        if self.reason is None or level > self.level:
+            self.reason, self.level = reason, level
+        self._finish()
+
+    def closing(self, reason: str) -> None:
+        """One side closed: the other gets a grace period to finish, then the pair is cut."""
+        self._eofs += 1
+        if self._eofs == 1:
+            if self.reason is None:  # a refusal that came first keeps its reason
+                self.reason = reason
+            self._control.post(Linger(self, HALF_CLOSE_LINGER))
+
+    def linger_over(self) -> None:
+        self._finish()
+
+    def stop(self) -> None:
+        """gproxy is stopping: the pair closes now (gearmand requeues what is left)."""
+        if self.reason is None:
+            self.reason = "gproxy stopped"
+        self._finish()
+
+    def _maybe_finished(self) -> None:
+        worker_done = self.worker is None or self.worker.ended
+        if worker_done and not self._departing and not self._links and self._eofs:
+            self._finish()
+
+    def _finish(self, logged: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._pairs.pairs.discard(self)
+        for link in list(self._links):
+            self.detach(link)
+        if self.worker is not None:
+            self.worker.close()
+        if not logged:
+            log.log(self.level, "%s: closed: %s", self.name, self.reason or "both sides finished")
+        self._control.post(Ended(self))
+
+    def __repr__(self) -> str:
+        return f"Pair({self.name})"
+
+
+def _mid_packet(side: str, buffered: int) -> str:
+    return f"{side} closed mid-packet ({buffered} bytes of an unfinished frame)"
