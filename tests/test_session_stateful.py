@@ -4,7 +4,7 @@ A model world, every byte of it built and read with the real codec: one Retrier 
 or two Sessions (workers behind gproxy, each with its gearmand connections), a model gearmand,
 gproxy's retry client (the real Submitter), an outside worker that is not behind gproxy, and a
 clock. Every command the Sessions and the Retrier emit is executed in the world, as
-gproxy.proxy executes it: SendUpstream reaches gearmand on that connection, OpenUpstream opens
+gproxy.pair executes it: SendUpstream reaches gearmand on that connection, OpenUpstream opens
 one, CloseUpstream and Released close one (gearmand then requeues what it still owns), Wakeup
 and RecheckBudget become timers, Submit goes to the retry client.
 
@@ -422,7 +422,7 @@ class SessionWorld(RuleBasedStateMachine):
                 raise AssertionError(f"the worker got {ptype.name} {args}")
 
     def leave(self, worker: Worker, answered_first: bool = True) -> None:
-        """The worker disconnects (gproxy.proxy._downstream_pump and _keep_for_held_retries).
+        """The worker disconnects (gproxy.pair.Pair._worker_ended).
 
         `answered_first`: gearmand's answer to a grab the worker sent reaches gproxy before
         the worker's EOF does, or (False) after it: then the job that answer assigns on a
