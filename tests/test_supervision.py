@@ -43,7 +43,8 @@ def _failing_once(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list
     return calls
 
 
-async def test_a_send_racing_a_close_is_an_oserror_not_a_crash() -> None:
+@pytest.mark.parametrize("waiting_in", ["send_all", "receive"])
+async def test_a_close_racing_a_send_or_a_receive_is_an_oserror_not_a_crash(waiting_in: str) -> None:
     """trio reports a socket closed while a task waits on it as ClosedResourceError, which
     escaped every `except OSError` of the proxy's background tasks."""
     ours, theirs = socket.socketpair()
@@ -51,34 +52,17 @@ async def test_a_send_racing_a_close_is_an_oserror_not_a_crash() -> None:
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     outcome: list[BaseException] = []
 
-    async def send_until_blocked() -> None:
+    async def wait_on_it() -> None:
         try:
-            await connection.send_all(b"x" * (16 << 20))  # far more than the buffers hold
+            if waiting_in == "send_all":
+                await connection.send_all(b"x" * (16 << 20))  # far more than the buffers hold
+            else:
+                await connection.receive(100)
         except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
             outcome.append(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send_until_blocked)
-        await trio.testing.wait_all_tasks_blocked()
-        connection.close()
-    theirs.close()
-    (error,) = outcome
-    assert isinstance(error, OSError), repr(error)
-
-
-async def test_a_receive_racing_a_close_is_an_oserror() -> None:
-    ours, theirs = socket.socketpair()
-    connection = Connection(ours)
-    outcome: list[BaseException] = []
-
-    async def receive() -> None:
-        try:
-            await connection.receive(100)
-        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
-            outcome.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receive)
+        nursery.start_soon(wait_on_it)
         await trio.testing.wait_all_tasks_blocked()
         connection.close()
     theirs.close()
