@@ -42,3 +42,26 @@ def test_short_seeded_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     print(report)
     assert proc.returncode == 0, report
     assert f"PASSED, seed {SEED}" in report, report
+
+
+def test_a_pygearman_crash_right_after_a_fault_cut_its_connection_is_explained_not_hidden() -> None:
+    """Found by a 600 s run: a reset burst closed two workers' connections while their jobs
+    sent a result; pygearman 0.2.6 then died of its own KeyError. Such a death is counted and
+    named by its fault; any other death, or one with no such fault just before, still fails."""
+    from types import SimpleNamespace
+
+    from tests.chaos.checks import workers_died_only_when_killed
+    from tests.chaos.history import Fault
+
+    crash = 'in _get_handler_for_job\n    return self.connection_to_handler_map[current_job.connection]\nKeyError: ...'
+    faults = [Fault("reset_burst", 100.0, 100.01, "g1"), Fault("worker_died", 100.2, 100.2, "g1", 7),
+              Fault("worker_died", 100.3, 100.3, "g2", 8), Fault("worker_died", 150.0, 150.0, "g1", 9)]
+    history = SimpleNamespace(faults=faults)
+    exits = [{"pid": 7, "rc": 1, "log": crash}, {"pid": 8, "rc": 1, "log": crash}, {"pid": 9, "rc": 1, "log": crash}]
+    check = workers_died_only_when_killed(history, exits)  # type: ignore[arg-type]
+    assert not check.ok
+    assert check.figure == ("2 unexpected exits; 1 pygearman workers died of the library's connection-loss bug "
+                            "right after a fault cut their connection: reset_burst 1")
+    assert [note.split(":")[0] for note in check.notes] == ["pid 8 rc 1", "pid 9 rc 1"]  # other gproxy; too late
+    assert workers_died_only_when_killed(history, [{"pid": 7, "rc": 1, "log": "Traceback: other"}]).figure == (  # type: ignore[arg-type]
+        "1 unexpected exits")
