@@ -275,6 +275,8 @@ class World:
     def start_worker(self, slot: WorkerSlot) -> bool:
         """Start the slot's worker if its gproxy is up; False if not (the supervisor retries)."""
         with self.lock:
+            if slot.proc is not None and slot.proc.poll() is None:
+                return True  # the injector and the supervisor both restart a killed worker
             if not slot.gproxy.up.is_set():
                 return False
             start = start_pyworker if slot.lib == "py" else start_perlworker
