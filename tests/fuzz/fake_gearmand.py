@@ -172,6 +172,8 @@ class Transcript:
     """("recv", frame) / ("send", bytes) / ("close", b"") / ("reset", b"") in order."""
     attack: str | None = None
     downstream_port: int | None = None
+    downstream_ports: list[int] = field(default_factory=list)
+    """Every port the real worker had to route B then: its connection is one of them."""
     opened: float = field(default_factory=time.monotonic)
     opened_wall: float = field(default_factory=time.time)
     closed: float | None = None
@@ -338,8 +340,10 @@ class FakeGearmand:
             # The real worker's connections to route B now; one an earlier transcript still
             # open has is that one's (the worker may not have closed it yet).
             taken = {t.downstream_port for t in self.transcripts if t.kind == "pyworker" and t.closed is None}
-            fresh = [port for port in self.locate_downstream() if port not in taken]
+            ports = self.locate_downstream()
+            fresh = [port for port in ports if port not in taken]
             transcript.downstream_port = fresh[0] if len(fresh) == 1 else None
+            transcript.downstream_ports = ports
         self.transcripts.append(transcript)
         planned = rng.choice(RETRY_ATTACKS if kind == "retry" else ATTACKS) if rng.random() < rate else None
         # The fake ends each connection after a while (gproxy and the real worker connect

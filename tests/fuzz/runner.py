@@ -452,8 +452,9 @@ class Campaign:
         index = checks.CloseIndex.of(log_all.closes)
         others: dict[tuple[str, int], list[float]] = {}
         for t in self.fake.transcripts:  # the real worker's connections use ports too
-            if t.kind == "pyworker" and t.downstream_port:
-                others.setdefault((listen["B"], t.downstream_port), []).append(t.opened_wall - 0.1)
+            if t.kind == "pyworker":  # (all its ports then, when it is not known which is this one)
+                for port in {*t.downstream_ports, *([t.downstream_port] if t.downstream_port else [])}:
+                    others.setdefault((listen["B"], port), []).append(t.opened_wall - 0.1)
         lines = checks.assign_lines(self.runs, index, listen, others)
         problems: list[tuple[checks.RunDigest, list[str]]] = []
         for number, run in enumerate(self.runs):
