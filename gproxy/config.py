@@ -47,6 +47,14 @@ class Route:
 
     listen: Address
     upstream: Address
+    _hash: int = field(init=False, repr=False, compare=False)
+    """A route keys the Retrier's tables on every job: hashed once, not on every lookup."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.listen, self.upstream)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ class Handler(Protocol):
 class Endpoint:
     """One connected socket of the data plane, and what waits to be written to it."""
 
-    __slots__ = ("_buffered", "_eof_pending", "_mask", "_out", "_plane", "closed", "ended", "error", "fd", "handler",
+    __slots__ = ("_eof_pending", "_mask", "_out", "_plane", "buffered", "closed", "ended", "error", "fd", "handler",
                  "peer", "reading", "sock", "watched")
 
     def __init__(self, plane: DataPlane, sock: socket.socket, handler: Handler, peer: str) -> None:
@@ -84,14 +84,10 @@ class Endpoint:
         self.error: OSError | None = None
         """Why a write failed; reported to the handler at the next poll."""
         self._out: collections.deque[memoryview] = collections.deque()
-        self._buffered = 0
+        self.buffered = 0
+        """Bytes written here and not yet taken by the kernel."""
         self._eof_pending = False
         self._mask = _READ
-
-    @property
-    def buffered(self) -> int:
-        """Bytes written here and not yet taken by the kernel."""
-        return self._buffered
 
     def write(self, data: bytes) -> None:
         """Send `data` after whatever waits already; never blocks, never raises."""
@@ -111,7 +107,7 @@ class Endpoint:
         else:
             view = memoryview(data)
         self._out.append(view)
-        self._buffered += len(view)
+        self.buffered += len(view)
         self._watch()
 
     def shutdown_write(self) -> None:
@@ -143,7 +139,7 @@ class Endpoint:
         if not self.closed:
             self.closed = True
             self._out.clear()
-            self._buffered = 0
+            self.buffered = 0
             self._plane._forget(self)
             self.sock.close()
             self.handler = _CLOSED
@@ -152,13 +148,13 @@ class Endpoint:
 
     def _flush(self) -> bool:
         """Write what waits; True if the buffer fell below HIGH_WATER from above it."""
-        before = self._buffered
+        before = self.buffered
         out = self._out
         try:
             while out:
                 view = out[0]
                 sent = self.sock.send(view)
-                self._buffered -= sent
+                self.buffered -= sent
                 if sent < len(view):
                     out[0] = view[sent:]
                     break
@@ -173,7 +169,7 @@ class Endpoint:
                 self._eof_pending = False
                 self.shutdown_write()
             self._watch()
-        return before >= HIGH_WATER > self._buffered
+        return before >= HIGH_WATER > self.buffered
 
     def _watch(self) -> None:
         mask = (_READ if self.reading else 0) | (_WRITE if self._out else 0)
@@ -185,7 +181,7 @@ class Endpoint:
         if self.error is None:
             self.error = exc
             self._out.clear()
-            self._buffered = 0
+            self.buffered = 0
             self._plane._report(self)
 
     def __repr__(self) -> str:
@@ -242,9 +238,10 @@ class DataPlane:
             events = self._epoll.poll(timeout, MAX_EVENTS)
         except InterruptedError:
             events = []
-        endpoints = self._endpoints
+        endpoints, wake_fd = self._endpoints, self._wake_fd
+        read, write, broken = _READ, _WRITE, _BROKEN
         for fd, mask in events:
-            if fd == self._wake_fd:
+            if fd == wake_fd:
                 os.eventfd_read(fd)
                 continue
             endpoint = endpoints.get(fd)
@@ -252,36 +249,37 @@ class DataPlane:
                 continue
             handler = endpoint.handler
             try:
-                if mask & _WRITE and endpoint._flush():
+                if mask & write and endpoint._flush():
                     handler.drained(endpoint)
                 if endpoint.closed or endpoint.error is not None:
                     continue
-                if (endpoint.reading and mask & _READ) or (mask & _BROKEN and not endpoint.ended):
-                    self._read(endpoint, handler)  # a hang-up is read even while paused: its EOF or error
-                elif mask & _BROKEN:  # told already; epoll would report the hang-up forever
+                if (endpoint.reading and mask & read) or (mask & broken and not endpoint.ended):
+                    # (a hang-up is read even while paused: its EOF or error)
+                    try:
+                        data = endpoint.sock.recv(RECEIVE_SIZE)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self._ended(endpoint, handler, exc)
+                        continue
+                    if data:
+                        handler.received(endpoint, data)
+                    else:
+                        self._ended(endpoint, handler, None)
+                elif mask & broken:  # told already; epoll would report the hang-up forever
                     self._unwatch(endpoint)
             except Exception as exc:  # noqa: BLE001 - a bug closes its pair, not the process
                 self._failed(endpoint, exc)
-        self._report_broken()
+        if self._broken:
+            self._report_broken()
         return len(events)
 
-    def _read(self, endpoint: Endpoint, handler: Handler) -> None:
-        try:
-            data = endpoint.sock.recv(RECEIVE_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            endpoint.error = exc
-            endpoint.ended = True
-            endpoint.pause()
-            handler.ended(endpoint, exc)
-            return
-        if data:
-            handler.received(endpoint, data)
-        else:
-            endpoint.ended = True
-            endpoint.pause()  # level-triggered: an EOF would be reported again and again
-            handler.ended(endpoint, None)
+    @staticmethod
+    def _ended(endpoint: Endpoint, handler: Handler, error: OSError | None) -> None:
+        endpoint.error = error
+        endpoint.ended = True
+        endpoint.pause()  # level-triggered: an EOF would be reported again and again
+        handler.ended(endpoint, error)
 
     def _report_broken(self) -> None:
         while self._broken:

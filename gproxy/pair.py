@@ -119,6 +119,7 @@ class Pair:
         self.name = name
         self.session = session
         self._plane = plane
+        self._clock = plane.clock
         self._control = control
         self._pairs = pairs
         self._retrier = retrier
@@ -160,7 +161,7 @@ class Pair:
     # -- the data plane's events
 
     def received(self, endpoint: Endpoint, data: bytes) -> None:
-        now = self._plane.clock()
+        now = self._clock()
         if endpoint is self.worker:
             try:
                 commands = self.session.from_downstream(data, now)
@@ -193,7 +194,13 @@ class Pair:
         """In order. (Commands of another pair's event may name this pair's connections.)"""
         for command in commands:
             if type(command) is SendUpstream:
-                self._send_upstream(command.owner, command.data)
+                endpoint = self._links.get(command.owner)
+                if endpoint is None:
+                    self._send_upstream(command.owner, command.data)
+                else:  # the usual: this pair's own connection, open
+                    endpoint.write(command.data)
+                    if endpoint.buffered:
+                        self._flow()
             elif type(command) is SendDownstream:
                 worker = self.worker
                 if worker is not None and self.worker_lost is None and not self.session.worker_gone:

@@ -330,6 +330,14 @@ class Framer:
         return len(self._pending) + self._skipping
 
     def receive(self, data: bytes) -> list[Frame]:
+        if not self._pending and not self._skipping and self._error is None and len(data) >= HEADER_SIZE:
+            # The usual read: exactly one whole packet, checked as _cut checks it.
+            magic, number, size = _HEADER_STRUCT.unpack_from(data)
+            if size + HEADER_SIZE == len(data) and magic == self.magic and size <= self.max_packet_size:
+                ptype = _TYPE_BY_NUMBER.get(number)
+                if ptype is not None:
+                    self.counts[number] += 1
+                    return [Packet(ptype, data)]
         if self._error is not None:
             raise self._error
         if self._skipping:

@@ -303,9 +303,10 @@ class Submit(Generic[RouteT]):
     type: PacketType = P.SUBMIT_JOB
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendUpstream(Generic[OwnerT]):
-    """Packets for H1 on the connection that owns it."""
+    """Packets for H1 on the connection that owns it. (Not frozen: one is made for nearly
+    every read a worker's connection gets, and a frozen dataclass costs 3x to make.)"""
 
     owner: OwnerT
     data: bytes

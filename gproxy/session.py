@@ -128,9 +128,10 @@ class Registration:
         return self._client_id + b"".join(self._options.values()) + b"".join(self._abilities.values())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendDownstream:
-    """Bytes for the worker (or client): what gearmand sent, and gproxy's own answers."""
+    """Bytes for the worker (or client): what gearmand sent, and gproxy's own answers.
+    (Not frozen, like SendUpstream: one is made for nearly every read from gearmand.)"""
 
     data: bytes
 
@@ -475,6 +476,13 @@ class Session:
 
     def _done(self) -> list[Command]:
         """The event's commands, in order; the next event starts afresh."""
+        if not self._commands:  # the usual event: bytes to forward one way, nothing else
+            if self._out and not self._back:
+                out, self._out = self._out, []
+                return [SendUpstream(self.current, out[0] if len(out) == 1 else b"".join(out))]
+            if self._back and not self._out:
+                back, self._back = self._back, []
+                return [SendDownstream(back[0] if len(back) == 1 else b"".join(back))]
         self._flush()
         commands, self._commands = self._commands, []
         return commands

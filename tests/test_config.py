@@ -138,3 +138,13 @@ def test_the_command_stops_with_one_line_and_exit_2(capsys: pytest.CaptureFixtur
     assert main(["--upstream", "g:1", "--listen", "x"]) == 2
     err = capsys.readouterr().err
     assert err == "gproxy: configuration error: listen: expected HOST:PORT, got 'x'\n"
+
+
+def test_a_route_hashes_once_and_compares_by_its_addresses() -> None:
+    from gproxy.config import Address, Route
+
+    a = Route(Address("127.0.0.1", 4730), Address("10.0.0.5", 4730))
+    b = Route(Address("127.0.0.1", 4730), Address("10.0.0.5", 4730))
+    c = Route(Address("127.0.0.1", 4730), Address("10.0.0.6", 4730))
+    assert a == b and hash(a) == hash(b) and a != c and {a: 1}[b] == 1
+    assert "_hash" not in repr(a)
