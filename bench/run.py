@@ -1,7 +1,7 @@
-"""Benchmark: the same small-job workload with workers direct, via haproxy (tcp), via gproxy.
+"""Benchmark: the same small-job workload with workers direct, via haproxy (tcp), via relays, via gproxy.
 
 Only the workers go through the hop; clients always talk to gearmand directly. The setups are
-interleaved within each round so drift hits all three alike; medians across rounds are reported.
+interleaved within each round so drift hits all alike; medians across rounds are reported.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
-SETUPS = ("direct", "haproxy", "trio-relay", "gproxy")
+SETUPS = ("direct", "haproxy", "epoll-relay", "dataplane-relay", "trio-relay", "gproxy")
 CTX = mp.get_context("fork")  # fresh peer processes per measurement, cheaply
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
 HAPROXY_CFG = """global
@@ -142,14 +142,23 @@ def report(res: dict[str, dict[str, list[float]]], c: int) -> str:
     med = {s: {k: statistics.median(v) for k, v in m.items()} for s, m in res.items() if m["seq"]}
     rows = [["setup", "seq median µs/job", "seq p99 µs", "seq jobs/s", f"conc jobs/s (C={c})"]]
     rows += [[s, f"{m['lat']:.1f}", f"{m['p99']:.1f}", f"{m['seq']:.0f}", f"{m['conc']:.0f}"] for s, m in med.items()]
-    ratios = [["ratio", "seq latency", "seq jobs/s", "conc jobs/s", "added µs/job"]]
-    pairs = (("gproxy", "haproxy"), ("gproxy", "trio-relay"), ("trio-relay", "haproxy"),
-             ("gproxy", "direct"), ("haproxy", "direct"))
+    ratios = [["ratio (median of rounds, min-max)", "seq latency", "seq jobs/s", "conc jobs/s", "added µs/job"]]
+    pairs = (("gproxy", "haproxy"), ("gproxy", "epoll-relay"), ("epoll-relay", "haproxy"),
+             ("dataplane-relay", "epoll-relay"), ("gproxy", "dataplane-relay"),
+             ("gproxy", "trio-relay"), ("trio-relay", "haproxy"), ("gproxy", "direct"), ("haproxy", "direct"))
     for a, b in pairs:
         if a in med and b in med:
-            ratios.append([f"{a}/{b}"] + [f"{med[a][k] / med[b][k]:.2f}" if med[b][k] else "-"
-                                          for k in ("lat", "seq", "conc")] + [f"{med[a]['lat'] - med[b]['lat']:+.1f}"])
+            ratios.append([f"{a}/{b}"] + [_ratio(res[a][k], res[b][k]) for k in ("lat", "seq", "conc")]
+                          + [f"{med[a]['lat'] - med[b]['lat']:+.1f}"])
     return "\n\n".join([table(rows, False), table(ratios, False), table(rows, True), table(ratios, True)])
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    """Ratios of the same round's figures (setups are interleaved within a round): median and range."""
+    per_round = [x / y for x, y in zip(a, b, strict=False) if y]
+    if not per_round:
+        return "-"
+    return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
 
 
 def _on_sigterm(*_: object) -> None:
@@ -188,6 +197,12 @@ def main() -> int:
                               g, d / "gearmand.out"),
             "haproxy": start(stack, "haproxy", [shutil.which("haproxy", path=SBIN), "-db", "-f", f"{d}/haproxy.cfg"],
                              ports["haproxy"], d / "haproxy.out"),
+            "epoll-relay": start(stack, "epoll-relay", [sys.executable, str(Path(__file__).parent / "epoll_relay.py"),
+                                 str(ports["epoll-relay"]), str(g)], ports["epoll-relay"], d / "epoll-relay.out",
+                                 signal.SIGINT),
+            "dataplane-relay": start(stack, "dataplane-relay", [sys.executable, str(Path(__file__).parent / "dataplane_relay.py"),
+                                     str(ports["dataplane-relay"]), str(g)], ports["dataplane-relay"],
+                                     d / "dataplane-relay.out", signal.SIGINT),
             "trio-relay": start(stack, "trio-relay", [sys.executable, str(Path(__file__).parent / "relay.py"),
                                 str(ports["trio-relay"]), str(g)], ports["trio-relay"], d / "trio-relay.out",
                                 signal.SIGINT),
