@@ -7,6 +7,7 @@ each packet costs. Usage: dataplane_relay.py LISTEN_PORT UPSTREAM_PORT
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 
@@ -52,7 +53,5 @@ async def serve(plane: DataPlane, listen_port: int, upstream_port: int) -> None:
 
 if __name__ == "__main__":
     plane = DataPlane()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         plane.run_host(serve, plane, int(sys.argv[1]), int(sys.argv[2]))
-    except KeyboardInterrupt:
-        pass

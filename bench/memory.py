@@ -101,8 +101,9 @@ def main() -> None:
         ]
         try:
             wait_port(g)
-            procs.append(subprocess.Popen([sys.executable, "-m", "gproxy", "--config", str(config)],
-                                          stdout=subprocess.DEVNULL, stderr=open(d / "gproxy.log", "wb")))
+            with open(d / "gproxy.log", "wb") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "gproxy", "--config", str(config)],
+                                              stdout=subprocess.DEVNULL, stderr=log))
             wait_port(proxy_port)
             pid = procs[1].pid
             idle = settle(pid)
