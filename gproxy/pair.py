@@ -395,12 +395,14 @@ class Pair:
             return
         self.done = True
         self._pairs.pairs.discard(self)
+        # The line first: a peer that sees its connection close, and connects again from
+        # the same port, comes after it in the log.
+        if not logged:
+            log.log(self.level, "%s: closed: %s", self.name, self.reason or "both sides finished")
         for link in list(self._links):
             self.detach(link)
         if self.worker is not None:
             self.worker.close()
-        if not logged:
-            log.log(self.level, "%s: closed: %s", self.name, self.reason or "both sides finished")
         self._control.post(Ended(self))
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ only where gearmand itself must misbehave or vanish on cue.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from types import SimpleNamespace
 
@@ -225,3 +226,33 @@ async def test_a_refusal_keeps_its_reason_when_the_other_side_closes_right_after
             else:
                 pair.closing("gearmand closed the connection")
         assert (pair.reason, pair.level) == ("protocol error from peer: bad magic", logging.WARNING)
+
+
+def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None:
+    """Found by the fuzz tier: a peer that sees its connection close and connects again from
+    the same port must come after the first connection's close line in the log."""
+    metrics = Metrics()
+    retrier: Retrier[UpstreamLink, Route] = Retrier(Policies(), metrics=metrics)
+    plane = DataPlane()
+    pair = Pair("p", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
+                SimpleNamespace(post=lambda item: None), PairSet(), retrier, metrics)  # type: ignore[arg-type]
+    worker, worker_peer = socket.socketpair()
+    upstream, upstream_peer = socket.socketpair()
+    pair.start(worker, "w", upstream)
+    seen: list[bool] = []
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if ": closed: " in record.getMessage():
+                seen.append(pair.worker is not None and pair.worker.closed)
+
+    handler = Watch()
+    logging.getLogger("gproxy.proxy").addHandler(handler)
+    try:
+        pair.fail("protocol error from peer: bad magic")
+    finally:
+        logging.getLogger("gproxy.proxy").removeHandler(handler)
+        plane.close()
+        worker_peer.close()
+        upstream_peer.close()
+    assert seen == [False]
