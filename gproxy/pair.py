@@ -194,19 +194,11 @@ class Pair:
         """In order. (Commands of another pair's event may name this pair's connections.)"""
         for command in commands:
             if type(command) is SendUpstream:
-                endpoint = self._links.get(command.owner)
-                if endpoint is None:
-                    self._send_upstream(command.owner, command.data)
-                else:  # the usual: this pair's own connection, open
-                    endpoint.write(command.data)
-                    if endpoint.buffered:
-                        self._flow()
+                self._send_upstream(command.owner, command.data)
             elif type(command) is SendDownstream:
                 worker = self.worker
                 if worker is not None and self.worker_lost is None and not self.session.worker_gone:
-                    worker.write(command.data)
-                    if worker.buffered:
-                        self._flow()
+                    self._write(worker, command.data)
             elif type(command) is Released:
                 if (owner := self._pairs.owner(command.owner)) is not None:
                     owner.settle(command.owner)
@@ -222,6 +214,8 @@ class Pair:
                 self._control.post(command)
 
     def _send_upstream(self, link: UpstreamLink, data: bytes) -> None:
+        if (endpoint := self._links.get(link)) is not None:
+            return self._write(endpoint, data)  # the usual: this pair's own connection, open
         owner = self if link in self._links else self._pairs.owner(link)
         if owner is not None:
             owner.write_link(link, data)
@@ -230,11 +224,14 @@ class Pair:
         # else: a connection that is gone already; its loss was that pair's to report
 
     def write_link(self, link: UpstreamLink, data: bytes) -> None:
+        """Bytes for one of this pair's gearmand connections (kept while it is being opened)."""
         endpoint = self._links.get(link)
-        if endpoint is None:
-            if link in self._waiting:
-                self._waiting[link].append(data)
-            return
+        if endpoint is not None:
+            self._write(endpoint, data)
+        elif link in self._waiting:
+            self._waiting[link].append(data)
+
+    def _write(self, endpoint: Endpoint, data: bytes) -> None:
         endpoint.write(data)
         if endpoint.buffered:
             self._flow()

@@ -218,6 +218,14 @@ class Proxy:
             log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
             worker.close()
             return
+        try:
+            self._start_pair(name, worker, peer, upstream, route)
+        except Exception:  # (a task of the process's nursery: nothing may escape it)
+            log.exception("%s: closed: internal error", name)
+            worker.close()
+            upstream.close()
+
+    def _start_pair(self, name: str, worker: socket.socket, peer: str, upstream: socket.socket, route: Route) -> None:
         assert self.plane is not None
         session = Session(
             f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
@@ -298,7 +306,8 @@ class Proxy:
             sock = await self._connect_socket(pair.route)
         except (OSError, trio.TooSlowError) as exc:
             return pair.link_failed(connect.link, str(exc) or "timed out")
-        pair.link_connected(connect.link, sock)
+        with self._supervised("move to a fresh gearmand connection", [connect.link]):
+            pair.link_connected(connect.link, sock)
 
     def _wake(self, wakeup: Wakeup) -> None:
         what = f"retry timer of {self.retrier.describe(wakeup.key)}"

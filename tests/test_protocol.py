@@ -270,3 +270,14 @@ def test_a_submission_with_a_viewed_payload_is_the_packet_construct_builds(
         assert build_submission(ptype, function, unique, memoryview(b"xx" + payload)[2:]) == built
     with pytest.raises(ValueError):
         build_submission(PacketType.SUBMIT_JOB, b"f\0", unique, payload)
+
+
+def test_a_whole_packet_over_the_cap_in_one_read_is_refused_as_in_pieces() -> None:
+    """The one-packet fast path checks the cap as the general framer does."""
+    big = build_packet(REQ, PacketType.WORK_DATA, handle=b"H:1", data=b"x" * 200)
+    with pytest.raises(ProtocolError, match="exceeds max_packet_size 100") as refused:
+        Framer(REQ, 100).receive(big)
+    assert refused.value.reason == "oversized"
+    assign = build_packet(RES, PacketType.JOB_ASSIGN, handle=b"H:1", function=b"f", data=b"x" * 2000)
+    (frame,) = Framer(RES, 1500, skip_oversized=frozenset({PacketType.JOB_ASSIGN})).receive(assign)
+    assert type(frame) is Oversized and frame.size == len(assign) - 12

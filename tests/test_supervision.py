@@ -18,7 +18,7 @@ from gproxy.config import Address, Route
 from gproxy.connection import Connection
 from gproxy.jobs import TrackedJob
 from gproxy.metrics import Metrics
-from gproxy.protocol import PacketType
+from gproxy.protocol import REQ, RES, PacketType, build_packet
 from gproxy.retry import Policies, Retrier, RetryPolicy, Submit
 from gproxy.retry_client import RetryClient
 from tests.gearmand import Gearmand
@@ -177,3 +177,23 @@ async def test_a_process_wide_task_that_fails_is_started_again(
     assert [r.getMessage() for r in caplog.records if r.exc_info] == [
         f"the task: internal error; starting it again in {RESTART_PAUSE:g}s"
     ]
+
+
+def test_an_error_while_a_pair_starts_closes_that_worker_and_the_proxy_serves_on(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gproxy.pair import Pair
+
+    calls = _failing_once(monkeypatch, Pair, "start")
+    with ProxyThread.to(gearmand.address, FAST) as proxy:
+        first = socket.create_connection(proxy.address)
+        first.settimeout(10)
+        assert first.recv(10) == b""  # closed by gproxy, not left hanging
+        first.close()
+        second = socket.create_connection(proxy.address)  # the process serves on
+        second.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
+        second.settimeout(10)
+        assert second.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
+        second.close()
+    assert len(calls) == 2
+    assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
