@@ -19,7 +19,7 @@ import tracemalloc
 
 from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, build_packet
-from gproxy.session import Session
+from gproxy.session import SendDownstream, Session
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
@@ -57,9 +57,11 @@ def peak_beyond_packet(mib: int) -> int:
     session.from_downstream(GRAB, 0.0)
     tracemalloc.start()
     tracemalloc.reset_peak()
-    handed = session.from_upstream(session.current, assign, 0.0)
+    (command,) = session.from_upstream(session.current, assign, 0.0)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    assert isinstance(command, SendDownstream)
+    handed = command.data
     assert handed[:4] == RES and len(handed) == len(assign) - 2  # the unique id and its NUL cut
     return peak
 

@@ -161,18 +161,29 @@ class Pair:
     # -- the data plane's events
 
     def received(self, endpoint: Endpoint, data: bytes) -> None:
-        now = self._clock()
-        if endpoint is self.worker:
+        # A packet that goes on unchanged goes first, and the Session sees it after: a job's
+        # latency is the sum of its hops, and its bookkeeping need not be one of them.
+        session, worker = self.session, self.worker
+        if endpoint is worker:
+            upstream, sent = self._links.get(session.current), False
+            if upstream is not None and session.passes_downstream(data):
+                self._write(upstream, data)
+                sent = True
             try:
-                commands = self.session.from_downstream(data, now)
+                commands = session.from_downstream(data, self._clock(), sent)
             except ProtocolError as exc:
                 return self.refuse(exc.reason, f"protocol error from peer: {exc}")
         else:
+            link, sent = self._link_of[endpoint], False
+            if worker is not None and self.worker_lost is None and session.passes_upstream(link, data):
+                self._write(worker, data)
+                sent = True
             try:
-                commands = self.session.from_upstream(self._link_of[endpoint], data, now)
+                commands = session.from_upstream(link, data, self._clock(), sent)
             except ProtocolError as exc:
                 return self.refuse(exc.reason, f"protocol error from gearmand: {exc}")
-        self.run(commands)
+        if commands:
+            self.run(commands)
 
     def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
         if endpoint is self.worker:

@@ -329,6 +329,16 @@ class Framer:
         """Bytes received but not yet framed: non-zero at EOF means the peer left mid-frame."""
         return len(self._pending) + self._skipping
 
+    def whole(self, data: bytes) -> PacketType | None:
+        """The type of `data` if it is exactly one whole packet that `receive(data)` would
+        frame as it is (nothing buffered before it, within the cap); else None."""
+        if self._pending or self._skipping or self._error is not None or len(data) < HEADER_SIZE:
+            return None
+        magic, number, size = _HEADER_STRUCT.unpack_from(data)
+        if size + HEADER_SIZE != len(data) or magic != self.magic or size > self.max_packet_size:
+            return None
+        return _TYPE_BY_NUMBER.get(number)
+
     def receive(self, data: bytes) -> list[Frame]:
         if not self._pending and not self._skipping and self._error is None and len(data) >= HEADER_SIZE:
             # The usual read: exactly one whole packet, checked as _cut checks it.

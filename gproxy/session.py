@@ -205,8 +205,8 @@ class Session:
 
     # -- events
 
-    def from_downstream(self, data: bytes, now: float) -> list[Command]:
-        """Bytes from the worker or client."""
+    def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
+        """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
         watched = _WATCHED_DRAINING if self.draining else _WATCHED_DOWNSTREAM
         for frame in self.downstream.receive(data):
             if type(frame) is Packet:
@@ -217,10 +217,12 @@ class Session:
             elif type(frame) is AdminLine:
                 self._out.append(frame.raw)
             # (no Oversized: this framer refuses a packet over the cap)
+        if sent:
+            self._sent_already(self._out, data)
         return self._done()
 
-    def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> list[Command]:
-        """Bytes from gearmand on `link`."""
+    def from_upstream(self, link: UpstreamLink, data: bytes, now: float, sent: bool = False) -> list[Command]:
+        """Bytes from gearmand on `link` (`sent`: sent on already, see passes_upstream)."""
         for frame in link.framer.receive(data):
             if type(frame) is Packet:
                 if frame.type not in _WATCHED_UPSTREAM:
@@ -233,7 +235,67 @@ class Session:
                 self._back.append(frame.raw)
         if link is not self.current:
             self._close_if_idle(link)
+        if sent:
+            self._sent_already(self._back, data)
         return self._done()
+
+    # -- the packets that may go on first
+
+    def passes_downstream(self, data: bytes) -> bool:
+        """True if `data` from the worker is one whole packet that goes on to the current
+        link unchanged, and nothing else the event asks for must go before it. The caller
+        may then send it first and hand it to `from_downstream(data, now, sent=True)`:
+        what the Session does with it (tracking, metrics) stays off the packet's way, and
+        off the job's latency. Only what is common and cheap to be sure of: grabs, sleeps,
+        results that end no held job, packets gproxy does not watch."""
+        ptype = self.downstream.whole(data)
+        if ptype is None:
+            return False
+        if ptype not in _WATCHED_DRAINING:
+            return True
+        if self.draining:
+            return False
+        if ptype is P.GRAB_JOB_UNIQ or ptype is P.GRAB_JOB_ALL or ptype is P.PRE_SLEEP:
+            return True
+        if ptype is P.GRAB_JOB:
+            return not self.traits.grab_uniq  # else sent as GRAB_JOB_UNIQ
+        if ptype is P.WORK_COMPLETE or ptype is P.WORK_DATA or ptype is P.WORK_WARNING:
+            end = data.find(b"\0", HEADER_SIZE)  # (none: a malformed packet, refused whole)
+            return end >= 0 and not self.retired and not self._is_silenced(data[HEADER_SIZE:end])
+        return False  # failures (a retry decision), WORK_STATUS (checked whole), registration
+
+    def passes_upstream(self, link: UpstreamLink, data: bytes) -> bool:
+        """As passes_downstream, for `data` from gearmand on `link` to the worker: anything
+        gproxy does not watch, NO_JOB, and an assignment that is neither rewritten (an
+        upgraded grab's, a retry's) nor a held job's."""
+        if link is not self.current or self.worker_gone:
+            return False
+        ptype = link.framer.whole(data)
+        if ptype is None:
+            return False
+        if ptype not in _WATCHED_UPSTREAM or ptype is P.NO_JOB:
+            return True
+        if ptype is P.ERROR or ptype is P.OPTION_RES:
+            return False
+        if link.grabs_pending and link.grabs_pending[0]:
+            return False  # an upgraded grab's JOB_ASSIGN_UNIQ loses its unique id
+        ends = [HEADER_SIZE - 1]
+        for _ in range(_ASSIGN_FIELDS[ptype]):
+            if (end := data.find(b"\0", ends[-1] + 1)) < 0:
+                return False  # malformed: refused whole
+            ends.append(end)
+        if ptype is not P.JOB_ASSIGN and data.startswith(b"gpr:", ends[2] + 1):
+            return False  # a retry's unique id is shown as the original's
+        retrier = self.retrier
+        return retrier is None or retrier.holder(self.route, data[HEADER_SIZE : ends[1]]) is None
+
+    def _sent_already(self, pieces: list[bytes], data: bytes) -> None:
+        """The caller sent `data` before the Session saw it: that must be all the Session
+        would have sent for the event, first and unchanged (a disagreement is a bug in
+        passes_*, and the pair closes as for any internal error)."""
+        if self._commands or len(pieces) != 1 or pieces[0] is not data:
+            raise RuntimeError("a packet sent on before the Session saw it was not meant to go on as it was")
+        pieces.clear()
 
     def unfinished(self, link: UpstreamLink | None = None) -> int:
         """Bytes of an unfinished frame from the worker (or from gearmand on `link`): at an

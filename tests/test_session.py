@@ -40,10 +40,13 @@ class Driven(Session):
         self.replies: list[bytes] = []
 
     def from_downstream(self, data: bytes, now: float) -> bytes:  # type: ignore[override]
-        return self._split(super().from_downstream(data, now), to_gearmand=True)
+        # As a Pair does: a packet that passes goes first, and the Session sees it after.
+        sent = self.passes_downstream(data)
+        return (data if sent else b"") + self._split(super().from_downstream(data, now, sent), to_gearmand=True)
 
     def from_upstream(self, link: UpstreamLink, data: bytes, now: float) -> bytes:  # type: ignore[override]
-        return self._split(super().from_upstream(link, data, now), to_gearmand=False)
+        sent = self.passes_upstream(link, data)
+        return (data if sent else b"") + self._split(super().from_upstream(link, data, now, sent), to_gearmand=False)
 
     def link_closed(self, link: UpstreamLink) -> bytes:  # type: ignore[override]
         return self._split(super().link_closed(link), to_gearmand=False)
@@ -263,6 +266,77 @@ LATE = [
     req(P.WORK_WARNING, handle=b"H:1", data=b"w"),
     req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: again"),
 ]
+
+
+# -- what may go on before the Session sees it (a Pair sends it first) --------------------------
+
+
+def test_the_packets_of_an_ordinary_job_go_on_before_the_session_sees_them() -> None:
+    session = retrying()
+    assert session.passes_upstream(session.current, res(P.NOOP))
+    assert session.passes_downstream(req(P.GRAB_JOB_UNIQ))
+    assert session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0) == req(P.GRAB_JOB_UNIQ)
+    assert session.passes_upstream(session.current, assign_uniq(b"H:1"))
+    assert session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0) == assign_uniq(b"H:1")
+    (job,) = session.current.jobs  # tracked all the same
+    assert job.handle == b"H:1"
+    for update in (req(P.WORK_DATA, handle=b"H:1", data=b"d"), req(P.WORK_WARNING, handle=b"H:1", data=b"w")):
+        assert session.passes_downstream(update)
+    complete = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
+    assert session.passes_downstream(complete)
+    assert session.from_downstream(complete, now=1.0) == complete
+    assert not session.current.jobs and session.metrics.snapshot().stats["f"].outcomes["complete"] == 1
+    assert session.passes_downstream(req(P.PRE_SLEEP)) and session.passes_downstream(req(P.ECHO_REQ, data=b"x"))
+    assert session.passes_upstream(session.current, res(P.NO_JOB))
+
+
+def test_what_the_session_changes_drops_or_decides_on_does_not_go_first() -> None:
+    session = retrying()
+    give(session, b"H:1", b"H:2")
+    assert not session.passes_downstream(req(P.GRAB_JOB))  # sent as GRAB_JOB_UNIQ
+    for failure in (req(P.WORK_FAIL, handle=b"H:1"), req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"),
+                    req(P.WORK_STATUS, handle=b"H:1", numerator=b"1", denominator=b"2")):
+        assert not session.passes_downstream(failure)
+    for registration in (req(P.CAN_DO, function=b"g"), req(P.CANT_DO, function=b"f")):
+        assert not session.passes_downstream(registration)
+    complete = req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")
+    assert not session.passes_downstream(complete[:-1]) and not session.passes_downstream(complete * 2)
+    assert not session.passes_downstream(req(P.WORK_COMPLETE, handle=b"H:2", data=b"")[:-1] + b"x")  # no NUL
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    assert session.retrier.holder(ROUTE, b"H:1") is session.current
+    assert not session.passes_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"stale"))  # held: dropped
+    assert session.passes_downstream(complete)
+    session.from_downstream(req(P.GRAB_JOB), now=0.0)  # upgraded: its assignment is rewritten
+    assert not session.passes_upstream(session.current, assign_uniq(b"H:3"))
+    session.from_upstream(session.current, res(P.NO_JOB), now=0.0)
+    assert session.passes_upstream(session.current, assign_uniq(b"H:3"))
+    assert not session.passes_upstream(session.current, assign_uniq(b"H:3", unique=b"gpr:1:u"))  # a retry's
+    assert not session.passes_upstream(session.current, assign_uniq(b"H:1"))  # the held job, taken back
+    assert not session.passes_upstream(session.current, assign_uniq(b"H:3")[:-3] + b"abc")  # too few NULs
+    assert not session.passes_upstream(session.current, res(P.ERROR, code=b"c", text=b"t"))
+    draining = retrying()
+    draining.draining = True
+    assert not draining.passes_downstream(req(P.GRAB_JOB_UNIQ)) and not draining.passes_downstream(req(P.PRE_SLEEP))
+
+
+def test_nothing_goes_first_on_a_connection_the_worker_was_moved_off_or_once_it_left() -> None:
+    session = retrying()
+    give(session, b"H:1", b"H:2")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)
+    old = session.current
+    session.from_downstream(req(P.CANT_DO, function=b"f"), now=0.0)  # held H:1 there: a move
+    assert session.current is not old and session.retired == [old]
+    assert not session.passes_upstream(old, res(P.NOOP))
+    assert not session.passes_downstream(req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"))  # old owns it
+    assert session.passes_upstream(session.current, res(P.NOOP))
+    session.worker_left(now=1.0)
+    assert not session.passes_upstream(session.current, res(P.NOOP))
+
+
+def test_a_packet_sent_first_that_the_session_would_not_have_sent_is_an_error() -> None:
+    session = retrying()
+    with pytest.raises(RuntimeError, match="not meant to go on"):
+        Session.from_downstream(session, req(P.GRAB_JOB), 0.0, sent=True)
 
 
 @pytest.mark.parametrize("late", LATE, ids=lambda p: PacketType(int.from_bytes(p[4:8], "big")).name)

@@ -327,6 +327,8 @@ class SessionWorld(RuleBasedStateMachine):
         """gearmand's replies on the retry connection not yet read, each with the retry job's
         handle if it is that job's outcome."""
         self.rc_hello = False
+        self.passed = 0
+        """Packets sent on before their Session saw them (passes_downstream/_upstream)."""
 
     # -- executing what gproxy asks for, as gproxy.proxy does
 
@@ -387,14 +389,26 @@ class SessionWorld(RuleBasedStateMachine):
                 self.close(link)
 
     def send(self, worker: Worker, data: bytes) -> None:
-        """The worker's bytes through its Session, and its commands carried out in order."""
-        self.run(worker.session.from_downstream(data, self.now), worker)
+        """The worker's bytes through its Session, and its commands carried out in order
+        (a packet that passes goes first, and the Session sees it after, as in a Pair)."""
+        session = worker.session
+        sent = session.passes_downstream(data)
+        if sent:
+            self.passed += 1
+            self.gearmand.receive(session.current, data)
+        self.run(session.from_downstream(data, self.now, sent), worker)
 
     def deliver(self, link: UpstreamLink) -> None:
         """gearmand's next reply on `link` reaches the Session, and the worker if it is there."""
         data, _ = self.gearmand.conns[link].outbox.popleft()
         worker = self.worker_of[link]
-        self.run(worker.session.from_upstream(link, data, self.now), worker)
+        session = worker.session
+        sent = session.passes_upstream(link, data)
+        if sent:
+            self.passed += 1
+            if not worker.gone:
+                self.to_worker(worker, data)
+        self.run(session.from_upstream(link, data, self.now, sent), worker)
 
     def to_worker(self, worker: Worker, data: bytes) -> None:
         for frame in worker.framer.receive(data):
