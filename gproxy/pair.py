@@ -333,17 +333,16 @@ class Pair:
             self.worker_lost = f"peer connection lost: {error}"
         elif unfinished := self.session.unfinished():
             return self.refuse("mid_packet", _mid_packet("peer", unfinished))
+        # Closing its gearmand connections would requeue the jobs gproxy holds, and the
+        # jobs it was running of functions that retry disconnects: the Session holds those
+        # (a retry each, see Session.worker_left); what it sends goes before any EOF.
+        self.run(self.session.worker_left(self._plane.clock()))
         if self._holds_retries():
-            # Closing its gearmand connections would requeue the jobs gproxy holds: keep
-            # those, retry what the worker was still running on them (as gearmand would
-            # have), and close once nothing is held.
             log.info("%s: worker left while retries are held; keeping their gearmand connections", self.name)
             self._departing = True
-            commands = self.session.worker_left(self._plane.clock())
             for link, endpoint in list(self._links.items()):
                 if endpoint is not None and not self._retrier.holds(link):
                     endpoint.shutdown_write()  # its running jobs requeue natively
-            self.run(commands)
             return self._released()
         self._left()
 

@@ -55,6 +55,13 @@ class Mode(enum.Enum):
     OBSERVE = "observe"
 
 
+class OnDisconnect(enum.Enum):
+    """What happens to a job whose worker vanishes in the middle of it."""
+
+    REQUEUE = "requeue"  # gearmand's own way: at once, with no limit
+    RETRY = "retry"  # a retryable failure: backoff, attempts, dead letter
+
+
 class Reason(enum.Enum):
     """Why a failure is retried (a metrics label, so the values are stable)."""
 
@@ -112,6 +119,7 @@ class RetryPolicy:
     max_hold_time: float = 600.0
     retry_priority: Priority = Priority.NORMAL
     mode: Mode = Mode.ENFORCE
+    on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
 
     def backoff(self, failed_attempt: int, rng: random.Random) -> float:
         """Delay before attempt `failed_attempt + 1`: exponential, capped; with jitter, a
@@ -468,15 +476,36 @@ class Retrier(Generic[OwnerT, RouteT]):
         held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
         return Decision(True, held)
 
+    def retries_disconnects(self, function: bytes) -> bool:
+        """Is a job of `function` whose worker vanishes retried as a failure (on_disconnect
+        = "retry", enforced), rather than requeued by gearmand?"""
+        policy = self.policies.for_function(function)
+        return policy.on_disconnect is OnDisconnect.RETRY and policy.mode is Mode.ENFORCE
+
+    def disconnects_observed(self, running: Iterable[TrackedJob]) -> None:
+        """The worker left jobs running that gearmand requeues: counted as observed where
+        on_disconnect = "retry" is only observed."""
+        for job in running:
+            policy = self.policies.for_function(job.function)
+            if policy.on_disconnect is OnDisconnect.RETRY and policy.mode is Mode.OBSERVE and not job.is_retry:
+                log.info("observe: would retry %s %s (disconnect)", _text(job.function), _text(job.handle))
+                self.metrics.count(self.metrics.observed, job.function)
+
     def worker_left(
-        self, owner: OwnerT, route: RouteT, running: list[TrackedJob], now: float
+        self, owner: OwnerT, route: RouteT, running: list[TrackedJob], now: float, ran: bool = True
     ) -> list[Action[OwnerT, RouteT]]:
-        """The worker of `owner` disconnected while `owner` holds retries for us, so `owner`
-        stays open and gearmand cannot requeue the original jobs the worker was still running
-        there: they are retried here at once instead, as gearmand would have done."""
+        """The worker of `owner` disconnected while `owner` stays open (it holds retries for
+        us, or runs jobs whose function retries disconnects), so gearmand cannot requeue the
+        original jobs the worker was still running there. A function that retries
+        disconnects gets a retryable failure (backoff, attempts, dead letter); any other job
+        is retried here at once instead, as gearmand would have requeued it (so is every
+        job if `ran` is False: assigned after the worker left, it never ran)."""
         actions: list[Action[OwnerT, RouteT]] = []
         for job in running:
             policy = self.policies.for_function(job.function)
+            if ran and self.retries_disconnects(job.function):
+                actions += self._disconnected(owner, route, job, policy, now)
+                continue
             if self._held_per_function[job.function] < policy.max_held:
                 actions += self._hold(owner, route, job, Verdict(Reason.DISCONNECT, 0.0), now)
                 continue
@@ -489,6 +518,24 @@ class Retrier(Generic[OwnerT, RouteT]):
             actions += self._dead_letter(route, policy, job)
             actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
         return actions
+
+    def _disconnected(
+        self, owner: OwnerT, route: RouteT, job: TrackedJob, policy: RetryPolicy, now: float
+    ) -> list[Action[OwnerT, RouteT]]:
+        """An original whose worker vanished, of a function that retries disconnects: a
+        failure like a retryable WORK_FAIL (a poison job that kills its workers runs
+        max_attempts times with backoff, then goes to the dead letter)."""
+        name = _text(job.function)
+        if policy.max_attempts > 1 and self._held_per_function[job.function] < policy.max_held:
+            return self._hold(owner, route, job, Verdict(Reason.DISCONNECT), now)
+        if policy.max_attempts <= 1:
+            self.metrics.count(self.metrics.exhausted, job.function)
+            log.warning("retry exhausted: %s %s after 1 attempt (its worker vanished), failed", name, _text(job.handle))
+        else:
+            self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
+            log.warning("%s already holds %d jobs (max_held): %s, whose worker vanished, fails", name, policy.max_held, _text(job.handle))
+        self.metrics.job_ended(job.function, "fail", now - job.started_at)
+        return [*self._dead_letter(route, policy, job), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
 
     def timer_fired(self, key: int, wait: int, now: float) -> list[Action[OwnerT, RouteT]]:
         job = self.held.get(key)
@@ -572,7 +619,10 @@ class Retrier(Generic[OwnerT, RouteT]):
         del self._by_retry_handle[(job.route, args["handle"])]
         job.retry_handle = None
         if ptype is P.WORK_EXCEPTION and failure == DISCONNECTED:
-            verdict: Verdict | None = Verdict(Reason.DISCONNECT, 0.0)
+            # The retry's worker vanished: at once, as gearmand would requeue it, unless
+            # the function retries disconnects as failures (with backoff).
+            retried = job.policy.on_disconnect is OnDisconnect.RETRY
+            verdict: Verdict | None = Verdict(Reason.DISCONNECT, None if retried else 0.0)
             job.last_failure = (P.WORK_FAIL, b"")  # as gearmand's --job-retries would end it
         else:
             verdict = classify(job.policy, ptype, failure)

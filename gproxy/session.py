@@ -311,27 +311,43 @@ class Session:
         return False
 
     def worker_left(self, now: float) -> list[Command]:
-        """The worker disconnected. Its connections that hold retries stay open, so gearmand
-        cannot requeue the jobs it was still running on them: originals are retried here
+        """The worker disconnected. A connection stays open if it holds retries, or runs a
+        job whose function retries disconnects (on_disconnect = "retry"): gearmand cannot
+        requeue the jobs the worker was still running there, so originals are retried here
         (reason disconnect), and retry jobs are failed back to the gproxy that owns their
-        loop, which retries them the same way. Its other connections may simply close."""
+        loop, which retries them the same way. Its other connections may simply close
+        (gearmand requeues their jobs), once the retry jobs of functions that retry
+        disconnects are failed back from them too: the loop's owner counts that attempt.
+        The caller carries out the commands before it closes anything."""
         self.worker_gone = True
         for link in self.links:
             self._command(*self._orphaned(link, now))
         return self._done()
 
-    def _orphaned(self, link: UpstreamLink, now: float) -> list[Command]:
-        """The jobs running on `link` whose worker has left, if `link` stays open for held
-        retries: retry jobs failed back to their loop's owner, originals retried here."""
+    def _orphaned(self, link: UpstreamLink, now: float, assigned_late: bool = False) -> list[Command]:
+        """The jobs running on `link` whose worker has left: if `link` stays open, retry
+        jobs failed back to their loop's owner and originals retried here. `assigned_late`:
+        a job assigned after the worker left, which never ran: no attempt of its failed."""
         retrier = self.retrier
-        if retrier is None or not retrier.holds(link):
+        if retrier is None:
             return []
+        kept = retrier.holds(link) or (not assigned_late and any(
+            not job.is_retry and retrier.retries_disconnects(job.function) for job in link.jobs
+        ))
+        if not kept and assigned_late:
+            return []  # the connection closes, and gearmand requeues the job
+        if not kept:
+            failed_back = [job for job in link.jobs if job.is_retry and retrier.retries_disconnects(job.function)]
+            for job in failed_back:
+                link.jobs.ended(job.handle)
+            retrier.disconnects_observed(link.jobs)
+            return [SendUpstream(link, self._disconnected(job.handle)) for job in failed_back]
         running = link.jobs.released_all()
         actions: list[Command] = [
             SendUpstream(link, self._disconnected(job.handle)) for job in running if job.is_retry
         ]
         originals = [job for job in running if not job.is_retry]
-        actions += retrier.worker_left(link, self.route, originals, now)
+        actions += retrier.worker_left(link, self.route, originals, now, ran=not assigned_late)
         return actions
 
     def link_closed(self, link: UpstreamLink) -> list[Command]:
@@ -461,7 +477,7 @@ class Session:
         # The payload stays in the packet that brought it: a view, not a copy.
         link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
         if self.worker_gone:  # the answer to a grab of a worker that has left since
-            self._command(*self._orphaned(link, now))
+            self._command(*self._orphaned(link, now, assigned_late=True))
             return b""
         unique_at = HEADER_SIZE + len(handle) + len(function) + 2
         if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out

@@ -16,6 +16,7 @@ from gproxy.retry import (
     MAX_UNIQUE,
     Decision,
     Mode,
+    OnDisconnect,
     Policies,
     Priority,
     Reason,
@@ -474,3 +475,51 @@ def test_a_budget_in_use_is_kept() -> None:
     for n in range(1, 3000):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=0.0)
     assert hash(b"busy") in t.retrier._budgets  # its deposit is still in the window
+
+
+# -- on_disconnect = "retry": a worker that vanishes mid-job is a failure ---------------------
+
+CRASHES = replace(POLICY, on_disconnect=OnDisconnect.RETRY, max_attempts=3, dead_letter="dlq")
+
+
+def running(handle: bytes = b"H:1") -> list[TrackedJob]:
+    return [TrackedJob(handle, b"f", b"u-1", b"payload", "up-1", 0.0)]
+
+
+def test_a_job_whose_worker_vanished_is_retried_with_backoff_then_dead_lettered() -> None:
+    t = Transcript(CRASHES)
+    assert t.retrier.retries_disconnects(b"f") and not Transcript().retrier.retries_disconnects(b"f")
+    assert t.note(t.retrier.worker_left("up-1", "route", running(), now=0.0)) == [Wakeup(1, 1.0, 1)]  # backoff
+    assert t.sample("gproxy_retries_total", reason="disconnect") == 1
+    t.submit_and_create(1, b"H:2")
+    # The retry's worker vanished too: the gproxy in front of it failed H:2 back.
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=DISCONNECTED, now=2.0) == [Wakeup(1, 2.0, 2)]
+    t.submit_and_create(1, b"H:3", now=4.0)
+    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED, now=5.0)
+    assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
+    assert actions[0].function == b"dlq" and actions[0].type is P.SUBMIT_JOB_BG
+    assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
+    assert t.sample("gproxy_retries_exhausted_total") == 1 and t.sample("gproxy_retries_total", reason="disconnect") == 2
+
+
+def test_a_vanished_worker_with_one_attempt_allowed_fails_its_job_to_the_dead_letter() -> None:
+    t = Transcript(replace(CRASHES, max_attempts=1))
+    actions = t.retrier.worker_left("up-1", "route", running(), now=0.0)
+    assert [type(a) for a in actions] == [Submit, SendUpstream] and t.retrier.held == {}
+    assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
+    assert t.sample("gproxy_retries_exhausted_total") == 1
+
+
+def test_a_job_assigned_after_its_worker_vanished_never_ran_and_is_requeued_at_once() -> None:
+    t = Transcript(CRASHES)
+    assert t.retrier.worker_left("up-1", "route", running(), now=0.0, ran=False) == [Wakeup(1, 0.0, 1)]
+
+
+def test_observe_mode_counts_a_vanished_workers_job_and_leaves_it_to_gearmand() -> None:
+    t = Transcript(replace(CRASHES, mode=Mode.OBSERVE))
+    assert not t.retrier.retries_disconnects(b"f")
+    t.retrier.disconnects_observed(running())
+    assert t.sample("gproxy_retries_observed_total") == 1 and t.retrier.held == {}
+    enforced = Transcript(CRASHES)  # (held instead: see worker_left)
+    enforced.retrier.disconnects_observed(running())
+    assert not enforced.sample("gproxy_retries_observed_total")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.retry import DISCONNECTED, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.retry import DISCONNECTED, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
 from gproxy.session import (
     MAX_SILENCED,
     CloseUpstream,
@@ -656,3 +656,60 @@ def test_every_event_answers_with_one_ordered_list_of_commands() -> None:
         SendUpstream(old, req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")),  # H:2 is the old one's
     ]
     assert session.from_upstream(new, res(P.NO_JOB), now=1.0) == [SendDownstream(res(P.NO_JOB))]
+
+
+# -- on_disconnect = "retry" ------------------------------------------------------------------
+
+CRASHES = replace(FAST, on_disconnect=OnDisconnect.RETRY)
+
+
+def test_a_worker_that_vanishes_mid_job_leaves_its_connection_holding_the_job_for_a_retry() -> None:
+    session = Driven("up", retrier=Retrier(Policies(FAST, {b"poison": CRASHES})), route=ROUTE)
+    link = session.current
+    give(session, b"H:1")  # function f: requeued by gearmand, as without gproxy
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.from_upstream(link, assign_uniq(b"H:2", function=b"poison"), now=0.0)
+    assert session.worker_left(now=1.0) == [Wakeup(1, 0.0, 1), Wakeup(2, 1.0, 1)]  # H:1 at once; a backoff
+    assert [(job.handle, job.function) for job in session.retrier.held.values()] == [
+        (b"H:1", b"f"), (b"H:2", b"poison")
+    ]
+    assert session.retrier.holds(link)  # the connection stays: closing it would requeue H:2
+
+
+def test_without_on_disconnect_a_vanished_workers_connection_simply_closes() -> None:
+    session = retrying()
+    give(session, b"H:1")
+    assert session.worker_left(now=1.0) == [] and not session.retrier.holds(session.current)
+
+
+def test_a_retry_job_of_a_function_that_retries_disconnects_is_failed_back_before_its_connection_closes() -> None:
+    session = retrying(CRASHES)
+    link = session.current
+    give(session, b"H:3=gpr:2:other")
+    assert session.worker_left(now=1.0) == [SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED))]
+    assert not session.retrier.holds(link) and not link.jobs  # nothing held: the connection may close
+
+
+def test_a_job_assigned_after_the_worker_vanished_is_left_to_gearmand_where_nothing_is_held() -> None:
+    session = retrying(CRASHES)
+    link = session.current
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    assert session.worker_left(now=1.0) == []
+    assert session.from_upstream(link, assign_uniq(b"H:2"), now=1.5) == b""  # it never ran
+    assert session.actions == [] and session.retrier.held == {}
+
+
+def test_a_retry_job_assigned_after_the_worker_vanished_never_ran_and_is_not_failed_back() -> None:
+    session = retrying(CRASHES)
+    link = session.current
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    session.worker_left(now=1.0)
+    assert session.from_upstream(link, assign_uniq(b"H:3", unique=b"gpr:2:u"), now=1.5) == b""
+    assert session.actions == []  # gearmand requeues it when the connection closes
+
+
+def test_in_observe_mode_a_vanished_workers_job_is_counted_and_left_to_gearmand() -> None:
+    session = retrying(replace(CRASHES, mode=Mode.OBSERVE))
+    give(session, b"H:1")
+    assert session.worker_left(now=1.0) == [] and session.retrier.held == {}
+    assert session.retrier.metrics.registry.get_sample_value("gproxy_retries_observed_total", {"function": "f"}) == 1

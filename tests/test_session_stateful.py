@@ -42,6 +42,7 @@ from gproxy.metrics import Metrics
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.retry import (
     DISCONNECTED,
+    OnDisconnect,
     Policies,
     RecheckBudget,
     Released,
@@ -58,13 +59,16 @@ from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))
-F, G = b"f", b"g"
-FUNCTIONS = (F, G)
+F, G, D = b"f", b"g", b"d"
+FUNCTIONS = (F, G, D)
 POLICY = RetryPolicy(
     max_attempts=3, backoff_initial=1.0, backoff_max=8.0, budget_ratio=0.25,
     budget_min_per_second=0.4, budget_ttl=5.0, max_held=4, max_hold_time=20.0, dead_letter="dlq",
 )
-POLICIES = Policies(POLICY, {G: replace(POLICY, on_fail=True)})  # g: a plain WORK_FAIL is retryable
+POLICIES = Policies(POLICY, {
+    G: replace(POLICY, on_fail=True),  # g: a plain WORK_FAIL is retryable
+    D: replace(POLICY, on_disconnect=OnDisconnect.RETRY),  # d: a worker that vanishes mid-job fails it
+})
 STALE = b"stale: the failed attempt's"
 """What a worker sends after its own failure (python-gearman's return value, late data)."""
 
@@ -450,15 +454,13 @@ class SessionWorld(RuleBasedStateMachine):
         worker.gone = True
         worker.running.clear()
         worker.grabs.clear()
-        if any(self.retrier.holds(link) for link in session.links):
-            for link in list(session.links):
-                if not self.retrier.holds(link):
-                    self.close(link)  # EOF: gearmand requeues its jobs
-            self.run(session.worker_left(self.now), worker)
-            self.settle(worker)
-        else:
-            for link in list(session.links):
-                self.close(link)
+        # What the Session asks for goes out first: it holds what must stay (held retries,
+        # jobs of functions that retry disconnects) and fails retry jobs back.
+        self.run(session.worker_left(self.now), worker)
+        for link in list(session.links):
+            if not self.retrier.holds(link):
+                self.close(link)  # EOF: gearmand requeues its jobs
+        self.settle(worker)
 
     def connect(self) -> None:
         name = b"w%d" % (len(self.workers) + 1)
@@ -590,7 +592,7 @@ class SessionWorld(RuleBasedStateMachine):
 
     @precondition(lambda self: self.idle_workers())
     @rule(
-        data=st.data(), submit=st.sampled_from((None, F, G)), plain=st.booleans(), pick=st.integers(-2, 2),
+        data=st.data(), submit=st.sampled_from((None, F, G, D)), plain=st.booleans(), pick=st.integers(-2, 2),
         answered=st.booleans(),
     )
     def a_worker_grabs(
@@ -668,6 +670,16 @@ class SessionWorld(RuleBasedStateMachine):
         self.close(link, lost=True)
         if link is worker.session.current and not worker.gone:
             self.leave(worker)  # gproxy ends the pair: the worker is disconnected
+
+    @precondition(lambda self: self.crash_candidates())
+    @rule(data=st.data(), answered_first=st.booleans())
+    def a_worker_crashes_mid_job(self, data: st.DataObject, answered_first: bool) -> None:
+        """A worker running a job of a function that retries disconnects vanishes (held
+        retries or not): its connection stays open for that job, which is retried."""
+        self.leave(data.draw(st.sampled_from(self.crash_candidates())), answered_first)
+
+    def crash_candidates(self) -> list[Worker]:
+        return [w for w in self.live() if D in w.running.values()]
 
     @precondition(lambda self: self.timers)
     @rule(data=st.data(), late=st.sampled_from([0.0, 0.0, 3.0, 30.0]))
