@@ -78,12 +78,13 @@ def test_a_job_that_kills_its_worker_runs_max_attempts_times_with_backoff_then_i
         others = [run_pyclient(gearmand.address, "scripted", f"ok|fine {n}", unique=f"fine-{n}") for n in range(6)]
         run = poison.result()
         gearmand.wait_for_queue("crashdl.scripted", total=1, running=0)  # no worker: it stays queued
+        wait_for(lambda: len(restarts) == 3, 10, "the supervisor to see the third worker exit")
         retried = proxy.sample("gproxy_retries_total", function="scripted", reason="disconnect")
         exhausted = proxy.sample("gproxy_retries_exhausted_total", function="scripted")
     assert [(r.returncode, r.stdout) for r in others] == [(0, b"ok after 1")] * 6
     assert (run.returncode, run.state) == (1, "FAILED"), run.stderr
     times = poison_attempts(tmp_path)
-    assert len(times) == 3 and len(restarts) == 3  # each attempt killed one worker
+    assert len(times) == 3 and restarts == [3, 3, 3]  # each attempt killed one worker (os._exit(3))
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps  # the backoff, doubling (no jitter)
     assert (retried, exhausted) == (2, 1)
