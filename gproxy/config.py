@@ -12,7 +12,7 @@ from typing import Any
 
 from .metrics import DEFAULT_MAX_FUNCTIONS
 from .protocol import DEFAULT_MAX_PACKET_SIZE
-from .retry import Mode, OnDisconnect, Policies, Priority, RetryPolicy
+from .retry import FinalException, Mode, OnDisconnect, Policies, Priority, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -277,6 +277,10 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
             return Priority(value)
         case "dead_letter":
             return text(allow_empty=True)
+        case "final_exception":
+            if value not in ("exception", "fail", "both"):
+                raise ConfigError(f"{name}: expected \"exception\", \"fail\" or \"both\", got {value!r}")
+            return FinalException(value)
         case "on_disconnect":
             if value not in ("requeue", "retry"):
                 raise ConfigError(f"{name}: expected \"requeue\" or \"retry\", got {value!r}")

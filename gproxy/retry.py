@@ -62,6 +62,16 @@ class OnDisconnect(enum.Enum):
     RETRY = "retry"  # a retryable failure: backoff, attempts, dead letter
 
 
+class FinalException(enum.Enum):
+    """How a client hears of a WORK_EXCEPTION that ends its job (not retried, or the last).
+    gearmand sends an exception only to clients that asked for exceptions (OPTION_REQ);
+    the others (the libgearman CLI, node clients) hear nothing and wait forever."""
+
+    EXCEPTION = "exception"  # as the worker sent it
+    FAIL = "fail"  # a WORK_FAIL instead, which every client understands
+    BOTH = "both"  # WORK_WARNING with the text, then WORK_FAIL
+
+
 class Reason(enum.Enum):
     """Why a failure is retried (a metrics label, so the values are stable)."""
 
@@ -120,6 +130,7 @@ class RetryPolicy:
     retry_priority: Priority = Priority.NORMAL
     mode: Mode = Mode.ENFORCE
     on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
+    final_exception: FinalException = FinalException.EXCEPTION
 
     def backoff(self, failed_attempt: int, rng: random.Random) -> float:
         """Delay before attempt `failed_attempt + 1`: exponential, capped; with jitter, a
@@ -334,10 +345,13 @@ Action = SendUpstream[OwnerT] | Released[OwnerT] | Submit[RouteT] | Wakeup | Rec
 @dataclass(frozen=True, slots=True)
 class Decision(Generic[OwnerT, RouteT]):
     """What happens to a worker's failure: held (not forwarded), or forwarded; `actions`
-    either way (a forwarded failure may still be dead-lettered)."""
+    either way (a forwarded failure may still be dead-lettered). `instead`: what is
+    forwarded in the failure's place (a final exception as its function's final_exception
+    says), None for the failure as the worker sent it."""
 
     held: bool
     actions: list[Action[OwnerT, RouteT]] = field(default_factory=list)
+    instead: bytes | None = None
 
 
 _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
@@ -455,26 +469,56 @@ class Retrier(Generic[OwnerT, RouteT]):
         function, handle = job.function, job.handle
         policy = self.policies.for_function(function)
         verdict = classify(policy, ptype, failure)
+
+        def forwarded(actions: list[Action[OwnerT, RouteT]]) -> Decision[OwnerT, RouteT]:
+            if ptype is not P.WORK_EXCEPTION or policy.final_exception is FinalException.EXCEPTION:
+                return Decision(False, actions)
+            return Decision(False, actions, self._final_exception(policy, function, handle, failure))
+
         if verdict is None:
-            return Decision(False)
+            return forwarded([])
         name = _text(function)
         if policy.mode is Mode.OBSERVE:
             log.info("observe: would retry %s %s (%s)", name, _text(handle), verdict.reason.value)
             self.metrics.count(self.metrics.observed, function)
-            return Decision(False)
+            return forwarded([])
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
             self.metrics.count(self.metrics.exhausted, function)
-            return Decision(False, self._dead_letter(route, policy, job))
+            return forwarded(self._dead_letter(route, policy, job))
         if self._held_per_function[function] >= policy.max_held:
             self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
             log.warning(
                 "%s already holds %d jobs (max_held): %s failure forwarded",
                 name, policy.max_held, _text(handle),
             )
-            return Decision(False, self._dead_letter(route, policy, job))
+            return forwarded(self._dead_letter(route, policy, job))
         held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
         return Decision(True, held)
+
+    def final_exception(self, function: bytes, handle: bytes, failure: bytes, exception_ends_job: bool) -> bytes:
+        """What ends a job of `function` with the exception `failure` (gproxy's own: a job
+        too large to hand over), as the function's final_exception says."""
+        policy = self.policies.for_function(function)
+        if policy.final_exception is FinalException.EXCEPTION:
+            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=failure)
+            return packet if exception_ends_job else packet + build_packet(REQ, P.WORK_FAIL, handle=handle)
+        return self._final_exception(policy, function, handle, failure)
+
+    def _final_exception(self, policy: RetryPolicy, function: bytes, handle: bytes, failure: bytes) -> bytes:
+        """WORK_FAIL (after a WORK_WARNING with the text, for "both") in place of a final
+        exception: every client understands it, and it ends the job on any server. The
+        text is logged, as the client of "fail" never sees it."""
+        log.info(
+            "%s %s ended by an exception, sent to its client as %s: %s",
+            _text(function), _text(handle),
+            "WORK_FAIL" if policy.final_exception is FinalException.FAIL else "WORK_WARNING and WORK_FAIL",
+            _text(exception_text(failure)),
+        )
+        fail = build_packet(REQ, P.WORK_FAIL, handle=handle)
+        if policy.final_exception is FinalException.BOTH:
+            return build_packet(REQ, P.WORK_WARNING, handle=handle, data=failure) + fail
+        return fail
 
     def retries_disconnects(self, function: bytes) -> bool:
         """Is a job of `function` whose worker vanishes retried as a failure (on_disconnect
@@ -800,12 +844,14 @@ class Retrier(Generic[OwnerT, RouteT]):
                 "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
                 _text(job.function), _text(job.handle), job.policy.max_hold_time,
             )
-        if ptype is P.WORK_EXCEPTION:
+        if ptype is not P.WORK_EXCEPTION:
+            packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
+        elif job.policy.final_exception is not FinalException.EXCEPTION:
+            packet = self._final_exception(job.policy, job.function, job.handle, failure)
+        else:
             packet = build_packet(REQ, P.WORK_EXCEPTION, handle=job.handle, data=failure)
             if not job.exception_ends_job:
                 packet += build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        else:
-            packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
         dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
         return dead_letter + self._finish(job, packet)
 

@@ -399,16 +399,18 @@ class Session:
         link, job = self._owner_of(handle, ended)
         if ended and job is not None:
             self.metrics.attempt_ended(job.function, now - job.started_at)
-            if ptype is not P.WORK_COMPLETE and self._failed(link, job, packet, now):
-                return b""
-            if ptype is P.WORK_COMPLETE and not job.is_retry:
+            if ptype is not P.WORK_COMPLETE:
+                forward = self._failed(link, job, packet, now)
+                return self._route(link, forward) if forward else b""
+            if not job.is_retry:
                 self.metrics.job_ended(job.function, "complete", now - job.started_at)
         return self._route(link, packet.raw)
 
-    def _failed(self, link: UpstreamLink, job: TrackedJob, packet: Packet, now: float) -> bool:
-        """A worker's WORK_FAIL or WORK_EXCEPTION: True if the Retrier holds the job."""
+    def _failed(self, link: UpstreamLink, job: TrackedJob, packet: Packet, now: float) -> bytes:
+        """A worker's WORK_FAIL or WORK_EXCEPTION: what goes on to gearmand for it (nothing
+        if the Retrier holds the job)."""
         ptype = packet.type
-        held = False
+        held, forward = False, packet.raw
         if self.retrier is not None and not job.is_retry:
             # (A retry's failure goes on: the gproxy that holds the original owns the loop.)
             decision = self.retrier.worker_failed(
@@ -418,13 +420,15 @@ class Session:
             )
             self._command(*decision.actions)
             held = decision.held
+            if decision.instead is not None:
+                forward = decision.instead  # a WORK_FAIL, which ends the job on any server
         if not held and not job.is_retry:  # a retry's outcome is counted where it is held
             self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
-        if held or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
+        if held or forward is not packet.raw or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
             job.is_retry and ptype is P.WORK_FAIL
         ):
             self._silence(job.handle)
-        return held
+        return b"" if held else forward
 
     def _registration_packet(self, packet: Packet) -> bytes:
         ptype = packet.type
@@ -502,9 +506,12 @@ class Session:
             _text(function), _text(handle), frame.size, self.max_packet_size,
         )
         reason = b"gproxy: a job of %d bytes exceeds max_packet_size %d" % (frame.size, self.max_packet_size)
-        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=reason)
-        if not self.traits.exception_ends_job:
-            packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
+        if self.retrier is not None:
+            packet = self.retrier.final_exception(function, handle, reason, self.traits.exception_ends_job)
+        else:
+            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=reason)
+            if not self.traits.exception_ends_job:
+                packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
         self.metrics.job_ended(function, "exception", 0.0)
         self._command(SendUpstream(link, packet))
         return _NO_JOB

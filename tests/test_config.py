@@ -9,7 +9,7 @@ import pytest
 
 from gproxy.cli import main
 from gproxy.config import Address, ConfigError, Route, load_config
-from gproxy.retry import Mode, OnDisconnect, Priority, RetryPolicy
+from gproxy.retry import FinalException, Mode, OnDisconnect, Priority, RetryPolicy
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -78,6 +78,7 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\n[retry]\nbudget_min_per_second = 0', {}, "retry.budget_min_per_second: must be > 0: with no floor"),
         ('upstream = "g:1"\n[retry]\nretry_priority = "urgent"', {}, 'retry.retry_priority: expected "normal", "high" or "low"'),
         ('upstream = "g:1"\n[functions."x"]\non_disconnect = true', {}, 'functions."x".on_disconnect: expected "requeue" or "retry"'),
+        ('upstream = "g:1"\n[retry]\nfinal_exception = "warn"', {}, 'retry.final_exception: expected "exception", "fail" or "both"'),
         # The budget's keys of 0.1 meant a cap on jobs held at once: refused, with what to write.
         (
             'upstream = "g:1"\n[retry]\nbudget_ratio = 0.5\nbudget_min = 10', {},
@@ -98,7 +99,7 @@ def test_the_retry_budget_and_its_caps_are_read_per_function(tmp_path: Path) -> 
         tmp_path,
         'upstream = "g:1"\n[retry]\nbudget_ratio = 0.1\nbudget_min_per_second = 2\nbudget_ttl = 30\n'
         '[functions."resize"]\nmax_held = 50\nmax_hold_time = 120\nretry_priority = "high"\n'
-        '[functions."report"]\nbudget_min_per_second = inf\n[functions."convert"]\non_disconnect = "retry"\n',
+        '[functions."report"]\nbudget_min_per_second = inf\n[functions."convert"]\non_disconnect = "retry"\nfinal_exception = "both"\n',
     )
     policies = load_config(path).policies
     base = RetryPolicy(budget_ratio=0.1, budget_min_per_second=2.0, budget_ttl=30.0)
@@ -106,6 +107,8 @@ def test_the_retry_budget_and_its_caps_are_read_per_function(tmp_path: Path) -> 
     assert policies.for_function(b"resize") == replace(base, max_held=50, max_hold_time=120.0, retry_priority=Priority.HIGH)
     assert policies.for_function(b"report").budget_min_per_second == float("inf")  # no budget
     assert policies.for_function(b"convert").on_disconnect is OnDisconnect.RETRY
+    assert policies.for_function(b"convert").final_exception is FinalException.BOTH
+    assert base.final_exception is FinalException.EXCEPTION
     assert base.on_disconnect is OnDisconnect.REQUEUE  # gearmand's own behaviour unless asked
 
 

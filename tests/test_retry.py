@@ -15,6 +15,7 @@ from gproxy.retry import (
     DISCONNECTED,
     MAX_UNIQUE,
     Decision,
+    FinalException,
     Mode,
     OnDisconnect,
     Policies,
@@ -523,3 +524,40 @@ def test_observe_mode_counts_a_vanished_workers_job_and_leaves_it_to_gearmand() 
     enforced = Transcript(CRASHES)  # (held instead: see worker_left)
     enforced.retrier.disconnects_observed(running())
     assert not enforced.sample("gproxy_retries_observed_total")
+
+
+# -- final_exception: how a client hears of an exception that ends its job -------------------
+
+
+@pytest.mark.parametrize("failure", [b"boom", b"FATAL: no"])
+def test_a_final_exception_reaches_the_client_as_its_function_says(failure: bytes) -> None:
+    fail = build_packet(REQ, P.WORK_FAIL, handle=b"H:1")
+    warning = build_packet(REQ, P.WORK_WARNING, handle=b"H:1", data=failure)
+    for final, instead in ((FinalException.EXCEPTION, None), (FinalException.FAIL, fail),
+                           (FinalException.BOTH, warning + fail)):
+        t = Transcript(replace(POLICY, final_exception=final))
+        assert t.fail(failure=failure) == Decision(False, [], instead)
+        assert t.fail(ptype=P.WORK_FAIL, failure=b"") == Decision(False)  # a WORK_FAIL is one already
+
+
+def test_an_exhausted_or_capped_exception_reaches_the_client_as_a_fail_where_asked() -> None:
+    t = Transcript(replace(POLICY, max_attempts=2, final_exception=FinalException.FAIL))
+    t.fail()
+    t.submit_and_create(1, b"H:2")
+    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: again")
+    assert actions[0] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
+    t = Transcript(replace(POLICY, max_attempts=1, final_exception=FinalException.FAIL))
+    assert t.fail().instead == build_packet(REQ, P.WORK_FAIL, handle=b"H:1")
+    observed = Transcript(replace(POLICY, mode=Mode.OBSERVE, final_exception=FinalException.FAIL))
+    assert observed.fail().instead == build_packet(REQ, P.WORK_FAIL, handle=b"H:1")
+
+
+def test_gproxys_own_exceptions_follow_final_exception_too() -> None:
+    t = Transcript(replace(POLICY, final_exception=FinalException.BOTH))
+    assert t.retrier.final_exception(b"f", b"H:1", b"too large", exception_ends_job=True) == (
+        build_packet(REQ, P.WORK_WARNING, handle=b"H:1", data=b"too large") + build_packet(REQ, P.WORK_FAIL, handle=b"H:1")
+    )
+    plain = Transcript().retrier.final_exception(b"f", b"H:1", b"too large", exception_ends_job=False)
+    assert plain == build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"too large") + build_packet(
+        REQ, P.WORK_FAIL, handle=b"H:1"
+    )

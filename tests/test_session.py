@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.retry import DISCONNECTED, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.retry import DISCONNECTED, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
 from gproxy.session import (
     MAX_SILENCED,
     CloseUpstream,
@@ -713,3 +713,34 @@ def test_in_observe_mode_a_vanished_workers_job_is_counted_and_left_to_gearmand(
     give(session, b"H:1")
     assert session.worker_left(now=1.0) == [] and session.retrier.held == {}
     assert session.retrier.metrics.registry.get_sample_value("gproxy_retries_observed_total", {"function": "f"}) == 1
+
+
+# -- final_exception ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exception_ends_job", [True, False])
+def test_a_final_exception_goes_on_as_a_fail_and_the_workers_own_fail_after_it_is_dropped(
+    exception_ends_job: bool,
+) -> None:
+    traits = ServerTraits(exception_ends_job=exception_ends_job)
+    session = retrying(replace(FAST, final_exception=FinalException.FAIL), traits=traits)
+    give(session, b"H:1")
+    perl = req(P.WORK_EXCEPTION, handle=b"H:1", data=b"boom") + req(P.WORK_FAIL, handle=b"H:1")
+    assert session.from_downstream(perl, now=1.0) == req(P.WORK_FAIL, handle=b"H:1")  # one WORK_FAIL ends it
+    assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"late"), now=1.0) == b""
+    assert session.metrics.snapshot().stats["f"].outcomes["exception"] == 1  # what the worker did
+
+
+def test_a_retry_jobs_exception_goes_on_as_it_is_to_the_gproxy_that_owns_its_loop() -> None:
+    session = retrying(replace(FAST, final_exception=FinalException.FAIL))
+    give(session, b"H:3=gpr:2:other")
+    exception = req(P.WORK_EXCEPTION, handle=b"H:3", data=b"boom")
+    assert session.from_downstream(exception, now=1.0) == exception
+
+
+def test_a_job_too_large_to_hand_over_is_failed_as_final_exception_says() -> None:
+    policies = Policies(replace(FAST, final_exception=FinalException.FAIL))
+    session = Driven("up", max_packet_size=2048, retrier=Retrier(policies), route=ROUTE)
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
+    assert session.from_upstream(session.current, assign_uniq(b"H:1", data=b"x" * 4096), now=0.0) == res(P.NO_JOB)
+    assert session.actions == [SendUpstream(session.current, req(P.WORK_FAIL, handle=b"H:1"))]
