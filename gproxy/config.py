@@ -256,6 +256,10 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
             return value
         case "max_attempts":
             return whole(1)
+        case "eject_after":
+            return whole(0)
+        case "eject_for" | "eject_for_max":
+            return positive()
         case "backoff_initial" | "backoff_max" | "budget_ratio":
             return number(0)
         case "budget_ttl" | "max_hold_time":

@@ -56,6 +56,7 @@ class Metrics:
         self.deferred = Counter("gproxy_retries_deferred", "Retries that waited for the retry budget after their backoff.", ["function"], registry=r)
         self.cap_rejections = Counter("gproxy_retry_cap_rejections", "Retryable failures forwarded because a cap was reached: max_held (jobs held at once) or max_hold_time (a wait too long).", ["function", "cap"], registry=r)
         self.observed = Counter("gproxy_retries_observed", "Failures observe mode would have retried.", ["function"], registry=r)
+        self.ejections = Counter("gproxy_worker_ejections", "Workers ejected (given no jobs for a while) after failing eject_after jobs in a row, by the function of the last failure.", ["function"], registry=r)
         self.upstream_connect_errors = Counter("gproxy_upstream_connect_errors", "Failed connections to gearmand.", registry=r)
         self.protocol_errors = Counter("gproxy_protocol_errors", "Connections closed for bad input, by reason.", ["reason"], registry=r)
         self.upstream_up = Gauge("gproxy_upstream_up", "1 if the last connection to this gearmand succeeded.", ["upstream"], registry=r)
@@ -67,6 +68,7 @@ class Metrics:
         self.held: Callable[[], Mapping[bytes, int]] = dict
         self.budget_balance: Callable[[], Mapping[bytes, float]] = dict
         self.connections: Callable[[], Mapping[str, int]] = lambda: {"worker": 0, "upstream": 0}
+        self.ejected: Callable[[], Mapping[bytes, int]] = dict
         self.registry.register(_Live(self))
 
     def function(self, name: bytes) -> str:
@@ -79,7 +81,7 @@ class Metrics:
             self._stats.setdefault(label, JobStats())  # zero-valued series, so rates and alerts see them start
             for reason in REASONS:
                 self.retries.labels(label, reason)
-            for counter in (self.exhausted, self.deferred, self.observed):
+            for counter in (self.exhausted, self.deferred, self.observed, self.ejections):
                 counter.labels(label)
             for cap in CAPS:
                 self.cap_rejections.labels(label, cap)
@@ -119,12 +121,13 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Everything read at scrape time, copied: cheap, and taken on the loop."""
         running, held, balance = dict(self.running), dict(self.held()), dict(self.budget_balance())
-        for name in (*running, *held, *balance):
+        ejected = dict(self.ejected())
+        for name in (*running, *held, *balance, *ejected):
             self.function(name)  # a function seen only here gets its label now, as ever
         return Snapshot(
             {direction: list(counts) for direction, counts in self.packets.items()},
             dict(self._functions), running, held, balance, dict(self.connections()),
-            {label: stats.copy() for label, stats in self._stats.items()},
+            {label: stats.copy() for label, stats in self._stats.items()}, ejected,
         )
 
     def render(self, snapshot: Snapshot) -> bytes:
@@ -170,6 +173,7 @@ class Snapshot:
     budget_balance: dict[bytes, float]
     connections: dict[str, int]
     stats: dict[str, JobStats]
+    ejected: dict[bytes, int]
 
 
 class _Live(Collector):
@@ -213,6 +217,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
     yield _per_function("gproxy_jobs_running", "Jobs assigned to workers behind gproxy now.", snap, snap.running)
     yield _per_function("gproxy_jobs_held", "Jobs held for a retry now.", snap, snap.held)
     yield _per_function("gproxy_retry_budget_balance", "Retries the retry budget allows right now.", snap, snap.budget_balance)
+    yield _per_function("gproxy_worker_ejected", "Workers ejected now, by the function of the failure that ejected them.", snap, snap.ejected)
     connections = GaugeMetricFamily("gproxy_connections", "Open connections, by side.", labels=["side"])
     for side, value in snap.connections.items():
         connections.add_metric([side], value)

@@ -25,7 +25,7 @@ from .jobs import TrackedJob
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
-from .session import CloseUpstream, Command, OpenUpstream, SendDownstream, Session, UpstreamLink
+from .session import CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 
@@ -50,13 +50,21 @@ class Linger:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class EjectionOver:
+    """Call `pair.ejection_over()` after `delay` seconds."""
+
+    pair: Pair
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Ended:
     """`pair` has closed every connection it had."""
 
     pair: Pair
 
 
-Posted = Connect | Linger | Ended | Wakeup | RecheckBudget | Submit[Route]
+Posted = Connect | Linger | EjectionOver | Ended | Wakeup | RecheckBudget | Submit[Route]
 """What the data plane asks of the control plane (trio): rare, and never waited for."""
 
 
@@ -223,6 +231,12 @@ class Pair:
                 self._control.post(Connect(self, command.link))
             elif type(command) is Wakeup or type(command) is RecheckBudget or type(command) is Submit:
                 self._control.post(command)
+            elif type(command) is Eject:
+                log.warning(
+                    "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
+                    self.name, command.delay, command.failures, command.function.decode("utf-8", "replace"),
+                )
+                self._control.post(EjectionOver(self, command.delay))
 
     def _send_upstream(self, link: UpstreamLink, data: bytes) -> None:
         if (endpoint := self._links.get(link)) is not None:
@@ -385,6 +399,11 @@ class Pair:
 
     def linger_over(self) -> None:
         self._finish()
+
+    def ejection_over(self) -> None:
+        if not self.done:
+            log.warning("%s: worker back from its ejection; it is given jobs again", self.name)
+            self.run(self.session.ejection_over())
 
     def stop(self) -> None:
         """gproxy is stopping: the pair closes now (gearmand requeues what is left)."""

@@ -31,7 +31,7 @@ from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
 from .memory import Trimmer
 from .metrics import Metrics
-from .pair import Connect, Ended, Linger, Pair, PairSet, Posted
+from .pair import Connect, EjectionOver, Ended, Linger, Pair, PairSet, Posted
 from .retry import Action, RecheckBudget, Retrier, Submit, Wakeup
 from .retry_client import RetryClient
 from .session import ServerTraits, Session, UpstreamLink
@@ -90,6 +90,9 @@ class Proxy:
         self._timers = Timers(self._timer_failed)
         self._lingering: dict[Pair, Timer] = {}
         """Pairs one side of which has closed, until they end or their linger runs out."""
+        self._ejections: dict[Pair, Timer] = {}
+        """Pairs whose worker is ejected, until they end or the ejection is over."""
+        self.metrics.ejected = self._ejected_workers
 
     async def ready(self) -> tuple[bool, str]:
         """Ready when every route's gearmand accepts a connection now (and not shutting down)."""
@@ -264,7 +267,7 @@ class Proxy:
             self._take(item, nursery)
         except Exception:  # one item lost to a bug; the dispatcher serves on
             log.exception("internal error handling %r", item)
-            if isinstance(item, Connect | Linger | Ended):
+            if isinstance(item, Connect | Linger | EjectionOver | Ended):
                 item.pair.fail("internal error in the control plane", logging.ERROR)
 
     def _take(self, item: Posted, nursery: trio.Nursery) -> None:
@@ -273,9 +276,13 @@ class Proxy:
         elif type(item) is Linger:
             pair = item.pair
             self._lingering[pair] = self._timers.call_later(item.delay, pair.linger_over)
+        elif type(item) is EjectionOver:
+            pair = item.pair
+            self._ejections[pair] = self._timers.call_later(item.delay, partial(self._ejection_over, pair))
         elif type(item) is Ended:
-            if (timer := self._lingering.pop(item.pair, None)) is not None:
-                timer.cancel()  # and the pair is let go of now, not when it would have run out
+            for timers in (self._lingering, self._ejections):
+                if (timer := timers.pop(item.pair, None)) is not None:
+                    timer.cancel()  # and the pair is let go of now, not when it would have run out
             self._trimmer.soon()  # what the pair's buffers and jobs held is free now
         elif type(item) is Wakeup or type(item) is RecheckBudget or type(item) is Submit:
             self._carry_out([item])
@@ -318,6 +325,21 @@ class Proxy:
         function = recheck.function.decode("utf-8", "replace")
         with self._supervised(f"retry budget of {function}", self.retrier.owners(function=recheck.function)):
             self._carry_out(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+
+    def _ejection_over(self, pair: Pair) -> None:
+        del self._ejections[pair]
+        try:
+            pair.ejection_over()
+        except Exception:  # (a timer of the process: nothing may escape it but this pair)
+            log.exception("%s: internal error at the end of its ejection", pair.name)
+            pair.fail("internal error at the end of an ejection", logging.ERROR)
+
+    def _ejected_workers(self) -> dict[bytes, int]:
+        """Workers ejected now, by the function of the failure that ejected them (at scrape time)."""
+        ejected: collections.Counter[bytes] = collections.Counter()
+        for pair in self._ejections:
+            ejected[pair.session.ejection.function] += 1
+        return ejected
 
     def _timer_failed(self, exc: Exception) -> None:
         log.error("internal error in a timer", exc_info=exc)

@@ -131,6 +131,9 @@ class RetryPolicy:
     mode: Mode = Mode.ENFORCE
     on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
     final_exception: FinalException = FinalException.EXCEPTION
+    eject_after: int = 0
+    eject_for: float = 30.0
+    eject_for_max: float = 600.0
 
     def backoff(self, failed_attempt: int, rng: random.Random) -> float:
         """Delay before attempt `failed_attempt + 1`: exponential, capped; with jitter, a

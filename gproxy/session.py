@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .config import Route
+from .ejection import Ejection
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
 from .protocol import (
@@ -55,6 +56,7 @@ P = PacketType
 _GRAB_JOB: Final = build_packet(REQ, P.GRAB_JOB)
 _GRAB_JOB_UNIQ: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
 _NO_JOB: Final = build_packet(RES, P.NO_JOB)
+_NOOP: Final = build_packet(RES, P.NOOP)
 _ASSIGNS: Final = frozenset({P.JOB_ASSIGN, P.JOB_ASSIGN_UNIQ, P.JOB_ASSIGN_ALL})
 _GRABS: Final = frozenset({P.GRAB_JOB, P.GRAB_JOB_UNIQ, P.GRAB_JOB_ALL})
 _RESULTS: Final = frozenset({P.WORK_COMPLETE, P.WORK_FAIL, P.WORK_EXCEPTION})
@@ -145,13 +147,23 @@ class OpenUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Eject:
+    """The worker failed `failures` jobs in a row (the last one of `function`): it gets no
+    job for `delay` seconds; then call `ejection_over()`."""
+
+    delay: float
+    function: bytes
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
 class CloseUpstream:
     """A retired connection owns nothing any more."""
 
     link: UpstreamLink
 
 
-Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream
+Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream | Eject
 """What a Session asks of its caller, in the order it must happen. (SendUpstream may name
 another worker's connection: the retry outcome of a job that connection holds.)"""
 
@@ -195,6 +207,7 @@ class Session:
         """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
         self.worker_gone = False
         """The worker left; connections that hold retries stay open for them (worker_left)."""
+        self.ejection = Ejection()
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -207,7 +220,7 @@ class Session:
 
     def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
-        watched = _WATCHED_DRAINING if self.draining else _WATCHED_DOWNSTREAM
+        watched = _WATCHED_DRAINING if self.draining or self.ejection.until is not None else _WATCHED_DOWNSTREAM
         for frame in self.downstream.receive(data):
             if type(frame) is Packet:
                 if frame.type not in watched:
@@ -253,7 +266,7 @@ class Session:
             return False
         if ptype not in _WATCHED_DRAINING:
             return True
-        if self.draining:
+        if self.draining or self.ejection.until is not None:
             return False
         if ptype is P.GRAB_JOB_UNIQ or ptype is P.GRAB_JOB_ALL or ptype is P.PRE_SLEEP:
             return True
@@ -377,9 +390,12 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
-        if self.draining and (ptype in _GRABS or ptype is P.PRE_SLEEP):
-            # No new jobs while shutting down; a sleeping worker is simply never woken.
-            if ptype is not P.PRE_SLEEP:
+        if (self.draining or self.ejection.until is not None) and (ptype in _GRABS or ptype is P.PRE_SLEEP):
+            # No new jobs while shutting down or ejected; a sleeping worker is not woken
+            # by gearmand (an ejected one is, by gproxy, when its time is up).
+            if ptype is P.PRE_SLEEP:
+                self.ejection.sleeping = True
+            else:
                 self._back.append(_NO_JOB)
             return b""
         if ptype in _GRABS:
@@ -399,6 +415,7 @@ class Session:
         link, job = self._owner_of(handle, ended)
         if ended and job is not None:
             self.metrics.attempt_ended(job.function, now - job.started_at)
+            self._count_for_ejection(job, ptype is P.WORK_COMPLETE, now)
             if ptype is not P.WORK_COMPLETE:
                 forward = self._failed(link, job, packet, now)
                 return self._route(link, forward) if forward else b""
@@ -429,6 +446,24 @@ class Session:
         ):
             self._silence(job.handle)
         return b"" if held else forward
+
+    def _count_for_ejection(self, job: TrackedJob, completed: bool, now: float) -> None:
+        if completed:
+            return self.ejection.completed()
+        if self.retrier is None:
+            return None
+        policy = self.retrier.policies.for_function(job.function)
+        duration = self.ejection.failed(policy, job.function, now)
+        if duration is not None:
+            self.metrics.count(self.metrics.ejections, job.function)
+            self._command(Eject(duration, job.function, policy.eject_after))
+        return None
+
+    def ejection_over(self) -> list[Command]:
+        """The time of the worker's ejection is up: a sleeping worker is woken (NOOP)."""
+        if self.ejection.over() and not self.worker_gone:
+            self._back.append(_NOOP)
+        return self._done()
 
     def _registration_packet(self, packet: Packet) -> bytes:
         ptype = packet.type

@@ -52,11 +52,13 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     },
     "gproxy_packets_total": {"direction": frozenset({"to_gearmand", "from_gearmand"}), "type": None},
     "gproxy_upstream_up": {"upstream": None},
+    "gproxy_worker_ejections_total": {"function": None},
+    "gproxy_worker_ejected": {"function": None},
 }
 HISTOGRAMS = {"gproxy_job_duration_seconds", "gproxy_attempt_duration_seconds"}
 GAUGES = {
     "gproxy_jobs_running", "gproxy_jobs_held", "gproxy_retry_budget_balance", "gproxy_connections",
-    "gproxy_upstream_up",
+    "gproxy_upstream_up", "gproxy_worker_ejected",
 }
 TARGET_LABELS = {"instance": None, "job": None}
 
@@ -87,6 +89,7 @@ def test_the_table_is_what_gproxy_exports() -> None:
     metrics.running[b"resize"] += 1
     metrics.held = lambda: {b"resize": 1}
     metrics.budget_balance = lambda: {b"resize": 2.5}
+    metrics.ejected = lambda: {b"resize": 1}
     exported: dict[str, dict[str, set[str]]] = {}
     kinds: dict[str, str] = {}
     for family in metrics.registry.collect():
@@ -331,7 +334,7 @@ def _input_series() -> list[dict[str, str]]:
     series[f'gproxy_jobs_total{{{target},function="thumbnail",outcome="retried"}}'] = "0+5x20"
     for reason in METRICS["gproxy_retries_total"]["reason"] or ():
         series[f'gproxy_retries_total{{{target},function="resize",reason="{reason}"}}'] = "0+3x20"
-    for metric in ("retries_exhausted_total", "retries_deferred_total", "retries_observed_total"):
+    for metric in ("retries_exhausted_total", "retries_deferred_total", "retries_observed_total", "worker_ejections_total"):
         series[f'gproxy_{metric}{{{target},function="resize"}}'] = "0+2x20"
     for cap in METRICS["gproxy_retry_cap_rejections_total"]["cap"] or ():
         series[f'gproxy_retry_cap_rejections_total{{{target},function="resize",cap="{cap}"}}'] = "0+1x20"
@@ -343,6 +346,7 @@ def _input_series() -> list[dict[str, str]]:
     series[f'gproxy_jobs_running{{{target},function="resize"}}'] = "4x20"
     series[f'gproxy_jobs_held{{{target},function="resize"}}'] = "2x20"
     series[f'gproxy_retry_budget_balance{{{target},function="resize"}}'] = "0 3 7.5x18"
+    series[f'gproxy_worker_ejected{{{target},function="resize"}}'] = "0 1x19"
     series[f'gproxy_connections{{{target},side="worker"}}'] = "3x20"
     series[f'gproxy_connections{{{target},side="upstream"}}'] = "4x20"
     series[f'gproxy_upstream_up{{{target},upstream="gearmand:4730"}}'] = "1x20"

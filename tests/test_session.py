@@ -16,6 +16,7 @@ from gproxy.session import (
     MAX_SILENCED,
     CloseUpstream,
     Command,
+    Eject,
     OpenUpstream,
     SendDownstream,
     ServerTraits,
@@ -744,3 +745,47 @@ def test_a_job_too_large_to_hand_over_is_failed_as_final_exception_says() -> Non
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     assert session.from_upstream(session.current, assign_uniq(b"H:1", data=b"x" * 4096), now=0.0) == res(P.NO_JOB)
     assert session.actions == [SendUpstream(session.current, req(P.WORK_FAIL, handle=b"H:1"))]
+
+
+# -- outlier ejection ---------------------------------------------------------------------------
+
+EJECTS = replace(FAST, eject_after=2, eject_for=5.0)
+
+
+def test_a_worker_failing_eject_after_jobs_in_a_row_is_ejected_and_woken_when_it_is_over() -> None:
+    session = retrying(EJECTS)
+    give(session, b"H:1", b"H:2")
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=1.0)  # held: counts
+    assert not any(type(a) is Eject for a in session.actions)
+    session.from_downstream(req(P.WORK_FAIL, handle=b"H:2"), now=1.0)
+    assert [a for a in session.actions if type(a) is Eject] == [Eject(5.0, b"f", 2)]
+    assert session.metrics.registry.get_sample_value("gproxy_worker_ejections_total", {"function": "f"}) == 1
+    # Ejected: its grabs get NO_JOB from gproxy, its sleep is not passed on (gearmand would wake it).
+    assert not session.passes_downstream(req(P.GRAB_JOB_UNIQ))
+    assert session.from_downstream(req(P.GRAB_JOB_UNIQ) + req(P.PRE_SLEEP), now=2.0) == b""
+    assert session.replies == [res(P.NO_JOB)] and not session.current.grabs_pending
+    assert session.ejection_over() == [SendDownstream(res(P.NOOP))]  # time is up: woken
+    assert session.from_downstream(req(P.GRAB_JOB_UNIQ), now=7.0) == req(P.GRAB_JOB_UNIQ)
+
+
+def test_a_completion_resets_the_count_and_ejection_is_off_by_default() -> None:
+    session = retrying(EJECTS)
+    give(session, b"H:1", b"H:2", b"H:3")
+    session.from_downstream(req(P.WORK_FAIL, handle=b"H:1"), now=0.0)
+    session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"), now=0.0)
+    session.from_downstream(req(P.WORK_FAIL, handle=b"H:3"), now=0.0)
+    assert not session.ejection.active and session.ejection_over() == []
+    plain = retrying()
+    give(plain, *[b"H:%d" % n for n in range(20)])
+    for n in range(20):
+        plain.from_downstream(req(P.WORK_FAIL, handle=b"H:%d" % n), now=0.0)
+    assert not plain.ejection.active and not any(type(a) is Eject for a in plain.actions)
+
+
+def test_a_worker_that_left_while_ejected_is_not_woken() -> None:
+    session = retrying(replace(EJECTS, eject_after=1))
+    give(session, b"H:1")
+    session.from_downstream(req(P.WORK_FAIL, handle=b"H:1"), now=0.0)
+    session.from_downstream(req(P.PRE_SLEEP), now=0.0)
+    session.worker_left(now=1.0)
+    assert session.ejection_over() == []
