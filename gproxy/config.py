@@ -256,6 +256,8 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
             return value
         case "max_attempts":
             return whole(1)
+        case "timeout":
+            return number(0)
         case "eject_after":
             return whole(0)
         case "eject_for" | "eject_for_max":

@@ -25,7 +25,7 @@ from .jobs import TrackedJob
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
-from .session import CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
+from .session import ArmTimeout, CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 
@@ -58,13 +58,21 @@ class EjectionOver:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class CheckTimeouts:
+    """Call `pair.timeouts_due()` after `delay` seconds, instead of any earlier request."""
+
+    pair: Pair
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Ended:
     """`pair` has closed every connection it had."""
 
     pair: Pair
 
 
-Posted = Connect | Linger | EjectionOver | Ended | Wakeup | RecheckBudget | Submit[Route]
+Posted = Connect | Linger | EjectionOver | CheckTimeouts | Ended | Wakeup | RecheckBudget | Submit[Route]
 """What the data plane asks of the control plane (trio): rare, and never waited for."""
 
 
@@ -231,6 +239,8 @@ class Pair:
                 self._control.post(Connect(self, command.link))
             elif type(command) is Wakeup or type(command) is RecheckBudget or type(command) is Submit:
                 self._control.post(command)
+            elif type(command) is ArmTimeout:
+                self._control.post(CheckTimeouts(self, command.delay))
             elif type(command) is Eject:
                 log.warning(
                     "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
@@ -399,6 +409,10 @@ class Pair:
 
     def linger_over(self) -> None:
         self._finish()
+
+    def timeouts_due(self) -> None:
+        if not self.done:
+            self.run(self.session.timeouts_due(self._clock()))
 
     def ejection_over(self) -> None:
         if not self.done:

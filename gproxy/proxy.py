@@ -31,7 +31,7 @@ from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
 from .memory import Trimmer
 from .metrics import Metrics
-from .pair import Connect, EjectionOver, Ended, Linger, Pair, PairSet, Posted
+from .pair import CheckTimeouts, Connect, EjectionOver, Ended, Linger, Pair, PairSet, Posted
 from .retry import Action, RecheckBudget, Retrier, Submit, Wakeup
 from .retry_client import RetryClient
 from .session import ServerTraits, Session, UpstreamLink
@@ -92,6 +92,8 @@ class Proxy:
         """Pairs one side of which has closed, until they end or their linger runs out."""
         self._ejections: dict[Pair, Timer] = {}
         """Pairs whose worker is ejected, until they end or the ejection is over."""
+        self._timeouts: dict[Pair, Timer] = {}
+        """Pairs running jobs with a timeout: one timer each, for the earliest deadline."""
         self.metrics.ejected = self._ejected_workers
 
     async def ready(self) -> tuple[bool, str]:
@@ -267,7 +269,7 @@ class Proxy:
             self._take(item, nursery)
         except Exception:  # one item lost to a bug; the dispatcher serves on
             log.exception("internal error handling %r", item)
-            if isinstance(item, Connect | Linger | EjectionOver | Ended):
+            if isinstance(item, Connect | Linger | EjectionOver | CheckTimeouts | Ended):
                 item.pair.fail("internal error in the control plane", logging.ERROR)
 
     def _take(self, item: Posted, nursery: trio.Nursery) -> None:
@@ -279,8 +281,13 @@ class Proxy:
         elif type(item) is EjectionOver:
             pair = item.pair
             self._ejections[pair] = self._timers.call_later(item.delay, partial(self._ejection_over, pair))
+        elif type(item) is CheckTimeouts:
+            pair = item.pair
+            if (earlier := self._timeouts.pop(pair, None)) is not None:
+                earlier.cancel()
+            self._timeouts[pair] = self._timers.call_later(item.delay, partial(self._timeouts_due, pair))
         elif type(item) is Ended:
-            for timers in (self._lingering, self._ejections):
+            for timers in (self._lingering, self._ejections, self._timeouts):
                 if (timer := timers.pop(item.pair, None)) is not None:
                     timer.cancel()  # and the pair is let go of now, not when it would have run out
             self._trimmer.soon()  # what the pair's buffers and jobs held is free now
@@ -333,6 +340,14 @@ class Proxy:
         except Exception:  # (a timer of the process: nothing may escape it but this pair)
             log.exception("%s: internal error at the end of its ejection", pair.name)
             pair.fail("internal error at the end of an ejection", logging.ERROR)
+
+    def _timeouts_due(self, pair: Pair) -> None:
+        del self._timeouts[pair]
+        try:
+            pair.timeouts_due()
+        except Exception:  # (a timer of the process: nothing may escape it but this pair)
+            log.exception("%s: internal error while timing out its jobs", pair.name)
+            pair.fail("internal error while timing out jobs", logging.ERROR)
 
     def _ejected_workers(self) -> dict[bytes, int]:
         """Workers ejected now, by the function of the failure that ejected them (at scrape time)."""

@@ -48,6 +48,9 @@ DISCONNECTED: Final = b"gproxy: the worker running this retry disconnected"
 """The failure a gproxy reports for a retry job whose worker left on a connection that it
 keeps open for held jobs: every gproxy retries it with reason `disconnect`, as gearmand
 would have requeued it."""
+TIMED_OUT: Final = b"gproxy: the worker running this retry ran past its timeout"
+"""The failure a gproxy reports for a retry job that ran past its function's timeout
+behind it: the gproxy that owns the loop retries it with reason `timeout`."""
 
 
 class Mode(enum.Enum):
@@ -79,6 +82,7 @@ class Reason(enum.Enum):
     FAIL = "fail"
     WORKER_HINT = "worker_hint"
     DISCONNECT = "disconnect"
+    TIMEOUT = "timeout"
 
 
 class Priority(enum.Enum):
@@ -131,6 +135,7 @@ class RetryPolicy:
     mode: Mode = Mode.ENFORCE
     on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
     final_exception: FinalException = FinalException.EXCEPTION
+    timeout: float = 0.0
     eject_after: int = 0
     eject_for: float = 30.0
     eject_for_max: float = 600.0
@@ -358,6 +363,7 @@ class Decision(Generic[OwnerT, RouteT]):
 
 
 _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
+_LOST: Final = {Reason.DISCONNECT: "its worker vanished", Reason.TIMEOUT: "it ran past its timeout"}
 
 
 class Retrier(Generic[OwnerT, RouteT]):
@@ -566,21 +572,42 @@ class Retrier(Generic[OwnerT, RouteT]):
             actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
         return actions
 
+    def worker_timed_out(
+        self, owner: OwnerT, route: RouteT, job: TrackedJob, now: float
+    ) -> list[Action[OwnerT, RouteT]] | None:
+        """An original ran past its function's timeout: a retryable failure (reason
+        timeout; the worker's late result is the caller's to drop). None in observe mode:
+        only counted, and the attempt runs on."""
+        policy = self.policies.for_function(job.function)
+        if policy.mode is Mode.OBSERVE:
+            log.info("observe: would retry %s %s (timeout)", _text(job.function), _text(job.handle))
+            self.metrics.count(self.metrics.observed, job.function)
+            return None
+        return self._attempt_lost(owner, route, job, policy, now, Reason.TIMEOUT)
+
     def _disconnected(
         self, owner: OwnerT, route: RouteT, job: TrackedJob, policy: RetryPolicy, now: float
     ) -> list[Action[OwnerT, RouteT]]:
         """An original whose worker vanished, of a function that retries disconnects: a
         failure like a retryable WORK_FAIL (a poison job that kills its workers runs
         max_attempts times with backoff, then goes to the dead letter)."""
-        name = _text(job.function)
+        return self._attempt_lost(owner, route, job, policy, now, Reason.DISCONNECT)
+
+    def _attempt_lost(
+        self, owner: OwnerT, route: RouteT, job: TrackedJob, policy: RetryPolicy, now: float, reason: Reason
+    ) -> list[Action[OwnerT, RouteT]]:
+        """An attempt that ended with no result of the worker's (it vanished, or ran out of
+        time): held for a retry with backoff; with no attempt or room left, failed (a
+        WORK_FAIL, as gearmand's --job-retries would end it) and dead-lettered."""
+        name, why = _text(job.function), _LOST[reason]
         if policy.max_attempts > 1 and self._held_per_function[job.function] < policy.max_held:
-            return self._hold(owner, route, job, Verdict(Reason.DISCONNECT), now)
+            return self._hold(owner, route, job, Verdict(reason), now)
         if policy.max_attempts <= 1:
             self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning("retry exhausted: %s %s after 1 attempt (its worker vanished), failed", name, _text(job.handle))
+            log.warning("retry exhausted: %s %s after 1 attempt (%s), failed", name, _text(job.handle), why)
         else:
             self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
-            log.warning("%s already holds %d jobs (max_held): %s, whose worker vanished, fails", name, policy.max_held, _text(job.handle))
+            log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, _text(job.handle), why)
         self.metrics.job_ended(job.function, "fail", now - job.started_at)
         return [*self._dead_letter(route, policy, job), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
 
@@ -671,6 +698,9 @@ class Retrier(Generic[OwnerT, RouteT]):
             retried = job.policy.on_disconnect is OnDisconnect.RETRY
             verdict: Verdict | None = Verdict(Reason.DISCONNECT, None if retried else 0.0)
             job.last_failure = (P.WORK_FAIL, b"")  # as gearmand's --job-retries would end it
+        elif ptype is P.WORK_EXCEPTION and failure == TIMED_OUT:
+            verdict = Verdict(Reason.TIMEOUT)  # it ran past its timeout behind a gproxy
+            job.last_failure = (P.WORK_FAIL, b"")
         else:
             verdict = classify(job.policy, ptype, failure)
             job.last_failure = (ptype, failure)

@@ -49,7 +49,7 @@ from .protocol import (
     splice,
     split_head,
 )
-from .retry import DISCONNECTED, Action, Retrier, SendUpstream, parse_retry_unique
+from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
@@ -147,6 +147,13 @@ class OpenUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class ArmTimeout:
+    """Call `timeouts_due(now)` after `delay` seconds (it replaces any earlier request)."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
 class Eject:
     """The worker failed `failures` jobs in a row (the last one of `function`): it gets no
     job for `delay` seconds; then call `ejection_over()`."""
@@ -163,7 +170,7 @@ class CloseUpstream:
     link: UpstreamLink
 
 
-Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream | Eject
+Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream | Eject | ArmTimeout
 """What a Session asks of its caller, in the order it must happen. (SendUpstream may name
 another worker's connection: the retry outcome of a job that connection holds.)"""
 
@@ -208,6 +215,12 @@ class Session:
         self.worker_gone = False
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
+        self._own_timeouts: dict[bytes, float] = {}
+        """Seconds, per function the worker registered with CAN_DO_TIMEOUT (sent on as CAN_DO)."""
+        self._deadlines: dict[tuple[UpstreamLink, bytes], tuple[float, TrackedJob]] = {}
+        """When each running job of a function with a timeout runs out of it."""
+        self._armed_at: float | None = None
+        """The deadline the caller's timer is set for (see ArmTimeout)."""
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -300,7 +313,11 @@ class Session:
         if ptype is not P.JOB_ASSIGN and data.startswith(b"gpr:", ends[2] + 1):
             return False  # a retry's unique id is shown as the original's
         retrier = self.retrier
-        return retrier is None or retrier.holder(self.route, data[HEADER_SIZE : ends[1]]) is None
+        if retrier is None:
+            return True
+        if self._own_timeouts or retrier.policies.for_function(data[ends[1] + 1 : ends[2]]).timeout:
+            return False  # its deadline is a command of the event
+        return retrier.holder(self.route, data[HEADER_SIZE : ends[1]]) is None
 
     def _sent_already(self, pieces: list[bytes], data: bytes) -> None:
         """The caller sent `data` before the Session saw it: that must be all the Session
@@ -414,6 +431,8 @@ class Session:
         ended = ptype in _RESULTS
         link, job = self._owner_of(handle, ended)
         if ended and job is not None:
+            if self._deadlines:
+                self._deadlines.pop((link, handle), None)
             self.metrics.attempt_ended(job.function, now - job.started_at)
             self._count_for_ejection(job, ptype is P.WORK_COMPLETE, now)
             if ptype is not P.WORK_COMPLETE:
@@ -459,6 +478,72 @@ class Session:
             self._command(Eject(duration, job.function, policy.eject_after))
         return None
 
+    @property
+    def timed_attempts(self) -> int:
+        """Attempts running with a deadline (each is forgotten when its job ends)."""
+        return len(self._deadlines)
+
+    def _timeout_of(self, function: bytes) -> float | None:
+        """Seconds an attempt of `function` may run here: the worker's own CAN_DO_TIMEOUT,
+        else the function's `timeout` (none: 0)."""
+        own = self._own_timeouts.get(function) if self._own_timeouts else None
+        if own is not None:
+            return own
+        if self.retrier is None:
+            return None
+        return self.retrier.policies.for_function(function).timeout or None
+
+    def _arm(self, now: float) -> None:
+        """Ask for a timer at the earliest deadline, unless one is set for it already."""
+        if not self._deadlines:
+            return
+        due = min(deadline for deadline, _ in self._deadlines.values())
+        if self._armed_at is None or due < self._armed_at:
+            self._armed_at = due
+            self._command(ArmTimeout(max(due - now, 0.0)))
+
+    def timeouts_due(self, now: float) -> list[Command]:
+        """The timer ArmTimeout asked for: every attempt past its deadline is over. An
+        original is retried (reason timeout), a retry job failed back to the gproxy that
+        owns its loop; what the worker still sends for it is dropped."""
+        self._armed_at = None
+        if self.worker_gone:  # its jobs were retried, or go back to gearmand, already
+            self._deadlines.clear()
+        for key, (deadline, job) in list(self._deadlines.items()):
+            link = key[0]
+            if link.jobs.get(job.handle) is not job:
+                del self._deadlines[key]  # ended, or handed back, meanwhile
+            elif _past(deadline, now):
+                del self._deadlines[key]
+                self._timed_out(link, job, now)
+        self._arm(now)
+        return self._done()
+
+    def _timed_out(self, link: UpstreamLink, job: TrackedJob, now: float) -> None:
+        retrier = self.retrier
+        assert retrier is not None  # (no timeout without policies)
+        if job.is_retry:
+            if retrier.policies.for_function(job.function).mode is Mode.OBSERVE:
+                return
+            actions: list[Command] = [SendUpstream(link, self._failed_back(job.handle, TIMED_OUT))]
+        else:
+            lost = retrier.worker_timed_out(link, self.route, job, now)
+            if lost is None:
+                return  # observe mode: it runs on
+            actions = list(lost)
+        log.warning(
+            "job %s %s ran past its timeout (%.3gs): %s; what its worker still sends for it is dropped",
+            _text(job.function), _text(job.handle), now - job.started_at,
+            "failed back to the gproxy that retries it" if job.is_retry else "retried",
+        )
+        link.jobs.ended(job.handle)
+        self.metrics.attempt_ended(job.function, now - job.started_at)
+        self._count_for_ejection(job, False, now)
+        self._silence(job.handle)
+        self._command(*actions)
+        if link is not self.current:
+            self._close_if_idle(link)
+
     def ejection_over(self) -> list[Command]:
         """The time of the worker's ejection is up: a sleeping worker is woken (NOOP)."""
         if self.ejection.over() and not self.worker_gone:
@@ -467,9 +552,29 @@ class Session:
 
     def _registration_packet(self, packet: Packet) -> bytes:
         ptype = packet.type
-        if ptype is P.CAN_DO_TIMEOUT and not _TIMEOUT.fullmatch(packet.args()["timeout"]):
-            # gearmand 1.1.20 dies of a timeout that does not fit 64 bits.
-            raise ProtocolError("malformed CAN_DO_TIMEOUT: the timeout is not a number of milliseconds")
+        if ptype is P.CAN_DO_TIMEOUT:
+            args = packet.args()
+            if not _TIMEOUT.fullmatch(args["timeout"]):
+                # gearmand 1.1.20 dies of a timeout that does not fit 64 bits.
+                raise ProtocolError("malformed CAN_DO_TIMEOUT: the timeout is not a number of milliseconds")
+            if self.retrier is not None and self.retrier.policies.for_function(args["function"]).mode is Mode.ENFORCE:
+                # gearmand would requeue a timed-out job at once, held or not: gproxy times
+                # it out instead, as a retryable failure, and gearmand sees a plain CAN_DO.
+                # (gearmand reads milliseconds, and raises what is under a second to one.)
+                milliseconds = int(args["timeout"] or b"0")
+                if milliseconds:
+                    self._own_timeouts[args["function"]] = max(milliseconds, 1000) / 1000
+                else:
+                    self._own_timeouts.pop(args["function"], None)
+                packet = Packet(P.CAN_DO, build_packet(REQ, P.CAN_DO, function=args["function"]))
+                ptype = P.CAN_DO
+            else:
+                self._own_timeouts.pop(args["function"], None)
+        elif ptype is P.CAN_DO or ptype is P.CANT_DO:
+            if self._own_timeouts:
+                self._own_timeouts.pop(packet.args()["function"], None)
+        elif ptype is P.RESET_ABILITIES:
+            self._own_timeouts.clear()
         self.registration.apply(packet)
         if ptype is not P.CANT_DO and ptype is not P.RESET_ABILITIES:
             return packet.raw
@@ -514,10 +619,13 @@ class Session:
         if self.retrier is not None:
             self._command(*self.retrier.job_assigned(self.route, handle, function, is_retry, now))
         # The payload stays in the packet that brought it: a view, not a copy.
-        link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
+        job = link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
         if self.worker_gone:  # the answer to a grab of a worker that has left since
             self._command(*self._orphaned(link, now, assigned_late=True))
             return b""
+        if (timeout := self._timeout_of(function)) is not None:
+            self._deadlines[(link, handle)] = (now + timeout, job)
+            self._arm(now)
         unique_at = HEADER_SIZE + len(handle) + len(function) + 2
         if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out
             return splice(raw, P.JOB_ASSIGN, unique_at, unique_at + len(unique) + 1)
@@ -622,7 +730,12 @@ class Session:
 
     def _disconnected(self, handle: bytes) -> bytes:
         """The failure that tells the owner of a retry job that its worker left."""
-        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=DISCONNECTED)
+        return self._failed_back(handle, DISCONNECTED)
+
+    def _failed_back(self, handle: bytes, why: bytes) -> bytes:
+        """A retry job's failure for the gproxy that owns its loop (`why`: DISCONNECTED or
+        TIMED_OUT, which it recognises)."""
+        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=why)
         if not self.traits.exception_ends_job:
             packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
         return packet
@@ -684,3 +797,8 @@ def route_name(route: object) -> str:
 
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
+
+
+def _past(deadline: float, now: float) -> bool:
+    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
+    return now >= deadline - 1e-6

@@ -81,9 +81,17 @@ class ProxyThread:
         return self.call(lambda: list(self.proxy.retrier.held.values()))  # type: ignore[union-attr]
 
     def advance(self, seconds: float) -> None:
-        """Move a frozen proxy's clock: timers due by then fire."""
-        assert self.clock is not None, "advance() needs ProxyThread(..., frozen=True)"
-        self.call(self.clock.jump, seconds)
+        """Move a frozen proxy's clock: timers due by then fire. First every task of the
+        proxy settles: a timer it was about to set (posted by the data plane, not yet taken
+        by the control plane) is set from the time before the jump, not after it."""
+        clock = self.clock
+        assert clock is not None, "advance() needs ProxyThread(..., frozen=True)"
+
+        async def settle_and_jump() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(seconds)
+
+        trio.from_thread.run(settle_and_jump, trio_token=self._token)
 
     def thaw(self) -> None:
         """Let a frozen proxy's clock run from now on, at the pace of the real one."""

@@ -81,6 +81,7 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\n[retry]\nfinal_exception = "warn"', {}, 'retry.final_exception: expected "exception", "fail" or "both"'),
         ('upstream = "g:1"\n[retry]\neject_after = 2.5', {}, "retry.eject_after: expected a whole number >= 0"),
         ('upstream = "g:1"\n[retry]\neject_for = 0', {}, "retry.eject_for: expected a number > 0"),
+        ('upstream = "g:1"\n[retry]\ntimeout = -1', {}, "retry.timeout: expected a number >= 0"),
         # The budget's keys of 0.1 meant a cap on jobs held at once: refused, with what to write.
         (
             'upstream = "g:1"\n[retry]\nbudget_ratio = 0.5\nbudget_min = 10', {},
@@ -101,7 +102,7 @@ def test_the_retry_budget_and_its_caps_are_read_per_function(tmp_path: Path) -> 
         tmp_path,
         'upstream = "g:1"\n[retry]\nbudget_ratio = 0.1\nbudget_min_per_second = 2\nbudget_ttl = 30\n'
         '[functions."resize"]\nmax_held = 50\nmax_hold_time = 120\nretry_priority = "high"\n'
-        '[functions."report"]\nbudget_min_per_second = inf\n[functions."convert"]\non_disconnect = "retry"\nfinal_exception = "both"\neject_after = 5\neject_for = 20\n',
+        '[functions."report"]\nbudget_min_per_second = inf\n[functions."convert"]\non_disconnect = "retry"\nfinal_exception = "both"\neject_after = 5\neject_for = 20\ntimeout = 120\n',
     )
     policies = load_config(path).policies
     base = RetryPolicy(budget_ratio=0.1, budget_min_per_second=2.0, budget_ttl=30.0)
@@ -114,6 +115,7 @@ def test_the_retry_budget_and_its_caps_are_read_per_function(tmp_path: Path) -> 
     convert = policies.for_function(b"convert")
     assert (convert.eject_after, convert.eject_for, convert.eject_for_max) == (5, 20.0, 600.0)
     assert base.eject_after == 0  # no ejection unless asked
+    assert (convert.timeout, base.timeout) == (120.0, 0.0)  # none unless asked (or CAN_DO_TIMEOUT)
     assert base.on_disconnect is OnDisconnect.REQUEUE  # gearmand's own behaviour unless asked
 
 

@@ -13,6 +13,7 @@ from gproxy.jobs import TrackedJob
 from gproxy.protocol import REQ, PacketType, build_packet
 from gproxy.retry import (
     DISCONNECTED,
+    TIMED_OUT,
     MAX_UNIQUE,
     Decision,
     FinalException,
@@ -561,3 +562,29 @@ def test_gproxys_own_exceptions_follow_final_exception_too() -> None:
     assert plain == build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"too large") + build_packet(
         REQ, P.WORK_FAIL, handle=b"H:1"
     )
+
+
+# -- timeouts: an attempt that runs past its function's timeout ---------------------------------
+
+
+def test_an_attempt_past_its_timeout_is_retried_with_backoff_and_its_retrys_timeout_too() -> None:
+    t = Transcript(replace(POLICY, max_attempts=3, dead_letter="dlq"))
+    assert t.note(t.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0)) == [Wakeup(1, 1.0, 1)]
+    assert t.sample("gproxy_retries_total", reason="timeout") == 1
+    t.submit_and_create(1, b"H:2")
+    # The retry ran past its timeout behind a gproxy, which failed it back.
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=TIMED_OUT, now=2.0) == [Wakeup(1, 2.0, 2)]
+    t.submit_and_create(1, b"H:3", now=4.0)
+    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=TIMED_OUT, now=5.0)
+    assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
+    assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
+
+
+def test_a_timed_out_attempt_with_no_attempt_left_fails_and_observe_mode_only_counts() -> None:
+    t = Transcript(replace(POLICY, max_attempts=1))
+    assert t.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0) == [
+        SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
+    ]
+    observed = Transcript(replace(POLICY, mode=Mode.OBSERVE))
+    assert observed.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0) is None
+    assert observed.sample("gproxy_retries_observed_total") == 1 and observed.retrier.held == {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,20 +148,21 @@ def test_the_connection_a_worker_was_moved_off_closes_once_it_owns_nothing(
                  "the old connection to close (Perl's new one, pygearman's, retries)")
 
 
-def test_a_held_job_that_gearmand_takes_back_is_held_afresh_and_never_leaks(
+def test_a_can_do_timeout_never_makes_gearmand_take_a_held_job_back(
     fresh_gearmand: Gearmand, tmp_path: Path
 ) -> None:
     """gearmand 1.1.20 keeps one CAN_DO_TIMEOUT timer per connection (the value is read in
     milliseconds, at least 1000), armed for the first job it assigns there and re-armed,
     still pointing at that job, for the next one; a PRE_SLEEP cancels it. So a worker that
-    fails job A (held by gproxy) and then runs job B for over a second gets A requeued
-    behind gproxy's back, and then grabs A again, under the same handle."""
+    failed job A (held by gproxy) and then ran job B for over a second used to get A
+    requeued behind gproxy's back. gproxy now registers the function with CAN_DO and times
+    attempts out itself: gearmand has no timer, and A stays where gproxy holds it."""
     gearmand = fresh_gearmand
     slow = replace(FAST, backoff_initial=3.0)
     gate = tmp_path / "gate"
     with ProxyThread.to(gearmand.address, slow, frozen=True) as proxy, PeerSet() as peers:
         # Both queued before the worker comes: it takes A (flaky) first, then B (block).
-        client = peers.add(start_pyclient(gearmand.address, "flaky", "2:taken back", exceptions=True))
+        client = peers.add(start_pyclient(gearmand.address, "flaky", "2:not taken back", exceptions=True))
         gearmand.wait_for_queue("flaky", total=1)
         blocker = peers.add(start_pyclient(gearmand.address, "block", str(gate)))
         gearmand.wait_for_queue("block", total=1)
@@ -168,13 +170,17 @@ def test_a_held_job_that_gearmand_takes_back_is_held_afresh_and_never_leaks(
             proxy.address, state_dir=tmp_path / "perl", timeouts={"flaky": "30", "block": "30"}
         ))
         wait_for(lambda: gate.with_suffix(".started").exists(), WAIT_S, "B to start")
-        gearmand.wait_for_queue("flaky", total=1, running=0)  # A, held by gproxy, requeued
-        gate.touch()  # B completes; the worker grabs A again and fails it again
-        wait_for(lambda: [job.key for job in proxy.held()] == [2], WAIT_S, "A to be held afresh")
-        proxy.advance(3.0)
-        run = client.result()
+        assert [job.key for job in proxy.held()] == [1]
+        # No event to wait for: the absence of one. gearmand's timer would fire after 1 s.
+        time.sleep(1.5)
+        gearmand.wait_for_queue("flaky", total=1, running=1)  # A: still assigned, held by gproxy
+        gate.touch()  # B completes (gproxy's clock stands still: its own timeout never came)
         assert blocker.result().stdout == b"unblocked"
+        proxy.advance(3.0)  # A's retry: it fails again, held afresh
+        wait_for(lambda: [job.attempt for job in proxy.held()] == [2] and proxy.held()[0].state.value == "waiting",
+                 WAIT_S, "A's second attempt to fail")
+        proxy.advance(6.0)
+        run = client.result()
         assert len(proxy.held()) == 0 and proxy.sample("gproxy_jobs_held", function="flaky") == 0
         assert worker.poll() is None, worker.log_text()
-    # The first hold ended when gearmand gave A out again; the second one retried it.
     assert (run.returncode, run.stdout) == (0, b"ok after 3"), run.stderr

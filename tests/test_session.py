@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
 from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.retry import DISCONNECTED, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.retry import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
 from gproxy.session import (
     MAX_SILENCED,
+    ArmTimeout,
     CloseUpstream,
     Command,
     Eject,
@@ -193,12 +194,17 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     registration = req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"f") + req(
         P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"
     )
+    # (gproxy enforces g's timeout itself: gearmand is told CAN_DO g.)
+    upstream_registration = req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"f") + req(
+        P.CAN_DO, function=b"g"
+    )
     assert session.from_downstream(registration + req(P.GRAB_JOB_UNIQ) * 2, now=0.0) == (
-        registration + req(P.GRAB_JOB_UNIQ) * 2
+        upstream_registration + req(P.GRAB_JOB_UNIQ) * 2
     )
     session.from_upstream(old, assign_uniq(b"H:1", function=b"f") + assign_uniq(b"H:2", function=b"g"), now=0.0)
+    assert session.actions == [ArmTimeout(5.0)]
     assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0) == b""
-    assert session.actions == [Wakeup(1, 1.0, 1)]
+    assert session.actions == [ArmTimeout(5.0), Wakeup(1, 1.0, 1)]
     session.actions.clear()
 
     # CANT_DO f on `old` would make gearmand requeue the held H:1: not sent there.
@@ -210,8 +216,7 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
     assert new is not old and session.retired == [old]
     assert session.actions == [
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
-        OpenUpstream(new, req(P.SET_CLIENT_ID, client_id=b"w1")
-                     + req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000")),
+        OpenUpstream(new, req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"g")),
     ]
     assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
     session.actions.clear()
@@ -789,3 +794,83 @@ def test_a_worker_that_left_while_ejected_is_not_woken() -> None:
     session.from_downstream(req(P.PRE_SLEEP), now=0.0)
     session.worker_left(now=1.0)
     assert session.ejection_over() == []
+
+
+# -- timeouts that gproxy enforces --------------------------------------------------------------
+
+TIMED = replace(FAST, timeout=2.0)
+
+
+def assign_g(session: Driven, handle: bytes, now: float, unique: bytes = b"u-1") -> None:
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=now)
+    session.from_upstream(session.current, assign_uniq(handle, function=b"g", unique=unique), now=now)
+
+
+def test_can_do_timeout_goes_to_gearmand_as_can_do_and_gproxy_times_the_attempt_out() -> None:
+    session = retrying()
+    assert session.from_downstream(req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"300"), now=0.0) == req(
+        P.CAN_DO, function=b"g"
+    )
+    assert session.registration.replay() == req(P.CAN_DO, function=b"g")  # a move says CAN_DO too
+    assert not session.passes_upstream(session.current, assign_uniq(b"H:1", function=b"g"))
+    assign_g(session, b"H:1", now=10.0)
+    assert session.actions == [ArmTimeout(1.0)]  # gearmand's reading: milliseconds, at least a second
+    session.actions.clear()
+    assert session.timeouts_due(now=10.5) == [ArmTimeout(0.5)]  # not yet: the timer again
+    (wakeup,) = session.timeouts_due(now=11.0)
+    assert wakeup == Wakeup(1, 1.0, 1) and session.retrier.held[1].handle == b"H:1"  # retried
+    assert not session.current.jobs  # not the worker's any more
+    late = req(P.WORK_COMPLETE, handle=b"H:1", data=b"late")
+    assert session.from_downstream(late, now=12.0) == b""  # dropped: no stale result, no ERROR
+    assert session.retrier.metrics.registry.get_sample_value(
+        "gproxy_retries_total", {"function": "g", "reason": "timeout"}
+    ) == 1
+
+
+def test_a_function_timeout_applies_to_workers_that_register_none_and_a_completion_disarms_it() -> None:
+    session = Driven("up", retrier=Retrier(Policies(FAST, {b"g": TIMED})), route=ROUTE)
+    assign_g(session, b"H:1", now=0.0)
+    assert session.actions == [ArmTimeout(2.0)]
+    session.actions.clear()
+    session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok"), now=1.0)
+    assign_g(session, b"H:2", now=1.5)  # deadline 3.5, after the timer set for 2.0
+    assert session.actions == []
+    assert session.timeouts_due(now=2.0) == [ArmTimeout(1.5)]  # H:1's deadline is gone: H:2's next
+    assert session.timeouts_due(now=3.5)[0] == Wakeup(1, 1.0, 1)
+
+
+def test_a_retry_job_past_its_timeout_is_failed_back_to_the_loops_owner() -> None:
+    session = Driven("up", retrier=Retrier(Policies(FAST, {b"g": TIMED})), route=ROUTE)
+    link = session.current
+    assign_g(session, b"H:3", now=0.0, unique=b"gpr:2:other")
+    assert session.timeouts_due(now=2.0) == [SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:3", data=TIMED_OUT))]
+    assert session.from_downstream(req(P.WORK_FAIL, handle=b"H:3"), now=3.0) == b""
+
+
+def test_timeouts_are_forgotten_with_the_registration_and_observed_only_in_observe_mode() -> None:
+    session = retrying()
+    session.from_downstream(req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"), now=0.0)
+    session.from_downstream(req(P.CAN_DO, function=b"g"), now=0.0)  # registered again without one
+    assign_g(session, b"H:1", now=0.0)
+    session.from_downstream(req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"0"), now=0.0)  # 0: none
+    assign_g(session, b"H:2", now=0.0)
+    assert session.actions == []
+    observing = retrying(replace(TIMED, mode=Mode.OBSERVE))
+    timeout = req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000")
+    assert observing.from_downstream(timeout, now=0.0) == timeout  # gearmand enforces it, as ever
+    assign_g(observing, b"H:1", now=0.0)
+    assert observing.timeouts_due(now=2.0) == [] and len(observing.current.jobs) == 1  # it runs on
+    assert observing.retrier.metrics.registry.get_sample_value("gproxy_retries_observed_total", {"function": "g"}) == 1
+
+
+def test_an_earlier_deadline_sets_the_timer_earlier_and_ended_jobs_leave_no_deadline_behind() -> None:
+    session = Driven("up", retrier=Retrier(Policies(FAST, {b"g": replace(FAST, timeout=10.0), b"h": TIMED})), route=ROUTE)
+    assign_g(session, b"H:1", now=0.0)
+    session.from_downstream(req(P.GRAB_JOB_UNIQ), now=1.0)
+    session.from_upstream(session.current, assign_uniq(b"H:2", function=b"h"), now=1.0)
+    assert session.actions == [ArmTimeout(10.0), ArmTimeout(2.0)]  # h's deadline, 3.0, comes first
+    for n in range(3, 1000):  # a fast worker: no deadline outlives its job
+        assign_g(session, b"H:%d" % n, now=2.0)
+        session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:%d" % n, data=b"ok"), now=2.0)
+    assert session.timed_attempts == 2
+

@@ -54,7 +54,7 @@ from gproxy.retry import (
     Wakeup,
     parse_retry_unique,
 )
-from gproxy.session import CloseUpstream, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from gproxy.session import ArmTimeout, CloseUpstream, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -293,6 +293,8 @@ class Worker:
     """The jobs it runs: handle -> function."""
     options_owed: int = 0
     gone: bool = False
+    timed_out: set[bytes] = field(default_factory=set)
+    """Jobs it still runs that gproxy timed out (retried): what it sends for them is dropped."""
 
     def __repr__(self) -> str:
         return f"Worker({self.name})"
@@ -305,7 +307,8 @@ class StillHeld(AssertionError):
 @dataclass
 class Timer:
     due: float
-    action: Wakeup | RecheckBudget
+    action: Wakeup | RecheckBudget | Worker
+    """A Retrier timer, or a worker's timeouts (ArmTimeout: Session.timeouts_due)."""
 
 
 class SessionWorld(RuleBasedStateMachine):
@@ -362,6 +365,10 @@ class SessionWorld(RuleBasedStateMachine):
                 self.gearmand.receive(command.link, command.replay)
             elif kind is CloseUpstream:
                 self.close(command.link, by_gproxy=True)
+            elif kind is ArmTimeout:
+                assert worker is not None
+                self.timers = [t for t in self.timers if t.action is not worker]  # it replaces any earlier one
+                self.timers.append(Timer(self.now + command.delay, worker))
             else:
                 raise AssertionError(f"unknown command {command!r}")
 
@@ -433,6 +440,7 @@ class SessionWorld(RuleBasedStateMachine):
                     shown = job.unique if job.shown is None else job.shown
                     assert args["unique"] == shown, f"the worker was shown {args['unique']!r}, not {shown!r}"
                 worker.running[handle] = job.function
+                worker.timed_out.discard(handle)
             elif ptype is P.OPTION_RES:
                 assert worker.options_owed, "an OPTION_RES the worker never asked for"
                 worker.options_owed -= 1
@@ -506,6 +514,11 @@ class SessionWorld(RuleBasedStateMachine):
         action = timer.action
         if type(action) is Wakeup:
             self.run(self.retrier.timer_fired(action.key, action.wait, self.now))
+        elif type(action) is Worker:
+            tracked = {job.handle for link in action.session.links for job in link.jobs}
+            self.run(action.session.timeouts_due(self.now), action)
+            still = {job.handle for link in action.session.links for job in link.jobs}
+            action.timed_out |= (tracked - still) & set(action.running)
         else:
             self.run(self.retrier.budget_recheck(action.function, self.now))
 
@@ -860,7 +873,8 @@ class SessionWorld(RuleBasedStateMachine):
         assert self.metrics.running == running
         for worker in self.live():
             tracked = {job.handle for link in worker.session.links for job in link.jobs}
-            assert set(worker.running) == tracked, f"{worker!r} runs {set(worker.running)}, gproxy tracks {tracked}"
+            runs = set(worker.running) - worker.timed_out
+            assert runs == tracked, f"{worker!r} runs {runs} (and timed out {worker.timed_out}), gproxy tracks {tracked}"
 
     @invariant()
     def connections_close_when_they_should(self) -> None:
@@ -920,7 +934,7 @@ def test_a_retry_job_assigned_after_its_worker_left_ends_its_hold() -> None:
     (handle,) = worker.running
     del worker.running[handle]
     world.send(worker, result(P.WORK_FAIL, handle))  # g: on_fail, so the job is held
-    (timer,) = world.timers
+    (timer,) = [t for t in world.timers if type(t.action) is Wakeup]  # (not G's timeout)
     world.fire(timer)
     assert world.retry_client_writes(refuse=False)
     while world.rc_out:  # OPTION_RES, JOB_CREATED
