@@ -13,6 +13,7 @@ gone. A PairSet knows every pair and which pair owns each gearmand connection.
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 from collections.abc import Iterator, Sequence
@@ -41,27 +42,21 @@ class Connect:
     link: UpstreamLink
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Linger:
-    """Call `pair.linger_over()` after `delay` seconds."""
+class PairTimer(enum.Enum):
+    """What a pair has the control plane call it back for: at most one of each at a time."""
 
-    pair: Pair
-    delay: float
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class EjectionOver:
-    """Call `pair.ejection_over()` after `delay` seconds."""
-
-    pair: Pair
-    delay: float
+    LINGER = "linger"  # one side closed: the other's grace period is over
+    EJECTION = "ejection"  # its worker's ejection is over
+    TIMEOUTS = "timeouts"  # the earliest deadline of the attempts it times
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class CheckTimeouts:
-    """Call `pair.timeouts_due()` after `delay` seconds, instead of any earlier request."""
+class CallLater:
+    """Call `pair.timer_fired(timer)` after `delay` seconds, instead of any earlier request
+    for the same timer."""
 
     pair: Pair
+    timer: PairTimer
     delay: float
 
 
@@ -72,7 +67,7 @@ class Ended:
     pair: Pair
 
 
-Posted = Connect | Linger | EjectionOver | CheckTimeouts | Ended | Wakeup | RecheckBudget | Submit[Route]
+Posted = Connect | CallLater | Ended | Wakeup | RecheckBudget | Submit[Route]
 """What the data plane asks of the control plane (trio): rare, and never waited for."""
 
 
@@ -240,13 +235,13 @@ class Pair:
             elif type(command) is Wakeup or type(command) is RecheckBudget or type(command) is Submit:
                 self._control.post(command)
             elif type(command) is ArmTimeout:
-                self._control.post(CheckTimeouts(self, command.delay))
+                self._control.post(CallLater(self, PairTimer.TIMEOUTS, command.delay))
             elif type(command) is Eject:
                 log.warning(
                     "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
                     self.name, command.delay, command.failures, command.function.decode("utf-8", "replace"),
                 )
-                self._control.post(EjectionOver(self, command.delay))
+                self._control.post(CallLater(self, PairTimer.EJECTION, command.delay))
 
     def _send_upstream(self, link: UpstreamLink, data: bytes) -> None:
         if (endpoint := self._links.get(link)) is not None:
@@ -405,19 +400,18 @@ class Pair:
         if self._eofs == 1:
             if self.reason is None:  # a refusal that came first keeps its reason
                 self.reason = reason
-            self._control.post(Linger(self, HALF_CLOSE_LINGER))
+            self._control.post(CallLater(self, PairTimer.LINGER, HALF_CLOSE_LINGER))
 
-    def linger_over(self) -> None:
-        self._finish()
-
-    def timeouts_due(self) -> None:
-        if not self.done:
-            self.run(self.session.timeouts_due(self._clock()))
-
-    def ejection_over(self) -> None:
-        if not self.done:
+    def timer_fired(self, timer: PairTimer) -> None:
+        if self.done:
+            return
+        if timer is PairTimer.LINGER:
+            self._finish()
+        elif timer is PairTimer.EJECTION:
             log.warning("%s: worker back from its ejection; it is given jobs again", self.name)
             self.run(self.session.ejection_over())
+        else:
+            self.run(self.session.timeouts_due(self._clock()))
 
     def stop(self) -> None:
         """gproxy is stopping: the pair closes now (gearmand requeues what is left)."""

@@ -31,7 +31,7 @@ from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
 from .memory import Trimmer
 from .metrics import Metrics
-from .pair import CheckTimeouts, Connect, EjectionOver, Ended, Linger, Pair, PairSet, Posted
+from .pair import CallLater, Connect, Ended, Pair, PairSet, PairTimer, Posted
 from .retry import Action, RecheckBudget, Retrier, Submit, Wakeup
 from .retry_client import RetryClient
 from .session import ServerTraits, Session, UpstreamLink
@@ -88,12 +88,8 @@ class Proxy:
         self._wake_due = False
         self._wakeup = trio.Event()
         self._timers = Timers(self._timer_failed)
-        self._lingering: dict[Pair, Timer] = {}
-        """Pairs one side of which has closed, until they end or their linger runs out."""
-        self._ejections: dict[Pair, Timer] = {}
-        """Pairs whose worker is ejected, until they end or the ejection is over."""
-        self._timeouts: dict[Pair, Timer] = {}
-        """Pairs running jobs with a timeout: one timer each, for the earliest deadline."""
+        self._pair_timers: dict[tuple[Pair, PairTimer], Timer] = {}
+        """What pairs asked to be called back for (CallLater), until it fires or they end."""
         self.metrics.ejected = self._ejected_workers
 
     async def ready(self) -> tuple[bool, str]:
@@ -269,27 +265,21 @@ class Proxy:
             self._take(item, nursery)
         except Exception:  # one item lost to a bug; the dispatcher serves on
             log.exception("internal error handling %r", item)
-            if isinstance(item, Connect | Linger | EjectionOver | CheckTimeouts | Ended):
+            if isinstance(item, Connect | CallLater | Ended):
                 item.pair.fail("internal error in the control plane", logging.ERROR)
 
     def _take(self, item: Posted, nursery: trio.Nursery) -> None:
         if type(item) is Connect:
             nursery.start_soon(self._connect_link, item)
-        elif type(item) is Linger:
-            pair = item.pair
-            self._lingering[pair] = self._timers.call_later(item.delay, pair.linger_over)
-        elif type(item) is EjectionOver:
-            pair = item.pair
-            self._ejections[pair] = self._timers.call_later(item.delay, partial(self._ejection_over, pair))
-        elif type(item) is CheckTimeouts:
-            pair = item.pair
-            if (earlier := self._timeouts.pop(pair, None)) is not None:
+        elif type(item) is CallLater:
+            key = (item.pair, item.timer)
+            if (earlier := self._pair_timers.pop(key, None)) is not None:
                 earlier.cancel()
-            self._timeouts[pair] = self._timers.call_later(item.delay, partial(self._timeouts_due, pair))
+            self._pair_timers[key] = self._timers.call_later(item.delay, partial(self._pair_timer_fired, key))
         elif type(item) is Ended:
-            for timers in (self._lingering, self._ejections, self._timeouts):
-                if (timer := timers.pop(item.pair, None)) is not None:
-                    timer.cancel()  # and the pair is let go of now, not when it would have run out
+            for timer in PairTimer:
+                if (pending := self._pair_timers.pop((item.pair, timer), None)) is not None:
+                    pending.cancel()  # and the pair is let go of now, not when it would have run out
             self._trimmer.soon()  # what the pair's buffers and jobs held is free now
         elif type(item) is Wakeup or type(item) is RecheckBudget or type(item) is Submit:
             self._carry_out([item])
@@ -333,27 +323,21 @@ class Proxy:
         with self._supervised(f"retry budget of {function}", self.retrier.owners(function=recheck.function)):
             self._carry_out(self.retrier.budget_recheck(recheck.function, trio.current_time()))
 
-    def _ejection_over(self, pair: Pair) -> None:
-        del self._ejections[pair]
+    def _pair_timer_fired(self, key: tuple[Pair, PairTimer]) -> None:
+        del self._pair_timers[key]
+        pair, timer = key
         try:
-            pair.ejection_over()
+            pair.timer_fired(timer)
         except Exception:  # (a timer of the process: nothing may escape it but this pair)
-            log.exception("%s: internal error at the end of its ejection", pair.name)
-            pair.fail("internal error at the end of an ejection", logging.ERROR)
-
-    def _timeouts_due(self, pair: Pair) -> None:
-        del self._timeouts[pair]
-        try:
-            pair.timeouts_due()
-        except Exception:  # (a timer of the process: nothing may escape it but this pair)
-            log.exception("%s: internal error while timing out its jobs", pair.name)
-            pair.fail("internal error while timing out jobs", logging.ERROR)
+            log.exception("%s: internal error in its %s timer", pair.name, timer.value)
+            pair.fail(f"internal error in its {timer.value} timer", logging.ERROR)
 
     def _ejected_workers(self) -> dict[bytes, int]:
         """Workers ejected now, by the function of the failure that ejected them (at scrape time)."""
         ejected: collections.Counter[bytes] = collections.Counter()
-        for pair in self._ejections:
-            ejected[pair.session.ejection.function] += 1
+        for pair, timer in self._pair_timers:
+            if timer is PairTimer.EJECTION:
+                ejected[pair.session.ejection.function] += 1
         return ejected
 
     def _timer_failed(self, exc: Exception) -> None:

@@ -19,7 +19,7 @@ from gproxy.config import Address, Config, Route
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.dataplane import DataPlane
 from gproxy.metrics import Metrics
-from gproxy.pair import Pair, PairSet
+from gproxy.pair import HALF_CLOSE_LINGER, CallLater, Pair, PairSet, PairTimer
 from gproxy.proxy import Proxy
 from gproxy.retry import Policies, Retrier
 from gproxy.session import Session, UpstreamLink
@@ -256,3 +256,29 @@ def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None
         worker_peer.close()
         upstream_peer.close()
     assert seen == [False]
+
+
+def test_a_side_that_lingers_after_the_other_closed_is_cut_when_its_grace_period_is_over() -> None:
+    metrics = Metrics()
+    retrier: Retrier[UpstreamLink, Route] = Retrier(Policies(), metrics=metrics)
+    plane = DataPlane()
+    posted: list[object] = []
+    pair = Pair("p", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
+                SimpleNamespace(post=posted.append), PairSet(), retrier, metrics)  # type: ignore[arg-type]
+    worker, worker_peer = socket.socketpair()
+    upstream, upstream_peer = socket.socketpair()
+    pair.start(worker, "w", upstream)
+    try:
+        worker_peer.shutdown(socket.SHUT_WR)  # the worker is done; gearmand's side stays open
+        plane.poll(1.0)
+        assert upstream_peer.recv(10) == b""  # passed on as a half-close
+        (later,) = [item for item in posted if type(item) is CallLater]
+        assert (later.pair, later.timer, later.delay) == (pair, PairTimer.LINGER, HALF_CLOSE_LINGER)
+        assert not pair.done
+        pair.timer_fired(PairTimer.LINGER)
+        assert pair.done and pair.reason == "peer closed the connection"
+        assert worker_peer.recv(10) == b""  # cut
+    finally:
+        plane.close()
+        worker_peer.close()
+        upstream_peer.close()

@@ -488,20 +488,29 @@ def running(handle: bytes = b"H:1") -> list[TrackedJob]:
     return [TrackedJob(handle, b"f", b"u-1", b"payload", "up-1", 0.0)]
 
 
-def test_a_job_whose_worker_vanished_is_retried_with_backoff_then_dead_lettered() -> None:
+@pytest.mark.parametrize("reason", ["disconnect", "timeout"])
+def test_an_attempt_lost_without_a_result_is_retried_with_backoff_then_dead_lettered(reason: str) -> None:
+    """Its worker vanished (on_disconnect = "retry"), or it ran past its timeout: so did
+    the retries, failed back by the gproxy in front of their workers."""
     t = Transcript(CRASHES)
-    assert t.retrier.retries_disconnects(b"f") and not Transcript().retrier.retries_disconnects(b"f")
-    assert t.note(t.retrier.worker_left("up-1", "route", running(), now=0.0)) == [Wakeup(1, 1.0, 1)]  # backoff
-    assert t.sample("gproxy_retries_total", reason="disconnect") == 1
+    if reason == "disconnect":
+        first, failed_back = t.retrier.worker_left("up-1", "route", running(), now=0.0), DISCONNECTED
+    else:
+        first, failed_back = t.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0), TIMED_OUT
+    assert t.note(first or []) == [Wakeup(1, 1.0, 1)]  # the backoff
+    assert t.sample("gproxy_retries_total", reason=reason) == 1
     t.submit_and_create(1, b"H:2")
-    # The retry's worker vanished too: the gproxy in front of it failed H:2 back.
-    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=DISCONNECTED, now=2.0) == [Wakeup(1, 2.0, 2)]
+    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=failed_back, now=2.0) == [Wakeup(1, 2.0, 2)]
     t.submit_and_create(1, b"H:3", now=4.0)
-    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=DISCONNECTED, now=5.0)
+    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=failed_back, now=5.0)
     assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
     assert actions[0].function == b"dlq" and actions[0].type is P.SUBMIT_JOB_BG
     assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
-    assert t.sample("gproxy_retries_exhausted_total") == 1 and t.sample("gproxy_retries_total", reason="disconnect") == 2
+    assert t.sample("gproxy_retries_exhausted_total") == 1 and t.sample("gproxy_retries_total", reason=reason) == 2
+
+
+def test_only_a_function_so_configured_retries_disconnects() -> None:
+    assert Transcript(CRASHES).retrier.retries_disconnects(b"f") and not Transcript().retrier.retries_disconnects(b"f")
 
 
 def test_a_vanished_worker_with_one_attempt_allowed_fails_its_job_to_the_dead_letter() -> None:
@@ -565,19 +574,6 @@ def test_gproxys_own_exceptions_follow_final_exception_too() -> None:
 
 
 # -- timeouts: an attempt that runs past its function's timeout ---------------------------------
-
-
-def test_an_attempt_past_its_timeout_is_retried_with_backoff_and_its_retrys_timeout_too() -> None:
-    t = Transcript(replace(POLICY, max_attempts=3, dead_letter="dlq"))
-    assert t.note(t.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0)) == [Wakeup(1, 1.0, 1)]
-    assert t.sample("gproxy_retries_total", reason="timeout") == 1
-    t.submit_and_create(1, b"H:2")
-    # The retry ran past its timeout behind a gproxy, which failed it back.
-    assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=TIMED_OUT, now=2.0) == [Wakeup(1, 2.0, 2)]
-    t.submit_and_create(1, b"H:3", now=4.0)
-    actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=TIMED_OUT, now=5.0)
-    assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
-    assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
 
 
 def test_a_timed_out_attempt_with_no_attempt_left_fails_and_observe_mode_only_counts() -> None:

@@ -197,3 +197,22 @@ def test_an_error_while_a_pair_starts_closes_that_worker_and_the_proxy_serves_on
         second.close()
     assert len(calls) == 2
     assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
+
+
+def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
+    gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pair's own timer (here its timeouts') fails: the pair closes, gearmand requeues its
+    job, the worker reconnects and runs it again, and the proxy serves on."""
+    from gproxy.session import Session
+
+    calls = _failing_once(monkeypatch, Session, "timeouts_due")
+    timed = RetryPolicy(backoff_initial=0.02, jitter=False, timeout=0.3)
+    with ProxyThread.to(gearmand.address, FAST, {"scripted": timed}) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        run = run_pyclient(gearmand.address, "scripted", "sleep=1,ok|timer", unique="supervised-pair-timer")
+        second = run_pyclient(gearmand.address, "reverse", "abc")
+    assert len(calls) >= 1 and (second.returncode, second.stdout) == (0, b"cba"), second.stderr
+    assert run.returncode == 0, run.stderr  # requeued by gearmand when the pair closed; run again
+    (closing,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and not r.exc_info]
+    assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in its timeouts timer", closing)
