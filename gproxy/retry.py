@@ -616,11 +616,11 @@ class Retrier(Generic[OwnerT, RouteT]):
         if job is None or job.wait != wait:
             return []
         if job.state is State.WAITING:
-            if _past(job.deadline, now):
+            if deadline_passed(job.deadline, now):
                 return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
             return self._submit_or_defer(job, now)
         if job.state is State.DEFERRED:
-            if _past(job.deadline, now):
+            if deadline_passed(job.deadline, now):
                 return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
             return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
         return []
@@ -636,7 +636,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             job = self.held.get(queue[0])
             if job is None or job.state is not State.DEFERRED:
                 queue.popleft()  # ended meanwhile
-            elif _past(job.deadline, now):
+            elif deadline_passed(job.deadline, now):
                 queue.popleft()
                 actions += self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
             elif budget.try_withdraw(now):
@@ -918,7 +918,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             del self._held_per_function[job.function]
 
 
-def _past(deadline: float, now: float) -> bool:
+def deadline_passed(deadline: float, now: float) -> bool:
     """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
     return now >= deadline - 1e-6
 

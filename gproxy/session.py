@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .config import Route
+from .deadlines import Deadlines
 from .ejection import Ejection
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
@@ -215,12 +216,7 @@ class Session:
         self.worker_gone = False
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
-        self._own_timeouts: dict[bytes, float] = {}
-        """Seconds, per function the worker registered with CAN_DO_TIMEOUT (sent on as CAN_DO)."""
-        self._deadlines: dict[tuple[UpstreamLink, bytes], tuple[float, TrackedJob]] = {}
-        """When each running job of a function with a timeout runs out of it."""
-        self._armed_at: float | None = None
-        """The deadline the caller's timer is set for (see ArmTimeout)."""
+        self.deadlines: Deadlines[UpstreamLink] = Deadlines()
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -315,7 +311,7 @@ class Session:
         retrier = self.retrier
         if retrier is None:
             return True
-        if self._own_timeouts or retrier.policies.for_function(data[ends[1] + 1 : ends[2]]).timeout:
+        if self.deadlines.any_registered or retrier.policies.for_function(data[ends[1] + 1 : ends[2]]).timeout:
             return False  # its deadline is a command of the event
         return retrier.holder(self.route, data[HEADER_SIZE : ends[1]]) is None
 
@@ -431,8 +427,7 @@ class Session:
         ended = ptype in _RESULTS
         link, job = self._owner_of(handle, ended)
         if ended and job is not None:
-            if self._deadlines:
-                self._deadlines.pop((link, handle), None)
+            self.deadlines.ended(link, handle)
             self.metrics.attempt_ended(job.function, now - job.started_at)
             self._count_for_ejection(job, ptype is P.WORK_COMPLETE, now)
             if ptype is not P.WORK_COMPLETE:
@@ -478,43 +473,16 @@ class Session:
             self._command(Eject(duration, job.function, policy.eject_after))
         return None
 
-    @property
-    def timed_attempts(self) -> int:
-        """Attempts running with a deadline (each is forgotten when its job ends)."""
-        return len(self._deadlines)
-
-    def _timeout_of(self, function: bytes) -> float | None:
-        """Seconds an attempt of `function` may run here: the worker's own CAN_DO_TIMEOUT,
-        else the function's `timeout` (none: 0)."""
-        own = self._own_timeouts.get(function) if self._own_timeouts else None
-        if own is not None:
-            return own
-        if self.retrier is None:
-            return None
-        return self.retrier.policies.for_function(function).timeout or None
-
     def _arm(self, now: float) -> None:
-        """Ask for a timer at the earliest deadline, unless one is set for it already."""
-        if not self._deadlines:
-            return
-        due = min(deadline for deadline, _ in self._deadlines.values())
-        if self._armed_at is None or due < self._armed_at:
-            self._armed_at = due
-            self._command(ArmTimeout(max(due - now, 0.0)))
+        if (delay := self.deadlines.arm(now)) is not None:
+            self._command(ArmTimeout(delay))
 
     def timeouts_due(self, now: float) -> list[Command]:
         """The timer ArmTimeout asked for: every attempt past its deadline is over. An
         original is retried (reason timeout), a retry job failed back to the gproxy that
         owns its loop; what the worker still sends for it is dropped."""
-        self._armed_at = None
-        if self.worker_gone:  # its jobs were retried, or go back to gearmand, already
-            self._deadlines.clear()
-        for key, (deadline, job) in list(self._deadlines.items()):
-            link = key[0]
-            if link.jobs.get(job.handle) is not job:
-                del self._deadlines[key]  # ended, or handed back, meanwhile
-            elif _past(deadline, now):
-                del self._deadlines[key]
+        for link, job in self.deadlines.fired(now, still_running=not self.worker_gone):
+            if link.jobs.get(job.handle) is job:  # (not ended, or handed back, meanwhile)
                 self._timed_out(link, job, now)
         self._arm(now)
         return self._done()
@@ -560,21 +528,16 @@ class Session:
             if self.retrier is not None and self.retrier.policies.for_function(args["function"]).mode is Mode.ENFORCE:
                 # gearmand would requeue a timed-out job at once, held or not: gproxy times
                 # it out instead, as a retryable failure, and gearmand sees a plain CAN_DO.
-                # (gearmand reads milliseconds, and raises what is under a second to one.)
-                milliseconds = int(args["timeout"] or b"0")
-                if milliseconds:
-                    self._own_timeouts[args["function"]] = max(milliseconds, 1000) / 1000
-                else:
-                    self._own_timeouts.pop(args["function"], None)
+                self.deadlines.registered(args["function"], int(args["timeout"] or b"0"))
                 packet = Packet(P.CAN_DO, build_packet(REQ, P.CAN_DO, function=args["function"]))
                 ptype = P.CAN_DO
             else:
-                self._own_timeouts.pop(args["function"], None)
+                self.deadlines.unregistered(args["function"])
         elif ptype is P.CAN_DO or ptype is P.CANT_DO:
-            if self._own_timeouts:
-                self._own_timeouts.pop(packet.args()["function"], None)
+            if self.deadlines.any_registered:
+                self.deadlines.unregistered(packet.args()["function"])
         elif ptype is P.RESET_ABILITIES:
-            self._own_timeouts.clear()
+            self.deadlines.unregistered(None)
         self.registration.apply(packet)
         if ptype is not P.CANT_DO and ptype is not P.RESET_ABILITIES:
             return packet.raw
@@ -623,9 +586,11 @@ class Session:
         if self.worker_gone:  # the answer to a grab of a worker that has left since
             self._command(*self._orphaned(link, now, assigned_late=True))
             return b""
-        if (timeout := self._timeout_of(function)) is not None:
-            self._deadlines[(link, handle)] = (now + timeout, job)
-            self._arm(now)
+        if self.retrier is not None:
+            timeout = self.deadlines.timeout_of(function, self.retrier.policies.for_function(function).timeout)
+            if timeout is not None:
+                self.deadlines.started(link, job, now + timeout)
+                self._arm(now)
         unique_at = HEADER_SIZE + len(handle) + len(function) + 2
         if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out
             return splice(raw, P.JOB_ASSIGN, unique_at, unique_at + len(unique) + 1)
@@ -798,7 +763,3 @@ def route_name(route: object) -> str:
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
-
-def _past(deadline: float, now: float) -> bool:
-    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
-    return now >= deadline - 1e-6

@@ -872,5 +872,17 @@ def test_an_earlier_deadline_sets_the_timer_earlier_and_ended_jobs_leave_no_dead
     for n in range(3, 1000):  # a fast worker: no deadline outlives its job
         assign_g(session, b"H:%d" % n, now=2.0)
         session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:%d" % n, data=b"ok"), now=2.0)
-    assert session.timed_attempts == 2
+    assert len(session.deadlines) == 2
 
+
+
+def test_no_timeout_fires_once_the_worker_has_left_and_reset_abilities_forgets_its_timeouts() -> None:
+    session = Driven("up", retrier=Retrier(Policies(FAST, {b"g": TIMED})), route=ROUTE)
+    assign_g(session, b"H:1", now=0.0)
+    assert session.worker_left(now=1.0) == []  # nothing held: its connection closes, gearmand requeues
+    assert session.timeouts_due(now=5.0) == [] and session.retrier.held == {}
+    other = retrying()
+    other.from_downstream(req(P.CAN_DO_TIMEOUT, function=b"g", timeout=b"5000"), now=0.0)
+    assert other.deadlines.any_registered
+    other.from_downstream(req(P.RESET_ABILITIES), now=0.0)
+    assert not other.deadlines.any_registered

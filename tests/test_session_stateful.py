@@ -5,8 +5,10 @@ or two Sessions (workers behind gproxy, each with its gearmand connections), a m
 gproxy's retry client (the real Submitter), an outside worker that is not behind gproxy, and a
 clock. Every command the Sessions and the Retrier emit is executed in the world, as
 gproxy.pair executes it: SendUpstream reaches gearmand on that connection, OpenUpstream opens
-one, CloseUpstream and Released close one (gearmand then requeues what it still owns), Wakeup
-and RecheckBudget become timers, Submit goes to the retry client.
+one, CloseUpstream and Released close one (gearmand then requeues what it still owns), Wakeup,
+RecheckBudget, ArmTimeout and Eject become timers, Submit goes to the retry client. Every
+worker registers g with CAN_DO_TIMEOUT (so its attempts time out as the clock moves on) and
+is ejected after failing two g jobs in a row; d retries a worker that vanishes mid-job.
 
 The model gearmand assigns jobs (JOB_ASSIGN_UNIQ for GRAB_JOB_UNIQ, JOB_ASSIGN for GRAB_JOB,
 NO_JOB), knows which connection owns each handle, ends a job on its first
@@ -21,8 +23,9 @@ every connection's jobs in gearmand are exactly what gproxy tracks there, holds 
 still telling the worker about; no worker's CANT_DO or RESET_ABILITIES requeues a held job;
 nothing stale (a worker's packets after its failure) reaches a client; every held job has a
 timer, a submission or a retry job that will move it on; a departed worker's connections stay
-open only while they hold retries. When the world goes quiet (every timer fired, every reply
-delivered, every retry job run), no job is held any more.
+open only while they hold retries; an ejected worker's grab never reaches gearmand. When
+the world goes quiet (every timer fired, every reply delivered, every retry job run), no job
+is held any more.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from gproxy.retry import (
     Wakeup,
     parse_retry_unique,
 )
-from gproxy.session import ArmTimeout, CloseUpstream, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from gproxy.session import ArmTimeout, CloseUpstream, Eject, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -66,7 +69,8 @@ POLICY = RetryPolicy(
     budget_min_per_second=0.4, budget_ttl=5.0, max_held=4, max_hold_time=20.0, dead_letter="dlq",
 )
 POLICIES = Policies(POLICY, {
-    G: replace(POLICY, on_fail=True),  # g: a plain WORK_FAIL is retryable
+    G: replace(POLICY, on_fail=True, eject_after=2, eject_for=4.0),  # g: a WORK_FAIL is retryable;
+    # and a worker that fails two g jobs in a row is ejected for a while
     D: replace(POLICY, on_disconnect=OnDisconnect.RETRY),  # d: a worker that vanishes mid-job fails it
 })
 STALE = b"stale: the failed attempt's"
@@ -307,8 +311,10 @@ class StillHeld(AssertionError):
 @dataclass
 class Timer:
     due: float
-    action: Wakeup | RecheckBudget | Worker
-    """A Retrier timer, or a worker's timeouts (ArmTimeout: Session.timeouts_due)."""
+    action: Wakeup | RecheckBudget | Worker | Eject
+    """A Retrier timer, a worker's timeouts (ArmTimeout: Session.timeouts_due), or the end
+    of its ejection (Eject: Session.ejection_over), with the worker in `worker`."""
+    worker: Worker | None = None
 
 
 class SessionWorld(RuleBasedStateMachine):
@@ -365,6 +371,9 @@ class SessionWorld(RuleBasedStateMachine):
                 self.gearmand.receive(command.link, command.replay)
             elif kind is CloseUpstream:
                 self.close(command.link, by_gproxy=True)
+            elif kind is Eject:
+                assert worker is not None
+                self.timers.append(Timer(self.now + command.delay, command, worker))
             elif kind is ArmTimeout:
                 assert worker is not None
                 self.timers = [t for t in self.timers if t.action is not worker]  # it replaces any earlier one
@@ -441,6 +450,8 @@ class SessionWorld(RuleBasedStateMachine):
                     assert args["unique"] == shown, f"the worker was shown {args['unique']!r}, not {shown!r}"
                 worker.running[handle] = job.function
                 worker.timed_out.discard(handle)
+            elif ptype is P.NOOP:
+                pass  # (woken after an ejection: it grabs when the rules say so)
             elif ptype is P.OPTION_RES:
                 assert worker.options_owed, "an OPTION_RES the worker never asked for"
                 worker.options_owed -= 1
@@ -514,6 +525,9 @@ class SessionWorld(RuleBasedStateMachine):
         action = timer.action
         if type(action) is Wakeup:
             self.run(self.retrier.timer_fired(action.key, action.wait, self.now))
+        elif type(action) is Eject:
+            assert timer.worker is not None
+            self.run(timer.worker.session.ejection_over(), timer.worker)
         elif type(action) is Worker:
             tracked = {job.handle for link in action.session.links for job in link.jobs}
             self.run(action.session.timeouts_due(self.now), action)
@@ -583,7 +597,10 @@ class SessionWorld(RuleBasedStateMachine):
         grab = P.GRAB_JOB if plain else P.GRAB_JOB_UNIQ
         worker.grabs.append(grab)
         self.gearmand.pick = pick
+        ejected = worker.session.ejection.active
         self.send(worker, req(grab))
+        if ejected:  # gproxy answered NO_JOB itself; gearmand never saw the grab
+            assert not worker.grabs, f"{worker!r} is ejected, and its grab went on"
 
     def answer_all(self, link: UpstreamLink) -> None:
         while self.gearmand.conns[link].open and self.gearmand.conns[link].outbox:
