@@ -547,6 +547,20 @@ def test_grafana_is_provisioned_with_the_dashboard_and_the_prometheus_service() 
 # as plain processes, one gproxy per worker as in the stack, each with compose's gproxy.toml.
 
 
+def bound_ports(proc: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> tuple[int, int]:
+    """The worker and metrics ports a gproxy started with port 0 logged."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        metrics = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", text)
+        if listening and metrics:
+            return int(listening.group(1)), int(metrics.group(1))
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"gproxy did not start (exit {proc.poll()}): {text[-2000:]}")
+        time.sleep(0.05)
+
+
 def wait_for_http(url: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -598,13 +612,15 @@ def test_the_compose_demo_flow_runs_for_real(
     state = tmp_path / "flaky-state"  # the volume both workers share
     metrics_urls = []
     for n in (1, 2):
-        listen_port, metrics_port = find_free_port(), find_free_port()
-        gproxy = subprocess.Popen(
-            [*GPROXY, "--config", str(COMPOSE_TOML), "--upstream", f"{host}:{port}",
-             "--listen", f"127.0.0.1:{listen_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-            stderr=subprocess.DEVNULL,
-        )
+        log = tmp_path / f"gproxy-{n}.log"
+        with open(log, "wb") as stderr:  # (ports 0: a port picked free may be taken before gproxy binds it)
+            gproxy = subprocess.Popen(
+                [*GPROXY, "--config", str(COMPOSE_TOML), "--upstream", f"{host}:{port}",
+                 "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+                stderr=stderr,
+            )
         processes.append(gproxy)
+        listen_port, metrics_port = bound_ports(gproxy, log)
         metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
         wait_for_http(f"http://127.0.0.1:{metrics_port}/healthz")
         processes.append(subprocess.Popen(
