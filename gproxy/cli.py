@@ -1,12 +1,18 @@
-"""The `gproxy` command: flags and config file in, a running proxy out."""
+"""The `gproxy` command: flags and config file in, a running proxy out; and the operator's
+subcommands: `gproxy held` (the jobs held for a retry) and `gproxy check-config FILE`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
+import json
 import logging
 import os
 import signal
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 
 import trio
@@ -14,6 +20,7 @@ import trio
 from . import __version__
 from .config import LOG_LEVELS, Config, ConfigError, load_config
 from .dataplane import DataPlane
+from .held import table
 from .proxy import Proxy
 
 log = logging.getLogger("gproxy")
@@ -23,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gproxy",
         description="Gearman proxy: workers connect here instead of to gearmand.",
+        epilog="Also: gproxy held [--url URL] [--function F] (the jobs held for a retry); "
+        "gproxy check-config FILE.",
     )
     env = os.environ.get
     parser.add_argument("--config", metavar="FILE", default=env("GPROXY_CONFIG"), help="TOML config file [GPROXY_CONFIG]")
@@ -34,7 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SUBCOMMANDS = ("held", "check-config")
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9464"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "held":
+        return held_command(argv[1:])
+    if argv and argv[0] == "check-config":
+        return check_config_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(
@@ -61,6 +79,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         plane.close()
     return 0
+
+
+def held_command(argv: Sequence[str]) -> int:
+    """`gproxy held`: GET /held from a running gproxy, as a table."""
+    parser = argparse.ArgumentParser(prog="gproxy held", description="The jobs a running gproxy holds for a retry.")
+    parser.add_argument("--url", default=os.environ.get("GPROXY_ADMIN_URL", DEFAULT_ADMIN_URL),
+                        help=f"gproxy's metrics listener (default {DEFAULT_ADMIN_URL}) [GPROXY_ADMIN_URL]")
+    parser.add_argument("--function", help="only this function's jobs")
+    parser.add_argument("--json", action="store_true", help="the endpoint's JSON as it is")
+    args = parser.parse_args(argv)
+    url = args.url.rstrip("/") + "/held"
+    if args.function is not None:
+        url += "?" + urllib.parse.urlencode({"function": args.function})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read()
+    except (OSError, ValueError) as exc:  # (urllib's errors are OSErrors; a bad URL a ValueError)
+        print(f"gproxy held: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(body.decode() if args.json else table(json.loads(body)))
+    return 0
+
+
+def check_config_command(argv: Sequence[str]) -> int:
+    """`gproxy check-config FILE`: load it as a start would; print the routes and the
+    retry policy each function resolves to. Exit 2 with the same one-line error."""
+    parser = argparse.ArgumentParser(prog="gproxy check-config", description="Validate a gproxy config file.")
+    parser.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"gproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok")
+    for route in config.routes:
+        print(f"route: listen {route.listen} -> gearmand {route.upstream}")
+    if config.metrics_listen is not None:
+        print(f"metrics: {config.metrics_listen} (admin POSTs {'on' if config.admin else 'off'})")
+    policies = config.policies
+    for name, policy in [("[retry] (every other function)", policies.default),
+                         *((f'[functions."{f.decode()}"]', p) for f, p in policies.functions.items())]:
+        print(f"{name}:")
+        for field in dataclasses.fields(policy):
+            print(f"  {field.name} = {_toml(getattr(policy, field.name))}")
+    return 0
+
+
+def _toml(value: object) -> str:
+    """A resolved setting as it would be written in the config file."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "inf" if value == float("inf") else repr(value)
 
 
 async def run_until_signalled(config: Config, plane: DataPlane | None = None) -> None:

@@ -18,7 +18,7 @@ DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOP_LEVEL_KEYS = {
     "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
-    "log_level", "routes", "retry", "functions", "shutdown_grace_period",
+    "log_level", "routes", "retry", "functions", "shutdown_grace_period", "admin",
 }
 DEFAULT_SHUTDOWN_GRACE_PERIOD = 25.0
 _ROUTE_KEYS = {"listen", "upstream"}
@@ -66,6 +66,8 @@ class Config:
     policies: Policies = field(default_factory=Policies)
     metrics_max_functions: int = DEFAULT_MAX_FUNCTIONS
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
+    admin: bool = False
+    """The metrics listener also takes the POSTs that steer held retries (unauthenticated)."""
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
@@ -110,7 +112,14 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         shutdown_grace_period=_seconds(
             settings.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD), "shutdown_grace_period"
         ),
+        admin=_flag(settings.get("admin", False), "admin"),
     )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _seconds(value: Any, key: str) -> float:

@@ -20,13 +20,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from .config import Address, Config, Route
 from .connection import Connection
 from .dataplane import DataPlane
+from .held import held_view
 from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
 from .memory import Trimmer
@@ -109,6 +110,38 @@ class Proxy:
         upstream = self.pairs.upstream_connections() + sum(client.connected for client in self._retry_clients.values())
         return {"worker": len(self.pairs), "upstream": upstream}
 
+    # -- the operator's view and hand (http_endpoint.Operator)
+
+    @property
+    def admin(self) -> bool:
+        return self.config.admin
+
+    def held(self, function: bytes | None) -> dict[str, Any]:
+        return held_view(self.retrier, trio.current_time(), function)
+
+    def retry_now(self, key: int) -> bool:
+        return self._steer(key, self.retrier.retry_now)
+
+    def give_up_now(self, key: int) -> bool:
+        return self._steer(key, self.retrier.give_up_now)
+
+    def _steer(self, key: int, action: Callable[[int, float], list[Action[UpstreamLink, Route]] | None]) -> bool:
+        done = False
+        with self._supervised(f"operator's action on {self.retrier.describe(key)}", self.retrier.owners(key=key)):
+            actions = action(key, trio.current_time())
+            if actions is not None:
+                self._carry_out(actions)
+                done = True
+        return done
+
+    def pause(self, function: bytes) -> None:
+        self.retrier.pause(function)
+
+    def resume(self, function: bytes) -> None:
+        name = function.decode("utf-8", "replace")
+        with self._supervised(f"operator's resume of {name}", self.retrier.owners(function=function)):
+            self._carry_out(self.retrier.resume(function, trio.current_time()))
+
     def tracked_jobs(self) -> list[TrackedJob]:
         return self.pairs.tracked_jobs()
 
@@ -142,7 +175,7 @@ class Proxy:
                 nursery.start_soon(self._timers.run)
                 nursery.start_soon(self._trimmer.run)
                 if self._http:
-                    await nursery.start(serve_http, self._http, self.metrics, self.ready)
+                    await nursery.start(serve_http, self._http, self.metrics, self.ready, self)
                 await nursery.start(self._accept)
                 task_status.started(self)
         finally:

@@ -110,6 +110,7 @@ class GiveUp(enum.Enum):
     REFUSED = "refused"  # gearmand answered the retry's submission with ERROR
     MAX_HELD = "max_held"
     MAX_HOLD_TIME = "max_hold_time"
+    OPERATOR = "operator"  # given up by hand (the admin endpoint)
 
 
 CAPS: Final = (GiveUp.MAX_HELD, GiveUp.MAX_HOLD_TIME)
@@ -268,6 +269,7 @@ class State(enum.Enum):
     DEFERRED = "deferred"  # backoff over, waiting for the function's retry budget
     SUBMITTING = "submitting"  # SUBMIT_JOB queued or sent, JOB_CREATED not yet seen
     RUNNING = "running"  # retry job H2 exists in gearmand
+    PAUSED = "paused"  # backoff over, its function's retries paused by an operator
 
 
 @dataclass(slots=True)
@@ -298,6 +300,8 @@ class HeldJob(Generic[OwnerT, RouteT]):
     """Which wait this is (one per failure), so a timer of an earlier wait does nothing."""
     deadline: float = 0.0
     """When the current wait runs out of max_hold_time."""
+    next_attempt_at: float | None = None
+    """When the backoff ends (while WAITING)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +398,8 @@ class Retrier(Generic[OwnerT, RouteT]):
         """Per function, the deferred jobs' keys, oldest first; a function is here exactly
         while a RecheckBudget for it is outstanding."""
         self._next_key = 0
+        self.paused: set[bytes] = set()
+        """Functions whose retries an operator paused."""
 
     # -- queries
 
@@ -619,16 +625,69 @@ class Retrier(Generic[OwnerT, RouteT]):
             if deadline_passed(job.deadline, now):
                 return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
             return self._submit_or_defer(job, now)
-        if job.state is State.DEFERRED:
+        if job.state is State.DEFERRED or job.state is State.PAUSED:
             if deadline_passed(job.deadline, now):
                 return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
             return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
         return []
 
+    # -- an operator's hand (the admin endpoint)
+
+    def retry_now(self, key: int, now: float) -> list[Action[OwnerT, RouteT]] | None:
+        """Held job `key` is retried now, whatever its backoff, budget or pause; None if it
+        is not waiting (unknown, or its retry is under way already)."""
+        job = self.held.get(key)
+        if job is None or job.state not in (State.WAITING, State.DEFERRED, State.PAUSED):
+            return None
+        job.next_attempt_at = None  # (its timers find it under way, and do nothing)
+        log.warning(
+            "operator: retrying %s %s now, attempt %d of %d",
+            _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
+        )
+        return [self._submit(job)]  # (a deferred queue skips a job that is no longer DEFERRED)
+
+    def give_up_now(self, key: int, now: float) -> list[Action[OwnerT, RouteT]] | None:
+        """Held job `key` gets its last failure now (and is dead-lettered, if configured);
+        None if it is not held."""
+        job = self.held.get(key)
+        if job is None:
+            return None
+        log.warning(
+            "operator: giving up %s %s after %d attempts; its last failure is forwarded",
+            _text(job.function), _text(job.handle), job.attempt,
+        )
+        return self._give_up(job, now, GiveUp.OPERATOR)
+
+    def pause(self, function: bytes) -> None:
+        """No retry of `function` starts until resume() (held jobs wait, up to max_hold_time)."""
+        if function not in self.paused:
+            self.paused.add(function)
+            log.warning("operator: retries of %s paused", _text(function))
+
+    def resume(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
+        """Retries of `function` go on: those paused are submitted, oldest first, as the
+        budget allows."""
+        if function not in self.paused:
+            return []
+        self.paused.discard(function)
+        waiting = sorted((job for job in self.held.values() if job.function == function and job.state is State.PAUSED),
+                         key=lambda job: job.key)
+        log.warning("operator: retries of %s resumed (%d paused jobs go on)", _text(function), len(waiting))
+        actions: list[Action[OwnerT, RouteT]] = []
+        for job in waiting:
+            actions += self._submit_or_defer(job, now)
+        return actions
+
     def budget_recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """Submit the deferred retries of `function` that its budget allows now, oldest first."""
         queue = self._deferred.get(function)
         if queue is None:
+            return []
+        if function in self.paused:  # they wait for resume() instead (their deadlines stand)
+            for key in queue:
+                if (job := self.held.get(key)) is not None and job.state is State.DEFERRED:
+                    job.state = State.PAUSED
+            del self._deferred[function]
             return []
         budget = self._budget(function, now)
         actions: list[Action[OwnerT, RouteT]] = []
@@ -820,6 +879,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         job.state, job.retry_handle = State.WAITING, None
         job.wait += 1
         job.deadline = now + job.policy.max_hold_time
+        job.next_attempt_at = now + delay
         self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
         log.info(
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
@@ -832,6 +892,10 @@ class Retrier(Generic[OwnerT, RouteT]):
     def _submit_or_defer(self, job: HeldJob[OwnerT, RouteT], now: float) -> list[Action[OwnerT, RouteT]]:
         """The backoff is over: submit the retry if the budget allows it and no older retry
         of the function is waiting for the budget; else wait for the budget, in line."""
+        job.next_attempt_at = None
+        if job.function in self.paused:
+            job.state = State.PAUSED  # until resume(), or max_hold_time
+            return [Wakeup(job.key, job.deadline - now, job.wait)]
         queue = self._deferred.get(job.function)
         budget = self._budget(job.function, now)
         if queue is None and budget.try_withdraw(now):
