@@ -326,7 +326,7 @@ def test_kubectl_kustomize_builds_valid_manifests() -> None:
         if doc["kind"] not in CRD_KINDS:
             kubernetes_validate(doc, k8s_versions()[-1])
     pod = next(doc for doc in built if doc["kind"] == "Deployment")["spec"]["template"]["spec"]
-    assert pod["initContainers"][0]["image"] == "gproxy:0.1.0"
+    assert pod["initContainers"][0]["image"] == "gproxy:0.2.0"
 
 
 def pod_spec() -> dict[str, Any]:
@@ -747,7 +747,7 @@ def test_the_systemd_example_config_loads() -> None:
 def test_the_deploy_readme_gives_each_platform_its_commands() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for command in (
-        "docker build -f deploy/Dockerfile -t gproxy:0.1.0 .",
+        "docker build -f deploy/Dockerfile -t gproxy:0.2.0 .",
         "-v \"$PWD/gproxy.toml:/etc/gproxy/gproxy.toml:ro\"",
         "kubectl apply -k deploy/kubernetes",
         "docker compose -f deploy/compose/compose.yaml up --build",
