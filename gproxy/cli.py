@@ -1,5 +1,6 @@
 """The `gproxy` command: flags and config file in, a running proxy out; and the operator's
-subcommands: `gproxy held` (the jobs held for a retry) and `gproxy check-config FILE`."""
+subcommands: `gproxy held` (the jobs held for a retry), `gproxy replay` (dead letters back
+to their function) and `gproxy check-config FILE`."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from . import __version__
-from .config import LOG_LEVELS, Config, ConfigError, load_config
+from . import __version__, replay
+from .config import LOG_LEVELS, Config, ConfigError, load_config, parse_address
 from .dataplane import DataPlane
 from .held import table
 from .proxy import Proxy
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gproxy",
         description="Gearman proxy: workers connect here instead of to gearmand.",
         epilog="Also: gproxy held [--url URL] [--function F] (the jobs held for a retry); "
+        "gproxy replay --server HOST:PORT --from FUNCTION (dead letters back to their function); "
         "gproxy check-config FILE.",
     )
     env = os.environ.get
@@ -43,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = ("held", "check-config")
 DEFAULT_ADMIN_URL = "http://127.0.0.1:9464"
 
 
@@ -53,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return held_command(argv[1:])
     if argv and argv[0] == "check-config":
         return check_config_command(argv[1:])
+    if argv and argv[0] == "replay":
+        return replay_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(
@@ -100,6 +103,28 @@ def held_command(argv: Sequence[str]) -> int:
         return 1
     sys.stdout.write(body.decode() if args.json else table(json.loads(body)))
     return 0
+
+
+def replay_command(argv: Sequence[str]) -> int:
+    """`gproxy replay`: dead letters back to their function (see replay.py)."""
+    parser = argparse.ArgumentParser(
+        prog="gproxy replay", description="Submit dead-lettered jobs again, at a rate, at least once.",
+    )
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the gearmand that holds the dead letters")
+    parser.add_argument("--from", dest="source", required=True, metavar="FUNCTION", help="the dead-letter function")
+    parser.add_argument("--to", metavar="FUNCTION", help="submit to this function (default: each job's own)")
+    parser.add_argument("--rate", type=float, default=10.0, help="at most this many a second (default 10)")
+    parser.add_argument("--limit", type=int, metavar="N", help="at most N dead letters")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be replayed; leave the queue as it is")
+    args = parser.parse_args(argv)
+    if not args.rate > 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--rate must be > 0 and --limit >= 1")
+    try:
+        server = parse_address(args.server, "--server", port_zero_ok=False)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    target = args.to.encode() if args.to is not None else None
+    return replay.run(server, args.source.encode(), target, args.rate, args.limit, args.dry_run, sys.stdout)
 
 
 def check_config_command(argv: Sequence[str]) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 from .budget import RetryBudget
+from .dead_letter import envelope
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
 from .protocol import REQ, PacketType, build_packet
@@ -500,14 +501,14 @@ class Retrier(Generic[OwnerT, RouteT]):
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
             self.metrics.count(self.metrics.exhausted, function)
-            return forwarded(self._dead_letter(route, policy, job))
+            return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
         if self._held_per_function[function] >= policy.max_held:
             self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
             log.warning(
                 "%s already holds %d jobs (max_held): %s failure forwarded",
                 name, policy.max_held, _text(handle),
             )
-            return forwarded(self._dead_letter(route, policy, job))
+            return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
         held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
         return Decision(True, held)
 
@@ -574,7 +575,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 "%s already holds %d jobs (max_held): %s, whose worker left, fails",
                 _text(job.function), policy.max_held, _text(job.handle),
             )
-            actions += self._dead_letter(route, policy, job)
+            actions += self._dead_letter(route, policy, job, (P.WORK_FAIL, b"gproxy: its worker left"))
             actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
         return actions
 
@@ -615,7 +616,8 @@ class Retrier(Generic[OwnerT, RouteT]):
             self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
             log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, _text(job.handle), why)
         self.metrics.job_ended(job.function, "fail", now - job.started_at)
-        return [*self._dead_letter(route, policy, job), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
+        lost = (P.WORK_FAIL, b"gproxy: " + why.encode())
+        return [*self._dead_letter(route, policy, job, lost), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
 
     def timer_fired(self, key: int, wait: int, now: float) -> list[Action[OwnerT, RouteT]]:
         job = self.held.get(key)
@@ -952,13 +954,23 @@ class Retrier(Generic[OwnerT, RouteT]):
         dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
         return dead_letter + self._finish(job, packet)
 
-    def _dead_letter(self, route: RouteT, policy: RetryPolicy, job: TrackedJob | HeldJob[OwnerT, RouteT]) -> list[Action[OwnerT, RouteT]]:
+    def _dead_letter(
+        self, route: RouteT, policy: RetryPolicy, job: TrackedJob | HeldJob[OwnerT, RouteT],
+        failure: tuple[PacketType, bytes] | None = None,
+    ) -> list[Action[OwnerT, RouteT]]:
+        """The job, in the dead-letter envelope, to the function's dead letter (if any).
+        `failure`: the last one, when it is not the held job's own."""
         function = policy.dead_letter_function(job.function)
         if function is None:
             return []
         self.metrics.job_outcome(job.function, "dead_lettered")
         unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
-        return [Submit(route, None, function, unique, job.payload, P.SUBMIT_JOB_BG)]
+        attempts = job.attempt if isinstance(job, HeldJob) else 1
+        ptype, text = failure or (job.last_failure if isinstance(job, HeldJob) else (P.WORK_FAIL, b""))
+        if ptype is P.WORK_EXCEPTION:
+            text = exception_text(text)
+        letter = envelope(job.function, job.unique, job.handle, attempts, ptype.name, text, job.payload)
+        return [Submit(route, None, function, unique, letter, P.SUBMIT_JOB_BG)]
 
     def _finish(self, job: HeldJob[OwnerT, RouteT], packet: bytes) -> list[Action[OwnerT, RouteT]]:
         return [SendUpstream(job.owner, packet), *self._release(job)]

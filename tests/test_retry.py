@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gproxy.jobs import TrackedJob
 from gproxy.protocol import REQ, PacketType, build_packet
+from gproxy.dead_letter import envelope, parse
 from gproxy.retry import (
     DISCONNECTED,
     TIMED_OUT,
@@ -209,7 +210,8 @@ def test_exhaustion_forwards_the_last_exception_and_dead_letters_the_payload() -
     assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=b"RETRY: second") == [Wakeup(1, 2.0, 2)]
     assert t.submit_and_create(1, b"H:3", now=5.0).unique == b"gpr:3:u-1"
     assert t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=b"RETRY: third") == [
-        Submit("route", None, b"dlq.f", dead_letter_unique(b"f", b"u-1", b"H:1", b"payload"), b"payload", P.SUBMIT_JOB_BG),
+        Submit("route", None, b"dlq.f", dead_letter_unique(b"f", b"u-1", b"H:1", b"payload"),
+               envelope(b"f", b"u-1", b"H:1", 3, "WORK_EXCEPTION", b"RETRY: third", b"payload"), P.SUBMIT_JOB_BG),
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: third")),
         Released("up-1"),
     ]
@@ -255,7 +257,8 @@ def test_over_max_held_a_failure_is_forwarded_and_dead_lettered() -> None:
     t = Transcript(replace(POLICY, max_held=2, dead_letter="dlq"))
     assert t.fail(handle=b"H:1").held and t.fail(handle=b"H:2").held
     decision = t.fail(handle=b"H:3", unique=b"u-3")
-    assert decision == Decision(False, [Submit("route", None, b"dlq", dead_letter_unique(b"f", b"u-3", b"H:3", b"payload"), b"payload", P.SUBMIT_JOB_BG)])
+    letter = envelope(b"f", b"u-3", b"H:3", 1, "WORK_EXCEPTION", b"RETRY: x", b"payload")
+    assert decision == Decision(False, [Submit("route", None, b"dlq", dead_letter_unique(b"f", b"u-3", b"H:3", b"payload"), letter, P.SUBMIT_JOB_BG)])
     assert t.sample("gproxy_retry_cap_rejections_total", cap="max_held") == 1
     assert t.fail(handle=b"H:9", function=b"g").held  # the cap is per function
 
@@ -584,3 +587,20 @@ def test_a_timed_out_attempt_with_no_attempt_left_fails_and_observe_mode_only_co
     observed = Transcript(replace(POLICY, mode=Mode.OBSERVE))
     assert observed.retrier.worker_timed_out("up-1", "route", running()[0], now=0.0) is None
     assert observed.sample("gproxy_retries_observed_total") == 1 and observed.retrier.held == {}
+
+
+# -- the dead-letter envelope ----------------------------------------------------------------------
+
+
+def test_a_dead_letter_carries_the_job_and_its_last_failure_around_the_payload_byte_for_byte() -> None:
+    payload = b"\x00\xffbinary\npayload"
+    letter = envelope(b"resize", b"img-\xff", b"H:1", 5, "WORK_EXCEPTION", b"RETRY: busy", payload)
+    assert letter.startswith(b'GPROXY-DEAD-LETTER 1\n{"function": "resize", "unique": "img-\\udcff"')
+    parsed = parse(letter)
+    assert parsed is not None and (parsed.function, parsed.unique, parsed.handle, parsed.attempts) == (b"resize", b"img-\xff", b"H:1", 5)
+    assert (parsed.failure_type, parsed.failure, parsed.payload) == ("WORK_EXCEPTION", b"RETRY: busy", payload)
+    assert parse(payload) is None and parse(b"GPROXY-DEAD-LETTER 1\n{not json}\nx") is None  # 0.1's bare payload; junk
+    t = Transcript(replace(POLICY, max_attempts=1, dead_letter="dlq"))
+    (submit,) = t.fail(failure=b"\x05\x0b\x0a\x0cRETRY: oops\n").actions  # Perl's Storable-frozen `die`
+    assert parse(bytes(submit.payload)).failure == b"RETRY: oops\n"  # type: ignore[union-attr]
+
