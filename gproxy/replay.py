@@ -192,7 +192,9 @@ def run(server: Address, source: bytes, target: bytes | None, rate: float, limit
     left = None if dry_run else _left(server, source)
     to = target.decode(errors="replace") if target is not None else "their own functions"
     verb = "would replay" if dry_run else "replayed"
-    pace = f" in {summary.seconds:.1f}s ({summary.replayed / summary.seconds:.1f}/s)" if summary.seconds > 0 and not dry_run else ""
+    pace = ""
+    if not dry_run and summary.replayed > 1 and summary.seconds > 0:  # (the first goes at once)
+        pace = f" in {summary.seconds:.1f}s ({(summary.replayed - 1) / summary.seconds:.1f}/s)"
     out.write(f"{verb} {summary.replayed} dead letters from {name} to {to}{pace}"
               + (f"; {left} left in {name}" if left is not None else "") + "\n")
     return 0
