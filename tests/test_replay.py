@@ -117,7 +117,7 @@ def test_a_dry_run_shows_the_dead_letters_and_leaves_them_queued(gearmand: Gearm
     with socket.create_connection(gearmand.address, timeout=10) as sock:
         framer = Framer(RES)
         for n in range(3):
-            letter = envelope(b"resize", b"u-%d" % n, b"H:x:%d" % n, 5, "WORK_EXCEPTION", b"RETRY: busy", b"img %d" % n)
+            letter = envelope(b"resize-dry", b"u-%d" % n, b"H:x:%d" % n, 5, "WORK_EXCEPTION", b"RETRY: busy", b"img %d" % n)
             sock.sendall(build_packet(REQ, P.SUBMIT_JOB_BG, function=b"dead.dry", unique=b"gpr:dl:%d" % n, data=letter))
             frames: list[object] = []
             while not frames:
@@ -128,9 +128,13 @@ def test_a_dry_run_shows_the_dead_letters_and_leaves_them_queued(gearmand: Gearm
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
     assert [line.split(" (")[0].split()[0:2] for line in lines[:3]] == [["would", "replay"]] * 3
-    assert all(line.endswith("5 attempts, last WORK_EXCEPTION) to resize") for line in lines[:3])
+    assert all(line.endswith("5 attempts, last WORK_EXCEPTION) to resize-dry") for line in lines[:3])
     assert lines[-1] == "would replay 3 dead letters from dead.dry to their own functions"
     gearmand.wait_for_queue("dead.dry", total=3)  # all still there
+    limited = subprocess.run([sys.executable, "-m", "gproxy", "replay", "--server", f"{host}:{port}", "--from", "dead.dry",
+                              "--limit", "2"], capture_output=True, text=True, timeout=60)
+    assert limited.returncode == 0 and limited.stdout.splitlines()[-1].endswith("; 1 left in dead.dry"), limited.stdout
+    gearmand.wait_for_queue("resize-dry", total=2)  # each to its own function, from the envelope
 
 
 def submit_letters(gearmand: Gearmand, function: bytes, letters: list[bytes]) -> None:
