@@ -11,6 +11,7 @@ unique id is the original's). Blocking sockets: a command, not a server.
 
 from __future__ import annotations
 
+import collections
 import socket
 import time
 from collections.abc import Callable
@@ -46,20 +47,23 @@ class _Connection:
         except OSError as exc:
             raise ReplayError(f"cannot connect to gearmand at {server}: {exc}") from exc
         self.framer = Framer(RES)
-        self.frames: list[Packet | AdminLine] = []
+        self.frames: collections.deque[Packet | AdminLine] = collections.deque()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def _next(self) -> Packet | AdminLine:
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ReplayError("gearmand closed the connection")
+            self.frames.extend(f for f in self.framer.receive(data) if type(f) is Packet or type(f) is AdminLine)
+        return self.frames.popleft()
+
     def receive(self, *wanted: PacketType) -> Packet:
         """The next packet of a `wanted` type (NOOPs skipped); an ERROR stops the replay."""
         while True:
-            while not self.frames:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ReplayError("gearmand closed the connection")
-                self.frames.extend(f for f in self.framer.receive(data) if type(f) is Packet or type(f) is AdminLine)
-            frame = self.frames.pop(0)
+            frame = self._next()
             if type(frame) is not Packet or frame.type is P.NOOP:
                 continue
             if frame.type is P.ERROR:
@@ -75,12 +79,7 @@ class _Connection:
         self.send(command + b"\n")
         lines: list[bytes] = []
         while True:
-            while not self.frames:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ReplayError("gearmand closed the connection")
-                self.frames.extend(f for f in self.framer.receive(data) if type(f) is Packet or type(f) is AdminLine)
-            frame = self.frames.pop(0)
+            frame = self._next()
             if type(frame) is AdminLine:
                 line = frame.raw.rstrip(b"\r\n")
                 if line == b".":
