@@ -6,7 +6,7 @@ is made from that JSON, so the command needs nothing but the endpoint.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .protocol import PacketType
@@ -64,5 +64,5 @@ def _seconds(at: float | None, now: float) -> float | None:
     return None if at is None else round(max(at - now, 0.0), 3)
 
 
-def _text(value: bytes | Hashable) -> str:
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "backslashreplace")
