@@ -101,7 +101,15 @@ def held_command(argv: Sequence[str]) -> int:
     except (OSError, ValueError) as exc:  # (urllib's errors are OSErrors; a bad URL a ValueError)
         print(f"gproxy held: cannot read {url}: {exc}", file=sys.stderr)
         return 1
-    sys.stdout.write(body.decode() if args.json else table(json.loads(body)))
+    if args.json:
+        sys.stdout.write(body.decode())
+        return 0
+    try:
+        view = json.loads(body)
+    except ValueError:
+        print(f"gproxy held: {url} did not answer with gproxy's JSON (is it gproxy's metrics listener?)", file=sys.stderr)
+        return 1
+    sys.stdout.write(table(view))
     return 0
 
 
@@ -162,7 +170,7 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
-    return "inf" if value == float("inf") else repr(value)
+    return repr(value)  # (numbers: repr(inf) is "inf", as TOML writes it)
 
 
 async def run_until_signalled(config: Config, plane: DataPlane | None = None) -> None:

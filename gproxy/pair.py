@@ -186,7 +186,7 @@ class Pair:
                 return self.refuse(exc.reason, f"protocol error from peer: {exc}")
         else:
             link, sent = self._link_of[endpoint], False
-            if worker is not None and self.worker_lost is None and session.passes_upstream(link, data):
+            if worker is not None and session.passes_upstream(link, data):
                 self._write(worker, data)
                 sent = True
             try:
@@ -219,7 +219,7 @@ class Pair:
                 self._send_upstream(command.owner, command.data)
             elif type(command) is SendDownstream:
                 worker = self.worker
-                if worker is not None and self.worker_lost is None and not self.session.worker_gone:
+                if worker is not None and not self.session.worker_gone:  # (a lost one's writes go nowhere)
                     self._write(worker, command.data)
             elif type(command) is Released:
                 if (owner := self._pairs.owner(command.owner)) is not None:

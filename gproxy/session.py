@@ -229,7 +229,7 @@ class Session:
 
     def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
-        watched = _WATCHED_DRAINING if self.draining or self.ejection.until is not None else _WATCHED_DOWNSTREAM
+        watched = _WATCHED_DRAINING if self._grabs_answered_here() else _WATCHED_DOWNSTREAM
         for frame in self.downstream.receive(data):
             if type(frame) is Packet:
                 if frame.type not in watched:
@@ -275,7 +275,7 @@ class Session:
             return False
         if ptype not in _WATCHED_DRAINING:
             return True
-        if self.draining or self.ejection.until is not None:
+        if self._grabs_answered_here():
             return False
         if ptype is P.GRAB_JOB_UNIQ or ptype is P.GRAB_JOB_ALL or ptype is P.PRE_SLEEP:
             return True
@@ -403,7 +403,7 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
-        if (self.draining or self.ejection.until is not None) and (ptype in _GRABS or ptype is P.PRE_SLEEP):
+        if self._grabs_answered_here() and (ptype in _GRABS or ptype is P.PRE_SLEEP):
             # No new jobs while shutting down or ejected; a sleeping worker is not woken
             # by gearmand (an ejected one is, by gproxy, when its time is up).
             if ptype is P.PRE_SLEEP:
@@ -441,7 +441,7 @@ class Session:
         """A worker's WORK_FAIL or WORK_EXCEPTION: what goes on to gearmand for it (nothing
         if the Retrier holds the job)."""
         ptype = packet.type
-        held, forward = False, packet.raw
+        held, instead = False, None
         if self.retrier is not None and not job.is_retry:
             # (A retry's failure goes on: the gproxy that holds the original owns the loop.)
             decision = self.retrier.worker_failed(
@@ -451,15 +451,19 @@ class Session:
             )
             self._command(*decision.actions)
             held = decision.held
-            if decision.instead is not None:
-                forward = decision.instead  # a WORK_FAIL, which ends the job on any server
+            instead = decision.instead  # (a WORK_FAIL, which ends the job on any server)
         if not held and not job.is_retry:  # a retry's outcome is counted where it is held
             self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
-        if held or forward is not packet.raw or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
+        if held or instead is not None or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
             job.is_retry and ptype is P.WORK_FAIL
         ):
-            self._silence(job.handle)
-        return b"" if held else forward
+            self._silence(job.handle)  # (what the worker sends after it would not be the job's)
+        return b"" if held else packet.raw if instead is None else instead
+
+    def _grabs_answered_here(self) -> bool:
+        """Draining or ejected: the worker's grabs get NO_JOB from gproxy, and its sleep is
+        not passed on (gearmand would wake it for every new job)."""
+        return self.draining or self.ejection.until is not None
 
     def _count_for_ejection(self, job: TrackedJob, completed: bool, now: float) -> None:
         if completed:

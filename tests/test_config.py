@@ -22,6 +22,7 @@ def test_defaults_keep_the_worker_on_its_usual_port() -> None:
     config = load_config(None, {"upstream": "gearmand.internal:4730"})
     assert config.routes == (Route(Address("127.0.0.1", 4730), Address("gearmand.internal", 4730)),)
     assert (config.metrics_listen, config.max_packet_size, config.log_level) == (None, 64 << 20, "INFO")
+    assert config.admin is False  # the listener is unauthenticated: steering is asked for
 
 
 def test_a_flag_overrides_the_file(tmp_path: Path) -> None:
@@ -82,6 +83,7 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\n[retry]\neject_after = 2.5', {}, "retry.eject_after: expected a whole number >= 0"),
         ('upstream = "g:1"\n[retry]\neject_for = 0', {}, "retry.eject_for: expected a number > 0"),
         ('upstream = "g:1"\n[retry]\ntimeout = -1', {}, "retry.timeout: expected a number >= 0"),
+        ('upstream = "g:1"\nadmin = "yes"', {}, "admin: expected true or false"),
         # The budget's keys of 0.1 meant a cap on jobs held at once: refused, with what to write.
         (
             'upstream = "g:1"\n[retry]\nbudget_ratio = 0.5\nbudget_min = 10', {},

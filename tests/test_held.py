@@ -93,6 +93,8 @@ def test_the_view_shows_each_held_job_and_the_table_reads_it() -> None:
     assert lines[0].split() == ["KEY", "FUNCTION", "HANDLE", "ATTEMPT", "STATE", "NEXT", "IN", "LAST", "FAILURE"]
     assert lines[1].split() == ["1", "f", "H:1", "1/5", "waiting", "0.8s", "WORK_EXCEPTION", "RETRY:", "busy"]
     assert lines[2] == "1 held; retries paused: g"
+    retrier.pause(b"f")  # a job waiting for its backoff, of a paused function: it will wait longer
+    assert table(held_view(retrier, now=0.25)).splitlines()[1].split()[4:6] == ["waiting", "(paused)"]
 
 
 # -- against a real gproxy holding real jobs ------------------------------------------------------
@@ -133,6 +135,9 @@ def test_held_jobs_are_listed_retried_and_given_up_through_the_endpoint(gearmand
         assert shown.returncode == 0 and shown.stdout.splitlines()[-1] == "2 held", shown.stderr
         keys = [j["key"] for j in jobs]
         assert http("POST", f"{base(proxy)}/held/{keys[0]}/retry")[0] == 200
+        assert http("POST", f"{base(proxy)}/held/{keys[0]}/retry")[0] == 409  # under way already (or done)
+        assert http("POST", f"{base(proxy)}/held/abc/retry")[0] == 404
+        assert http("POST", f"{base(proxy)}/held/{keys[1]}/forget")[0] == 404  # no such action
         assert http("POST", f"{base(proxy)}/held/{keys[1]}/give-up")[0] == 200
         assert http("POST", f"{base(proxy)}/held/{keys[1]}/give-up")[0] == 404  # not held any more
         retried, given_up = first.result(), second.result()
@@ -165,10 +170,12 @@ def test_without_admin_the_endpoint_shows_but_does_not_steer(gearmand: Gearmand)
 
 def test_check_config_prints_the_resolved_policies_and_fails_as_a_start_does(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text('upstream = "127.0.0.1:4730"\n[retry]\nmax_attempts = 3\n[functions."resize"]\non_fail = true\n')
+    good.write_text('upstream = "127.0.0.1:4730"\n[retry]\nmax_attempts = 3\n[functions."resize"]\non_fail = true\n'
+                    'budget_min_per_second = inf\n')
     ok = subprocess.run([sys.executable, "-m", "gproxy", "check-config", str(good)], capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert "  max_attempts = 3" in ok.stdout and '[functions."resize"]:' in ok.stdout and "  on_fail = true" in ok.stdout
+    assert '  exception_marker = "RETRY"' in ok.stdout and "  budget_min_per_second = inf" in ok.stdout  # as TOML
     bad = tmp_path / "bad.toml"
     bad.write_text('upstream = "127.0.0.1:4730"\n[retry]\nmax_attempts = 0\n')
     checked = subprocess.run([sys.executable, "-m", "gproxy", "check-config", str(bad)], capture_output=True, text=True, timeout=30)
@@ -181,3 +188,11 @@ def test_check_config_prints_the_resolved_policies_and_fails_as_a_start_does(tmp
 def test_version(flag: str) -> None:
     out = subprocess.run([sys.executable, "-m", "gproxy", flag], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.startswith("gproxy ")
+
+
+def test_gproxy_held_says_in_one_line_when_the_url_is_not_gproxys() -> None:
+    wrong = subprocess.run([sys.executable, "-m", "gproxy", "held", "--url", "http://127.0.0.1:1"],
+                           capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 1 and wrong.stderr.startswith("gproxy held: cannot read http://127.0.0.1:1/held: ")
+    assert len(wrong.stderr.splitlines()) == 1
+

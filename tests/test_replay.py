@@ -174,3 +174,11 @@ def test_a_dead_letter_without_the_envelope_needs_to_and_then_goes_as_it_is(gear
     assert done.returncode == 0, done.stdout + done.stderr
     gearmand.wait_for_queue("dead.bare", total=0)
     assert grab_all(gearmand.address, b"bare") == [(b"", b"a bare payload, as gproxy 0.1 dead-lettered it")]
+
+
+def test_a_rate_or_limit_out_of_range_is_a_usage_error() -> None:
+    for bad in (["--rate", "0"], ["--limit", "0"]):
+        run = subprocess.run([sys.executable, "-m", "gproxy", "replay", "--server", "127.0.0.1:1", "--from", "dead.x", *bad],
+                             capture_output=True, text=True, timeout=30)
+        assert run.returncode == 2 and "--rate must be > 0 and --limit >= 1" in run.stderr
+
