@@ -386,7 +386,7 @@ class Framer:
                         )
                     self._scanned = total - pos
                     break
-                if newline - pos >= self.max_packet_size:
+                if newline - pos > self.max_packet_size:
                     raise ProtocolError(
                         f"admin text line longer than max_packet_size {self.max_packet_size}",
                         "oversized",

@@ -231,6 +231,25 @@ def test_an_admin_line_over_max_packet_size_is_refused_even_when_it_arrives_whol
     assert Framer(REQ, max_packet_size=1024).receive(b"x" * 1023 + b"\n") == [AdminLine(b"x" * 1023 + b"\n")]
 
 
+@pytest.mark.parametrize("length, accepted", [(1024, True), (1025, False)])
+def test_an_admin_line_is_judged_by_one_rule_whether_it_arrives_whole_or_in_pieces(length: int, accepted: bool) -> None:
+    """The text before the newline may be max_packet_size bytes long, as a packet's body
+    may: the newline no more counts than a packet's header. Every split of the line, the
+    line whole, and the line behind a packet in the same read are judged alike."""
+    line = b"x" * length + b"\n"
+    chunkings = [[line], [build_packet(REQ, PacketType.NOOP) + line]]
+    chunkings += [[line[:cut], line[cut:]] for cut in (1, 512, length - 1, length, length + 1)]
+    for chunks in chunkings:
+        framer = Framer(REQ, max_packet_size=1024)
+        if accepted:
+            frames = [frame for chunk in chunks for frame in framer.receive(chunk)]
+            assert frames[-1] == AdminLine(line), [len(chunk) for chunk in chunks]
+        else:
+            with pytest.raises(ProtocolError, match="admin text line longer"):
+                for chunk in chunks:
+                    framer.receive(chunk)
+
+
 @given(packets(magic=RES, types=(PacketType.JOB_ASSIGN, PacketType.JOB_ASSIGN_UNIQ, PacketType.JOB_ASSIGN_ALL)))
 def test_the_head_split_and_the_splices_agree_with_a_full_parse_and_rebuild(raw: bytes) -> None:
     """The hot path reads an assignment's head and rewrites its unique id by offsets; the

@@ -260,9 +260,10 @@ def judge(
         if stream[pos] != 0:
             newline = stream.find(b"\n", pos)
             length = (newline if newline >= 0 else total) - pos
-            # A line and its newline must fit max_packet_size; an unterminated one is refused
-            # once more than max_packet_size of it has come.
-            if length > max_size or (newline >= 0 and length >= max_size):
+            # The text before the newline may have max_packet_size bytes (as a packet's
+            # body may: neither its header nor a line's newline counts); an unterminated
+            # line is refused once more than that has come.
+            if length > max_size:
                 return fail("oversized", f"admin line of {length}+ bytes", pos)
             if newline < 0:
                 break
