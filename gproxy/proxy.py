@@ -47,6 +47,8 @@ READY_TIMEOUT = 2.0
 """Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
 ACCEPT_CAPACITY_PAUSE = 0.1
 """Seconds to wait when accept() fails for want of file descriptors or memory."""
+ACCEPT_WARNING_EVERY = 60.0
+"""Seconds between two WARNINGs that accept() fails so (each failure is counted)."""
 _ACCEPT_RETRY: Final = {
     errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
@@ -201,7 +203,7 @@ class Proxy:
 
     async def _accept_loop(self, sock: trio.socket.SocketType, route: Route) -> None:
         assert self._nursery is not None
-        failures = 0
+        warned: float | None = None
         someone_waits = False
         while True:
             try:
@@ -216,16 +218,16 @@ class Proxy:
                     someone_waits = True
                     continue
                 self.metrics.resource_exhausted.labels(own.resource).inc()
-                failures += 1
+                now = trio.current_time()
+                quiet = warned is not None and now - warned < ACCEPT_WARNING_EVERY
                 log.log(
-                    logging.WARNING if failures == 1 else logging.DEBUG,
-                    "cannot accept on %s for now: %s; trying again every %gs", route.listen, own, ACCEPT_CAPACITY_PAUSE,
+                    logging.DEBUG if quiet else logging.WARNING, "cannot accept on %s for now: %s; trying again every %gs",
+                    route.listen, own, ACCEPT_CAPACITY_PAUSE,
                 )
+                warned = warned if quiet else now
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
-            if failures:
-                log.info("accepting on %s again, after %d failed attempts", route.listen, failures)
-            failures, someone_waits = 0, False
+            someone_waits = False
             accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             worker = socket.socket(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
             self._nursery.start_soon(self._open_pair, worker, _address(peer), route)
