@@ -28,7 +28,7 @@ _REMEDY: Final = {
     errno.ENFILE: "the file table of gproxy's host is full: raise fs.file-max",
     errno.ENOMEM: "gproxy's host is out of memory",
     errno.ENOBUFS: "gproxy's host has no kernel buffer space left for a socket",
-    errno.EADDRNOTAVAIL: "gproxy's host has no local port left for this address: "
+    errno.EADDRNOTAVAIL: "gproxy's host has no local port (or, for IPv6, address) left to reach it: "
     "widen net.ipv4.ip_local_port_range",
 }
 
