@@ -205,13 +205,13 @@ def test_the_retry_connection_and_a_move_say_gproxys_own_limit_too(gearmand: Gea
         running.limit_descriptors(len(held))
 
         flaky = peers.add(start_pyclient(gearmand.address, "flaky", "1:limits", unique="limits-held"))
-        wait_for(lambda: "retry client to gearmand" in running.log(), WAIT_S, "the retry client to try")
-        [line] = [line for line in running.log().splitlines() if "retry client to gearmand" in line]
+        wait_for(lambda: "cannot connect" in running.log(), WAIT_S, "the retry client to try")
+        [line] = [line for line in running.log().splitlines() if "cannot connect" in line]
         assert f"retry client to gearmand {upstream}: cannot connect ([Errno 24] Too many open files (gproxy's own limit: " in line, line
 
         unregister = peers.add(start_pyclient(gearmand.address, "unregister", "echo", unique="limits-move"))
         wait_for(lambda: ": closed: " in running.log(), WAIT_S, "the move to fail")
-        [line] = [line for line in running.log().splitlines() if ": closed: " in line]
+        line = next(line for line in running.log().splitlines() if ": closed: " in line)
         assert "closed: gproxy cannot open a fresh connection to gearmand: [Errno 24] Too many open files (gproxy's own limit: " in line, line
 
         running.limit_descriptors(len(held) + 16)
@@ -221,4 +221,7 @@ def test_the_retry_connection_and_a_move_say_gproxys_own_limit_too(gearmand: Gea
         assert sample(samples, "gproxy_resource_exhausted_total", resource="file_descriptors") >= 2
         assert sample(samples, "gproxy_upstream_up", upstream=upstream) == 1
         assert sample(samples, "gproxy_upstream_connect_errors_total") == 0
-        assert "unreachable" not in running.log()
+        log = running.log()
+        assert "unreachable" not in log, log
+        closed = [line for line in log.splitlines() if ": closed: " in line]
+        assert all("gproxy's own limit" in line for line in closed), closed  # (pygearman's reconnects, if any)
