@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .limits import RESOURCES
 from .protocol import PacketType
 
 OTHER = "__other__"
@@ -60,8 +61,11 @@ class Metrics:
         self.upstream_connect_errors = Counter("gproxy_upstream_connect_errors", "Failed connections to gearmand.", registry=r)
         self.protocol_errors = Counter("gproxy_protocol_errors", "Connections closed for bad input, by reason.", ["reason"], registry=r)
         self.upstream_up = Gauge("gproxy_upstream_up", "1 if the last connection to this gearmand succeeded.", ["upstream"], registry=r)
+        self.resource_exhausted = Counter("gproxy_resource_exhausted", "Connections to gearmand gproxy could not open, and accept() calls that failed, for want of its own resources, by resource.", ["resource"], registry=r)
         for reason in PROTOCOL_ERRORS:
             self.protocol_errors.labels(reason)
+        for resource in RESOURCES:
+            self.resource_exhausted.labels(resource)
         # Read at scrape time.
         self.packets: dict[str, list[int]] = {d: [0] * (max(PacketType) + 1) for d in DIRECTIONS}
         self.running: Tally[bytes] = Tally()

@@ -302,8 +302,9 @@ class Pair:
         log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self.name)
 
     def link_failed(self, link: UpstreamLink, why: str) -> None:
+        """No fresh connection for a move: `why` says whose fault (gearmand's, or gproxy's own limit)."""
         if not self.done:
-            self.fail(f"gearmand unreachable for a fresh connection: {why}")
+            self.fail(why)
 
     def _link_ended(self, link: UpstreamLink, error: OSError | None) -> None:
         current = link is self.session.current and not self.session.worker_gone

@@ -30,6 +30,7 @@ from .dataplane import DataPlane
 from .held import held_view
 from .http_endpoint import bind_http, serve_http
 from .jobs import TrackedJob
+from .limits import cannot_connect, own_exhaustion
 from .memory import Trimmer
 from .metrics import Metrics
 from .pair import CallLater, Connect, Ended, Pair, PairSet, PairTimer, Posted
@@ -46,7 +47,8 @@ READY_TIMEOUT = 2.0
 """Seconds a readiness probe waits for gearmand (probes themselves time out quickly)."""
 ACCEPT_CAPACITY_PAUSE = 0.1
 """Seconds to wait when accept() fails for want of file descriptors or memory."""
-_ACCEPT_CAPACITY: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_WARNING_EVERY = 60.0
+"""Seconds between two WARNINGs that accept() fails so (each failure is counted)."""
 _ACCEPT_RETRY: Final = {
     errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
@@ -103,7 +105,7 @@ class Proxy:
                 with trio.fail_after(READY_TIMEOUT):
                     (await self.connect(route)).close()
             except (OSError, trio.TooSlowError) as exc:
-                problems.append(f"gearmand {route.upstream} unreachable: {exc or 'timed out'}")
+                problems.append(cannot_connect(exc, f"gearmand {route.upstream}"))
         return (not problems, "; ".join(problems) or "ready")
 
     def _connection_counts(self) -> dict[str, int]:
@@ -201,17 +203,31 @@ class Proxy:
 
     async def _accept_loop(self, sock: trio.socket.SocketType, route: Route) -> None:
         assert self._nursery is not None
+        warned: float | None = None
+        someone_waits = False
         while True:
             try:
                 accepted, peer = await sock.accept()
             except OSError as exc:
                 if exc.errno in _ACCEPT_RETRY:  # the peer gave up before we got to it
                     continue
-                if exc.errno not in _ACCEPT_CAPACITY:
+                if (own := own_exhaustion(exc)) is None:
                     raise
-                log.warning("cannot accept on %s for now (%s): trying again shortly", route.listen, exc)
+                if not someone_waits:  # (accept() fails so even when no one waits: wait for one first)
+                    await trio.lowlevel.wait_readable(sock)
+                    someone_waits = True
+                    continue
+                self.metrics.resource_exhausted.labels(own.resource).inc()
+                now = trio.current_time()
+                quiet = warned is not None and now - warned < ACCEPT_WARNING_EVERY
+                log.log(
+                    logging.DEBUG if quiet else logging.WARNING, "cannot accept on %s for now: %s; trying again every %gs",
+                    route.listen, own, ACCEPT_CAPACITY_PAUSE,
+                )
+                warned = warned if quiet else now
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                 continue
+            someone_waits = False
             accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             worker = socket.socket(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
             self._nursery.start_soon(self._open_pair, worker, _address(peer), route)
@@ -249,7 +265,7 @@ class Proxy:
         try:
             upstream = await self._connect_socket(route)
         except (OSError, trio.TooSlowError) as exc:
-            log.warning("%s: closed: gearmand unreachable: %s", name, exc or "timed out")
+            log.warning("%s: closed: %s", name, cannot_connect(exc))
             worker.close()
             return
         try:
@@ -342,7 +358,7 @@ class Proxy:
         try:
             sock = await self._connect_socket(pair.route)
         except (OSError, trio.TooSlowError) as exc:
-            return pair.link_failed(connect.link, str(exc) or "timed out")
+            return pair.link_failed(connect.link, cannot_connect(exc, fresh=True))
         with self._supervised("move to a fresh gearmand connection", [connect.link]):
             pair.link_connected(connect.link, sock)
 
@@ -406,11 +422,16 @@ class Proxy:
         return Connection(await self._connect_socket(route))
 
     async def _connect_socket(self, route: Route) -> socket.socket:
+        """Raises limits.ResourceExhausted when gproxy's own host, not gearmand, is to blame:
+        counted as such, and gearmand's metrics stay as they are."""
         up = self.metrics.upstream_up.labels(str(route.upstream))
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
-        except (OSError, trio.TooSlowError):
+        except (OSError, trio.TooSlowError) as exc:
+            if (own := own_exhaustion(exc)) is not None:
+                self.metrics.resource_exhausted.labels(own.resource).inc()
+                raise own from exc
             self.metrics.upstream_connect_errors.inc()
             up.set(0)
             raise

@@ -726,6 +726,7 @@ def test_the_unit_is_hardened_and_stops_after_the_drain() -> None:
         "MemoryDenyWriteExecute": "yes", "LockPersonality": "yes",
         "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
         "Restart": "on-failure", "KillSignal": "SIGTERM",
+        "LimitNOFILE": "65536",  # not systemd's soft 1024: about 500 workers
     }
     assert {key: single.get(key) for key in expected} == expected
     assert service["SystemCallFilter"][0] == "@system-service"

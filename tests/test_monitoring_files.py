@@ -47,6 +47,9 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     "gproxy_jobs_held": {"function": None},
     "gproxy_connections": {"side": frozenset({"worker", "upstream"})},
     "gproxy_upstream_connect_errors_total": {},
+    "gproxy_resource_exhausted_total": {
+        "resource": frozenset({"file_descriptors", "memory", "buffers", "local_ports"}),
+    },
     "gproxy_protocol_errors_total": {
         "reason": frozenset({"bad_magic", "unknown_type", "oversized", "malformed", "mid_packet"}),
     },
@@ -351,6 +354,7 @@ def _input_series() -> list[dict[str, str]]:
     series[f'gproxy_connections{{{target},side="upstream"}}'] = "4x20"
     series[f'gproxy_upstream_up{{{target},upstream="gearmand:4730"}}'] = "1x20"
     series[f"gproxy_upstream_connect_errors_total{{{target}}}"] = "0+1x20"
+    series[f'gproxy_resource_exhausted_total{{{target},resource="file_descriptors"}}'] = "0+2x20"
     series[f'gproxy_protocol_errors_total{{{target},reason="bad_magic"}}'] = "0+1x20"
     series[f'gproxy_packets_total{{{target},direction="to_gearmand",type="WORK_COMPLETE"}}'] = "0+30x20"
     series[f'gproxy_packets_total{{{target},direction="from_gearmand",type="JOB_ASSIGN"}}'] = "0+30x20"
@@ -426,7 +430,7 @@ def test_alert_rules_use_known_names_and_are_complete() -> None:
     assert {rule["alert"] for rule in rules} >= {
         "GproxyRetryStorm", "GproxyRetriesExhausted", "GproxyDeadLetters",
         "GproxyRetriesDeferred", "GproxyRetryCapRejections", "GproxyUpstreamDown",
-        "GproxyProtocolErrors",
+        "GproxyProtocolErrors", "GproxyResourceExhausted",
     }
     assert re.search(r"^\s*- name: gproxy\s*$", ALERTS.read_text(), re.MULTILINE)
     tests = ALERT_TESTS.read_text()

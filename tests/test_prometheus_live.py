@@ -10,8 +10,11 @@ and must be valid and return data, and the counters must equal what the test dro
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import resource
 import shutil
 import socket
 import struct
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from gproxy.config import Address, Config, Route
+from gproxy.protocol import REQ, RES, PacketType, build_packet
 from gproxy.retry import Mode, Policies, RetryPolicy
 from tests.gearmand import Gearmand, find_free_port, wait_for
 from tests.peer_procs import (
@@ -198,6 +202,43 @@ def drive_the_workload(
             bad.recv(1)
     with socket.create_connection((dead_route.host, dead_route.port)) as lost:  # gearmand down
         lost.recv(1)
+    # gproxy out of file descriptors (this process's: gproxy runs in a thread here): a worker
+    # waits to be accepted, each accept() that fails is counted, and it is served once there
+    # is room again.
+    with descriptors_exhausted(spare=1):
+        waiting = socket.create_connection(proxy.address, timeout=10)
+        wait_for(
+            lambda: (sample("gproxy_resource_exhausted_total", resource="file_descriptors") or 0) >= 1,
+            10, "accept() to fail for want of a descriptor",
+        )
+    with waiting:
+        echo = build_packet(REQ, PacketType.ECHO_REQ, data=b"room again")
+        waiting.sendall(echo)
+        assert waiting.recv(64) == build_packet(RES, PacketType.ECHO_RES, data=b"room again")
+
+
+@contextmanager
+def descriptors_exhausted(spare: int) -> Iterator[None]:
+    """This process's file limit lowered to its highest open descriptor, every free one
+    below taken, and `spare` of them given back; all as it was on leaving."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    taken: list[int] = []
+    try:
+        while True:
+            try:
+                taken.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE, exc
+                break
+        for _ in range(spare):
+            os.close(taken.pop())
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_path: Path) -> None:
@@ -260,6 +301,9 @@ def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_pa
         assert scalar(base, 'sum(gproxy_jobs_total{function="fatal",outcome="exception"})') == 3
         assert scalar(base, 'sum(gproxy_protocol_errors_total{reason="unknown_type"})') == PROTOCOL_ERRORS
         assert scalar(base, f'gproxy_upstream_up{{upstream="127.0.0.1:{dead}"}}') == 0
+        # gproxy's own limit is not gearmand's: its route stayed up.
+        assert (scalar(base, 'sum(gproxy_resource_exhausted_total{resource="file_descriptors"})') or 0) >= 1
+        assert scalar(base, f'gproxy_upstream_up{{upstream="{gearmand.address[0]}:{gearmand.address[1]}"}}') == 1
 
         expressions = panel_exprs() + rule_exprs(base)
         assert len(expressions) >= 20

@@ -113,7 +113,7 @@ async def _replay(result: Replay, gearmand: Gearmand, src: Path, workdir: Path) 
     problems += checks.check_run(digested, lines, 0)
     delta = {r: after.protocol_errors.get(r, 0) - before.protocol_errors.get(r, 0) for r in after.protocol_errors}
     unnamed = sum(1 for c in log.closes if c.level == "WARNING" and c.protocol_reason is None
-                  and not c.reason.startswith("gearmand unreachable"))
+                  and not c.reason.startswith(("gearmand unreachable", "gproxy cannot open")))
     problems += [f"log_metric: {m}" for m in agreement(delta, log.warnings_by_reason, retry_losses(log)[1], unnamed)]
     problems += [f"clean_log: traceback: {exception_line(t)}" for t in log.tracebacks]
     problems += [f"clean_log: {line}" for line in log.errors]

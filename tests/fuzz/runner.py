@@ -489,7 +489,7 @@ class Campaign:
         delta = {r: f.protocol_errors.get(r, 0) - b.protocol_errors.get(r, 0) for r in set(f.protocol_errors) | set(b.protocol_errors)}
         retry_lost, retry_bad = retry_losses(log_new)
         unnamed = sum(1 for c in log_new.closes if c.level == "WARNING" and c.protocol_reason is None
-                      and not c.reason.startswith("gearmand unreachable"))
+                      and not c.reason.startswith(("gearmand unreachable", "gproxy cannot open")))
         quiet = sum(1 for _, found in problems for p in found if "ended in 'gearmand closed the connection' (DEBUG)" in p)
         mismatch = agreement(delta, log_new.warnings_by_reason, retry_bad, unnamed, quiet)
         add(Check("log_metric", not mismatch,
