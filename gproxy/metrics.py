@@ -62,6 +62,8 @@ class Metrics:
         self.protocol_errors = Counter("gproxy_protocol_errors", "Connections closed for bad input, by reason.", ["reason"], registry=r)
         self.upstream_up = Gauge("gproxy_upstream_up", "1 if the last connection to this gearmand succeeded.", ["upstream"], registry=r)
         self.resource_exhausted = Counter("gproxy_resource_exhausted", "Connections to gearmand gproxy could not open, and accept() calls that failed, for want of its own resources, by resource.", ["resource"], registry=r)
+        self.retry_connection_up = Gauge("gproxy_retry_connection_up", "0 while gproxy cannot keep its retry connection to this gearmand (from the first failure until a connection has proved itself), else 1.", ["upstream"], registry=r)
+        self.retry_reconnects = Counter("gproxy_retry_reconnects", "Tries to connect to this gearmand again for retries, after a failure or a loss.", ["upstream"], registry=r)
         for reason in PROTOCOL_ERRORS:
             self.protocol_errors.labels(reason)
         for resource in RESOURCES:

@@ -174,11 +174,14 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not valid Gearman; the connection cannot continue.
 
     `reason` is a short stable word for metrics: bad_magic, unknown_type, oversized, malformed.
+    `frames`: from a Framer, the frames its last chunk completed before the bad input (a
+    client of gearmand must still act on a result that arrived just before garbage).
     """
 
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
+        self.frames: list[Frame] = []
 
 
 class Packet(NamedTuple):
@@ -349,6 +352,7 @@ class Framer:
                     self.counts[number] += 1
                     return [Packet(ptype, data)]
         if self._error is not None:
+            self._error.frames = []  # (handed over with the first raise)
             raise self._error
         if self._skipping:
             dropped = min(self._skipping, len(data))
@@ -359,9 +363,11 @@ class Framer:
             buf: bytes | bytearray = self._pending
         else:
             buf = data  # the usual case: no copy until a frame is cut out
+        frames: list[Frame] = []
         try:
-            frames, consumed = self._cut(buf)
+            consumed = self._cut(buf, frames)
         except ProtocolError as exc:
+            exc.frames = frames
             self._error = exc
             raise
         if buf is self._pending:
@@ -370,8 +376,8 @@ class Framer:
             self._pending = bytearray(buf[consumed:])
         return frames
 
-    def _cut(self, buf: bytes | bytearray) -> tuple[list[Frame], int]:
-        frames: list[Frame] = []
+    def _cut(self, buf: bytes | bytearray, frames: list[Frame]) -> int:
+        """Append the frames `buf` completes to `frames`; returns how much of it they took."""
         counts = self.counts
         pos, total = 0, len(buf)
         scanned, self._scanned = self._scanned, 0
@@ -426,4 +432,4 @@ class Framer:
             frames.append(Packet(ptype, bytes(buf[pos:end])))
             counts[number] += 1
             pos = end
-        return frames, pos
+        return pos

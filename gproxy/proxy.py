@@ -84,6 +84,9 @@ class Proxy:
         self._http: list[trio.SocketListener] = []
         self._retry_clients: dict[Route, RetryClient] = {}
         self._traits: dict[Route, ServerTraits] = {route: ServerTraits() for route in config.routes}
+        for route in config.routes:  # (series from the start, for rates and alerts)
+            self.metrics.retry_connection_up.labels(str(route.upstream)).set(1)
+            self.metrics.retry_reconnects.labels(str(route.upstream))
         self._trimmer = Trimmer()
         self._nursery: trio.Nursery | None = None
         self._posted: collections.deque[Posted] = collections.deque()
@@ -445,7 +448,7 @@ class Proxy:
             assert self._nursery is not None
             client = self._retry_clients[route] = RetryClient(
                 route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size,
-                bad_input=lambda reason: self.metrics.protocol_errors.labels(reason).inc(),
+                self.metrics,
             )
             self._nursery.start_soon(self._keep_running, f"retry client to gearmand {route.upstream}", client.run)
         return client

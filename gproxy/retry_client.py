@@ -1,16 +1,24 @@
 """gproxy's own client connection to a route's gearmand, for the retry jobs it submits.
 
 One task owns the connection. It connects when there is something to submit, and after a
-loss reconnects with backoff for as long as it takes: trouble on this connection is never a
-reason to fail a job. Only gearmand's own ERROR answer to a submission is a refusal. What
-was in flight when a connection broke is handed to the Retrier (retry jobs are submitted
-again as their next attempt) or sent again (dead letters, whose unique ids make a second
-submission coalesce with the first).
+loss reconnects with backoff (gproxy.reconnect: a connection counts as up only once it has
+proved itself, so one that gearmand accepts and drops at once is no reason to try again at
+once) for as long as it takes: trouble on this connection is never a reason to fail a job.
+Only gearmand's own ERROR answer to a submission is a refusal. A gearmand that owes an
+answer and stays silent is sent an ECHO_REQ, and if it stays silent still, the connection
+is given up as dead (an up-but-hung gearmand keeps TCP alive; see Submitter.silence).
+
+However the connection is lost (a reset, a close, bad input, found dead, an internal
+error), what was in flight has the same fate, decided by the Retrier: a submission gearmand
+never acknowledged is sent again (dead letters too: their unique ids make a second one
+coalesce with the first), a retry job it had created is submitted again as the next
+attempt, and a job with no attempt left gets its last failure.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -19,16 +27,19 @@ import trio
 
 from .config import Route
 from .connection import Connection
-from .protocol import DEFAULT_MAX_PACKET_SIZE, ProtocolError
+from .metrics import Metrics
+from .protocol import DEFAULT_MAX_PACKET_SIZE
+from .reconnect import Failure, Reconnects, Recovered, Report
 from .retry import Action, Retrier, Submit
 from .session import route_name
-from .submitter import HELLO, Created, Event, JobPacket, Refused, Submitter, TooLarge
+from .submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silence, Submitter, TooLarge
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
-RECONNECT_INITIAL = 0.1
-RECONNECT_MAX = 5.0
-"""Seconds between attempts to reach gearmand again: doubling from the first to the last."""
+ANSWER_WAIT = 30.0
+"""Seconds gearmand may owe an answer in silence before it is sent an ECHO_REQ."""
+ECHO_WAIT = 30.0
+"""Seconds more of silence after that before the connection is given up as dead."""
 
 if TYPE_CHECKING:
     from .session import UpstreamLink
@@ -46,15 +57,18 @@ class RetryClient:
         connect: Callable[[], Awaitable[Connection]],
         execute: Execute,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-        bad_input: Callable[[str], None] = lambda reason: None,
+        metrics: Metrics | None = None,
+        answer_wait: float = ANSWER_WAIT,
+        echo_wait: float = ECHO_WAIT,
     ) -> None:
         self.route = route
+        self._name = route_name(route)
         self._max_packet_size = max_packet_size
-        self._bad_input = bad_input
-        """Counts a connection lost to bad input from gearmand, by reason (the metric)."""
+        self._metrics = metrics if metrics is not None else Metrics()
         self._retrier = retrier
         self._connect = connect
         self._execute = execute
+        self._answer_wait, self._echo_wait = answer_wait, echo_wait
         self._pending: deque[Submit[Route]] = deque()
         """Submissions not yet written, oldest first; they wait here through any outage."""
         self._more = trio.Event()
@@ -62,6 +76,8 @@ class RetryClient:
         self._submitter: Submitter[Route] = Submitter(max_packet_size)
         self._acknowledging: int | None = None
         """The submission whose JOB_CREATED is being handled."""
+        self.reconnects = Reconnects()
+        self._metrics.retry_connection_up.labels(self._name).set(1)
 
     @property
     def connected(self) -> bool:
@@ -72,37 +88,49 @@ class RetryClient:
         self._more.set()
 
     async def run(self) -> None:
-        """Connect when there is work, serve until the connection breaks, start again."""
-        delay = RECONNECT_INITIAL
-        failures = 0
+        """Connect when there is work, serve until the connection is lost, start again."""
         while True:
             await self._work()
+            self.reconnects.trying()
+            if not self.reconnects.up:
+                self._metrics.retry_reconnects.labels(self._name).inc()
             try:
                 connection = await self._connect()
-                await connection.send_all(HELLO)
             except (OSError, trio.TooSlowError) as exc:
-                failures += 1
-                log.log(
-                    logging.WARNING if failures == 1 else logging.DEBUG,
-                    "retry client to gearmand %s: cannot connect (%s); %d submissions wait, "
-                    "trying again in %.1fs", route_name(self.route), exc or "timed out", len(self._pending), delay,
-                )
-                await trio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX)
+                await self._pause(self.reconnects.failed(trio.current_time()), f": cannot connect ({str(exc) or 'timed out'})")
                 continue
-            if failures:
-                log.info("retry client to gearmand %s: connected again", route_name(self.route))
-            delay, failures = RECONNECT_INITIAL, 0
+            self.reconnects.connected(trio.current_time())
             self._connection, self._submitter = connection, Submitter(self._max_packet_size)
             try:
                 reason = await self._serve(connection)
             except Exception:  # a bug must cost this connection at most, never a retry
-                log.exception("retry client to gearmand %s: internal error", route_name(self.route))
+                log.exception("retry client to gearmand %s: internal error", self._name)
                 reason = "internal error"
             finally:
                 self._connection = None
                 connection.close()
-            await self._lost(reason)
+            failure = self.reconnects.lost(trio.current_time())
+            await self._lost()
+            await self._pause(failure, f" lost ({reason})")
+
+    async def _pause(self, failure: Failure, what: str) -> None:
+        """Say what failed (WARNING when an outage starts, DEBUG while it lasts), then wait."""
+        if failure.recovered is not None:
+            self._recovered(failure.recovered)
+        self._metrics.retry_connection_up.labels(self._name).set(0)
+        log.log(
+            logging.WARNING if failure.report is Report.OUTAGE_STARTS else logging.DEBUG,
+            "retry client to gearmand %s%s; %d submissions wait; trying again in %.1fs",
+            self._name, what, len(self._pending), failure.wait,
+        )
+        await trio.sleep(failure.wait)
+
+    def _recovered(self, recovered: Recovered) -> None:
+        self._metrics.retry_connection_up.labels(self._name).set(1)
+        log.info(
+            "retry client to gearmand %s: connected again after an outage of %.1fs (%d tries)",
+            self._name, recovered.seconds, recovered.tries,
+        )
 
     async def _work(self) -> None:
         while not self._pending:
@@ -110,43 +138,79 @@ class RetryClient:
             await self._more.wait()
 
     async def _serve(self, connection: Connection) -> str:
-        """Write what is pending and read the replies until either side fails."""
+        """Write what is pending, read the replies and watch gearmand's silence until the
+        connection is lost; returns why."""
         reasons: list[str] = []
+        changed = trio.Event()
+        """Set at each submission written and each read: the watch has something new to time."""
+
         async with trio.open_nursery() as nursery:
+
+            def lost(reason: str) -> None:
+                reasons.append(reason)
+                nursery.cancel_scope.cancel()
+
+            def nudge() -> None:
+                nonlocal changed
+                changed.set()
+                changed = trio.Event()
 
             async def write() -> None:
                 try:
-                    await self._write(connection)
+                    await connection.send_all(HELLO)
+                    while True:
+                        while self._pending:
+                            action = self._pending.popleft()
+                            if action.key is not None and not self._retrier.submitting(action.key):
+                                continue  # the job ended while this waited: nothing to submit for it
+                            await connection.send_all(self._submitter.submit(action, trio.current_time()))
+                            nudge()
+                        await self._work()
                 except OSError as exc:
-                    reasons.append(f"send failed: {exc}")
-                nursery.cancel_scope.cancel()
+                    lost(f"send failed: {exc}")
 
             async def read() -> None:
                 try:
                     while data := await connection.receive(RECEIVE_SIZE):
-                        await self._handle(self._submitter.receive(data))
-                    reasons.append("gearmand closed it")
-                except ProtocolError as exc:
-                    self._bad_input(exc.reason)
-                    reasons.append(f"protocol error from gearmand: {exc}")
+                        now = trio.current_time()
+                        if (recovered := self.reconnects.answered(now)) is not None:
+                            self._recovered(recovered)
+                        nudge()
+                        if reason := await self._handle(self._submitter.receive(data, now)):
+                            return lost(reason)
+                    lost("gearmand closed it")
                 except OSError as exc:
-                    reasons.append(str(exc))
-                nursery.cancel_scope.cancel()
+                    lost(str(exc))
+
+            async def watch() -> None:
+                """Times the connection's proof, and gearmand's silence while it owes an answer."""
+                while True:
+                    now = trio.current_time()
+                    if (recovered := self.reconnects.check(now)) is not None:
+                        self._recovered(recovered)
+                    silence, due = self._submitter.silence(now, self._answer_wait, self._echo_wait)
+                    if silence is Silence.DEAD:
+                        return lost(
+                            f"gearmand answered nothing for {self._answer_wait + self._echo_wait:g}s, "
+                            "not even an ECHO_REQ: it is hung or gone"
+                        )
+                    if silence is Silence.ECHO:
+                        try:
+                            await connection.send_all(self._submitter.echo())
+                        except OSError as exc:
+                            return lost(f"send failed: {exc}")
+                    wake = min(due if due is not None else math.inf, self.reconnects.proof_due() or math.inf)
+                    with trio.move_on_at(wake):
+                        await changed.wait()
 
             nursery.start_soon(write)
             nursery.start_soon(read)
+            nursery.start_soon(watch)
         return reasons[0] if reasons else "closed"
 
-    async def _write(self, connection: Connection) -> None:
-        while True:
-            while self._pending:
-                action = self._pending.popleft()
-                if action.key is not None and not self._retrier.submitting(action.key):
-                    continue  # the job ended while this waited: nothing to submit for it
-                await connection.send_all(self._submitter.submit(action))
-            await self._work()
-
-    async def _handle(self, events: list[Event[Route]]) -> None:
+    async def _handle(self, events: list[Event[Route]]) -> str | None:
+        """Carry out what gearmand's replies mean; returns why the connection must end, if
+        it must (bad input: counted, and the events before it still carried out)."""
         retrier = self._retrier
         for event in events:
             now = trio.current_time()
@@ -161,27 +225,29 @@ class RetryClient:
                     event.type.name.encode(), event.size, self._max_packet_size,
                 )
                 actions = retrier.retry_failed_for_good(self.route, event.handle, reason, now)
+            elif type(event) is Broken:
+                self._metrics.protocol_errors.labels(event.reason).inc()
+                return f"protocol error from gearmand: {event.message}"
             else:
                 assert type(event) is Refused
                 if event.submit.key is None:
                     log.error(
                         "gearmand %s refused a dead letter for %s (%s): it is lost",
-                        route_name(self.route), event.submit.function.decode("utf-8", "replace"),
+                        self._name, event.submit.function.decode("utf-8", "replace"),
                         event.error.decode("utf-8", "replace"),
                     )
                     continue
                 actions = retrier.retry_rejected(event.submit.key, event.error, now)
             await self._execute(actions)
+        return None
 
-    async def _lost(self, reason: str) -> None:
+    async def _lost(self) -> None:
+        """What was in flight on the lost connection goes on (see the module's docstring)."""
         unanswered = self._submitter.unanswered()
         dead_letters = [submit for submit in unanswered if submit.key is None]
         in_flight = {submit.key for submit in unanswered if submit.key is not None}
         if self._acknowledging is not None:  # its JOB_CREATED came, but was never taken in
             in_flight.add(self._acknowledging)
             self._acknowledging = None
-        log.warning(
-            "retry client to gearmand %s lost (%s); resubmitting retries in flight", route_name(self.route), reason
-        )
         self._pending.extendleft(reversed(dead_letters))
         await self._execute(self._retrier.retry_connection_lost(self.route, in_flight, trio.current_time()))

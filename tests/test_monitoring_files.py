@@ -55,13 +55,15 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     },
     "gproxy_packets_total": {"direction": frozenset({"to_gearmand", "from_gearmand"}), "type": None},
     "gproxy_upstream_up": {"upstream": None},
+    "gproxy_retry_connection_up": {"upstream": None},
+    "gproxy_retry_reconnects_total": {"upstream": None},
     "gproxy_worker_ejections_total": {"function": None},
     "gproxy_worker_ejected": {"function": None},
 }
 HISTOGRAMS = {"gproxy_job_duration_seconds", "gproxy_attempt_duration_seconds"}
 GAUGES = {
     "gproxy_jobs_running", "gproxy_jobs_held", "gproxy_retry_budget_balance", "gproxy_connections",
-    "gproxy_upstream_up", "gproxy_worker_ejected",
+    "gproxy_upstream_up", "gproxy_retry_connection_up", "gproxy_worker_ejected",
 }
 TARGET_LABELS = {"instance": None, "job": None}
 
@@ -89,6 +91,8 @@ def test_the_table_is_what_gproxy_exports() -> None:
     metrics.job_ended(b"resize", "complete", 0.1)
     metrics.attempt_ended(b"resize", 0.1)
     metrics.upstream_up.labels("gearmand:4730").set(1)
+    metrics.retry_connection_up.labels("gearmand:4730").set(1)
+    metrics.retry_reconnects.labels("gearmand:4730").inc()
     metrics.running[b"resize"] += 1
     metrics.held = lambda: {b"resize": 1}
     metrics.budget_balance = lambda: {b"resize": 2.5}
@@ -353,6 +357,8 @@ def _input_series() -> list[dict[str, str]]:
     series[f'gproxy_connections{{{target},side="worker"}}'] = "3x20"
     series[f'gproxy_connections{{{target},side="upstream"}}'] = "4x20"
     series[f'gproxy_upstream_up{{{target},upstream="gearmand:4730"}}'] = "1x20"
+    series[f'gproxy_retry_connection_up{{{target},upstream="gearmand:4730"}}'] = "1x5 0x5 1x10"
+    series[f'gproxy_retry_reconnects_total{{{target},upstream="gearmand:4730"}}'] = "0x5 0+3x5 15x10"
     series[f"gproxy_upstream_connect_errors_total{{{target}}}"] = "0+1x20"
     series[f'gproxy_resource_exhausted_total{{{target},resource="file_descriptors"}}'] = "0+2x20"
     series[f'gproxy_protocol_errors_total{{{target},reason="bad_magic"}}'] = "0+1x20"

@@ -4,9 +4,12 @@ And the Submitter, pure: replies matched to submissions in order."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
@@ -14,9 +17,12 @@ import trio.testing
 
 from gproxy.connection import Connection
 from gproxy.jobs import TrackedJob
+from gproxy.metrics import Metrics
 from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.retry import Action, Policies, Retrier, RetryPolicy, SendUpstream, Submit
-from gproxy.retry_client import RECONNECT_MAX, RetryClient
+from gproxy.reconnect import MAXIMUM as RECONNECT_MAX
+from gproxy.reconnect import PROVEN_AFTER
+from gproxy.retry_client import ANSWER_WAIT, ECHO_WAIT, RetryClient
 from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -66,14 +72,21 @@ class FakeGearmand:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.retrier = Retrier(Policies(POLICY), random.Random(1), tag=b"")
+    def __init__(self, policy: RetryPolicy = POLICY) -> None:
+        self.retrier = Retrier(Policies(policy), random.Random(1), tag=b"")
         self.gearmand = FakeGearmand()
         self.executed: list[Action] = []
         self.acted = trio.Event()
-        self.client = RetryClient("route", self.retrier, self.gearmand.connect, self.execute, max_packet_size=4096)
+        self.answered = trio.Event()
+        """Set whenever the client has carried out what a reply of gearmand's meant."""
+        self.metrics = Metrics()
+        self.client = RetryClient(
+            "route", self.retrier, self.gearmand.connect, self.execute, max_packet_size=4096, metrics=self.metrics
+        )
 
     async def execute(self, actions: Sequence[Action]) -> None:
+        self.answered.set()
+        self.answered = trio.Event()
         for action in actions:
             if type(action) is Submit:
                 self.client.submit(action)
@@ -201,7 +214,7 @@ def test_the_submitter_matches_replies_to_submissions_in_order() -> None:
     retry = Submit("route", 7, b"f", b"gpr:2:u", b"p")
     dead = Submit("route", None, b"dlq", b"gpr:dl:x", b"p", P.SUBMIT_JOB_BG)
     other = Submit("route", 8, b"f", b"gpr:2:v", b"p", P.SUBMIT_JOB_HIGH)
-    sent = submitter.submit(retry) + submitter.submit(dead) + submitter.submit(other)
+    sent = submitter.submit(retry, 0.0) + submitter.submit(dead, 0.0) + submitter.submit(other, 0.0)
     assert sent == (
         build_packet(REQ, P.SUBMIT_JOB, function=b"f", unique=b"gpr:2:u", data=b"p")
         + build_packet(REQ, P.SUBMIT_JOB_BG, function=b"dlq", unique=b"gpr:dl:x", data=b"p")
@@ -213,7 +226,7 @@ def test_the_submitter_matches_replies_to_submissions_in_order() -> None:
         + build_packet(RES, P.JOB_CREATED, handle=b"H:3")
         + build_packet(RES, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
     )
-    events = submitter.receive(replies[:20]) + submitter.receive(replies[20:])
+    events = submitter.receive(replies[:20], 0.0) + submitter.receive(replies[20:], 0.0)
     assert events == [
         Created(7, b"H:1"),
         Refused(dead, b"QUEUE_ERROR: full"),
@@ -221,19 +234,197 @@ def test_the_submitter_matches_replies_to_submissions_in_order() -> None:
         JobPacket(P.WORK_COMPLETE, {"handle": b"H:1", "data": b"ok"}),
     ]
     assert submitter.unanswered() == []
-    submitter.submit(retry)
+    submitter.submit(retry, 0.0)
     assert submitter.unanswered() == [retry]
     # An ERROR that answers nothing gproxy asked is not matched with anything.
-    assert Submitter().receive(build_packet(RES, P.ERROR, code=b"X", text=b"y")) == []
+    assert Submitter().receive(build_packet(RES, P.ERROR, code=b"X", text=b"y"), 0.0) == []
 
 
 def test_after_a_loss_a_new_submitter_matches_only_its_own_submissions() -> None:
     lost = Submitter()
-    lost.submit(Submit("route", 1, b"f", b"gpr:2:a", b"p"))
-    lost.submit(Submit("route", None, b"dlq", b"gpr:dl:b", b"p", P.SUBMIT_JOB_BG))
+    lost.submit(Submit("route", 1, b"f", b"gpr:2:a", b"p"), 0.0)
+    lost.submit(Submit("route", None, b"dlq", b"gpr:dl:b", b"p", P.SUBMIT_JOB_BG), 0.0)
     assert [s.key for s in lost.unanswered()] == [1, None]  # what the loss leaves to redo
     fresh = Submitter()
-    fresh.submit(Submit("route", 1, b"f", b"gpr:3:a", b"p"))
+    fresh.submit(Submit("route", 1, b"f", b"gpr:3:a", b"p"), 0.0)
     created = build_packet(RES, P.JOB_CREATED, handle=b"H:7")
-    assert fresh.receive(created) == [Created(1, b"H:7")]
-    assert fresh.receive(created) == []  # a second answer has nothing left to match
+    assert fresh.receive(created, 0.0) == [Created(1, b"H:7")]
+    assert fresh.receive(created, 0.0) == []  # a second answer has nothing left to match
+
+
+# -- every way the retry connection is lost, with jobs in both states
+
+@contextlib.asynccontextmanager
+async def serving(h: Harness) -> AsyncIterator[None]:
+    """The client runs for the block; a stall fails within 600 s of the fake clock (at once)."""
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.client.run)
+            yield
+            nursery.cancel_scope.cancel()
+
+
+NO_NUL_EXCEPTION = b"\0RES" + struct.pack(">II", P.WORK_EXCEPTION, 4) + b"H:9x"
+NO_NUL_ERROR = b"\0RES" + struct.pack(">II", P.ERROR, 4) + b"oops"
+LOSSES = {
+    # kind: (what gearmand sends or does, the protocol error it counts)
+    "reset": (None, None),
+    "close": (None, None),
+    "bad magic": (b"\0RXS" + bytes(8), "bad_magic"),
+    "WORK_EXCEPTION without its NUL": (NO_NUL_EXCEPTION, "malformed"),
+    "ERROR without its NUL": (NO_NUL_ERROR, "malformed"),
+    "internal error": (None, None),
+}
+
+
+def _failing_once(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    real = getattr(Retrier, name)
+    calls: list[int] = []
+
+    def patched(self: Retrier, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected failure in {name}")
+        return real(self, *args)
+
+    monkeypatch.setattr(Retrier, name, patched)
+
+
+async def _lose(h: Harness, end: trio.socket.SocketType, kind: str, created: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gearmand loses the connection `kind`'s way, after creating the retry job if `created`
+    (in the same write as bad input: the hard case)."""
+    bad, _ = LOSSES[kind]
+    prefix = build_packet(RES, P.JOB_CREATED, handle=b"H:9") if created else b""
+    if kind == "internal error":
+        _failing_once(monkeypatch, "retry_packet" if created else "retry_created")
+        status = build_packet(RES, P.WORK_STATUS, handle=b"H:9", numerator=b"1", denominator=b"2")
+        await end.send(build_packet(RES, P.JOB_CREATED, handle=b"H:9") + (status if created else b""))
+    elif bad is not None:
+        await end.send(prefix + bad)
+    else:
+        if created:
+            answered = h.answered
+            await end.send(prefix)
+            await answered.wait()
+        if kind == "reset":
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        end.close()
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("created", [False, True], ids=["unacknowledged", "created"])
+async def test_however_the_retry_connection_is_lost_what_was_in_flight_goes_on_the_same_way(
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    kind: str, created: bool,
+) -> None:
+    """A submission gearmand never acknowledged is sent again, not counted as an attempt; a
+    retry job it had created (it may have run) is submitted again as the next attempt."""
+    caplog.set_level(logging.DEBUG, logger="gproxy")
+    h = Harness()
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)  # HELLO, the retry as attempt 2
+        await _lose(h, end, kind, created, monkeypatch)
+        end = await h.gearmand.next_connection()
+        _, resubmitted = await h.gearmand.read(end, 2)
+    job = h.retrier.held[key]
+    if created:
+        assert (job.attempt, job.resubmitted) == (3, 0)  # the lost retry job counts as attempt 2
+    else:
+        assert (job.attempt, job.resubmitted) == (2, 1)
+    assert resubmitted.args()["unique"] == b"gpr:3:u-H:1" and h.executed == []
+    lost = [r for r in caplog.records if " lost (" in r.getMessage()]
+    assert [r.levelno for r in lost] == [logging.WARNING]
+    reason = LOSSES[kind][1]
+    if reason is not None:
+        assert "protocol error from gearmand" in lost[0].getMessage()
+        assert h.metrics.registry.get_sample_value("gproxy_protocol_errors_total", {"reason": reason}) == 1
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+async def test_a_created_retry_lost_with_no_attempt_left_forwards_the_last_failure(
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    h = Harness(RetryPolicy(jitter=False, max_attempts=2, dead_letter="dlq"))
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        await _lose(h, end, kind, True, monkeypatch)
+        end = await h.gearmand.next_connection()
+        _, dead_letter = await h.gearmand.read(end, 2)  # and no resubmission
+    assert h.retrier.held == {} and dead_letter.type is P.SUBMIT_JOB_BG and dead_letter.args()["function"] == b"dlq"
+    assert h.executed[0] == SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"))
+
+
+async def test_a_gearmand_that_owes_an_answer_and_stays_silent_is_echoed_then_given_up(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Up but hung: the connection stays open, TCP acknowledges, nothing answers."""
+    h = Harness()
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        start = trio.current_time()
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        (echo,) = await h.gearmand.read(end, 1)
+        echoed = trio.current_time() - start
+        assert await end.recv(100) == b""  # gproxy closed it
+        given_up = trio.current_time() - start
+        end = await h.gearmand.next_connection()
+        _, resubmitted = await h.gearmand.read(end, 2)
+    assert echo.type is P.ECHO_REQ and (echoed, given_up) == (pytest.approx(ANSWER_WAIT), pytest.approx(ANSWER_WAIT + ECHO_WAIT))
+    assert resubmitted.args()["unique"] == b"gpr:3:u-H:1" and h.retrier.held[key].resubmitted == 1
+    (lost,) = [r.getMessage() for r in caplog.records if " lost (" in r.getMessage()]
+    assert f"answered nothing for {ANSWER_WAIT + ECHO_WAIT:g}s" in lost
+
+
+async def test_gearmand_answering_then_dropping_every_connection_causes_no_storm(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gearmand (or a load balancer in front of it) accepts, even answers, then drops each
+    connection at once: tries back off to RECONNECT_MAX, one WARNING for the outage."""
+    caplog.set_level(logging.DEBUG, logger="gproxy")
+    h = Harness()
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        while trio.current_time() < 60.0:
+            end = await h.gearmand.next_connection()
+            await h.gearmand.read(end, 1)
+            await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions"))
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            end.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert h.gearmand.attempts <= 18 and len(warnings) == 1, (h.gearmand.attempts, len(warnings))
+    assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", {"upstream": "route"}) == 0
+    assert h.metrics.registry.get_sample_value("gproxy_retry_reconnects_total", {"upstream": "route"}) == h.gearmand.attempts - 1
+    assert h.retrier.held[key].attempt == 2  # never acknowledged: no attempt spent on the storm
+
+
+async def test_an_outage_ends_with_one_info_line_once_a_connection_proves_itself(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gproxy")
+    h = Harness()
+    h.gearmand.refuse = 3
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9"))
+        connected = trio.current_time()
+        await trio.sleep(PROVEN_AFTER + 0.5)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if "retry client" in r.getMessage()]
+    assert [level for level, _ in messages] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.INFO]
+    assert messages[-1][1] == (
+        f"retry client to gearmand route: connected again after an outage of {connected + PROVEN_AFTER:.1f}s (4 tries)"
+    )
+    assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", {"upstream": "route"}) == 1
+    assert h.retrier.held[key].retry_handle == b"H:9"
+

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gproxy.protocol import REQ, PacketType
+from gproxy.reconnect import INITIAL
 from gproxy.retry import RetryPolicy
 from tests.fault_relay import FaultRelay, RelayedConnection
 from tests.gearmand import Gearmand, wait_for
@@ -33,6 +34,7 @@ def test_a_broken_retry_connection_whose_replacement_fails_at_once_fails_no_job(
     fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "gproxy")
+    caplog.set_level(logging.DEBUG, "gproxy.retry")  # (a failure during an outage is DEBUG)
     slow = replace(FAST, backoff_initial=1.0)
     with FaultRelay(fresh_gearmand.address) as relay, ProxyThread.to(relay.address, slow, frozen=True) as proxy, \
             PeerSet() as peers:
@@ -80,6 +82,9 @@ def test_a_retry_job_lost_with_the_connection_runs_again_as_the_next_attempt(
         wait_for(lambda: retry_handles() != [None], WAIT_S, "the retry job to be created")
         (lost,) = retry_handles()
         assert relay.reset_where(is_retry_client) == 1
+        upstream = str(proxy.config.routes[0].upstream)
+        wait_for(lambda: proxy.sample("gproxy_retry_connection_up", upstream=upstream) == 0, WAIT_S, "the loss")
+        proxy.advance(INITIAL)  # a connection that had not proved itself yet: reconnected after a backoff
         wait_for(lambda: retry_handles() not in ([None], [lost]), WAIT_S, "a new retry job to be created")
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         run = client.result()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
+from gproxy.reconnect import INITIAL
 from gproxy.retry import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
@@ -220,6 +221,7 @@ def test_a_lost_retry_client_connection_resubmits_and_no_client_waits_forever(
             lambda: any("retry client to gearmand" in r.getMessage() for r in caplog.records),
             WAIT_S, "the loss to be noticed",
         )
+        proxy.advance(INITIAL)  # (the connection had not proved itself: a backoff before the next)
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         run = client.result()
     # The lost retry never ran; the one submitted in its place is attempt 3.

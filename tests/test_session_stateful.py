@@ -503,13 +503,13 @@ class SessionWorld(RuleBasedStateMachine):
                 self.rc_hello = True
                 self.gearmand.receive(RETRY, HELLO)
             self.gearmand.refuse = refuse
-            self.gearmand.receive(RETRY, self.rc_submitter.submit(submit))
+            self.gearmand.receive(RETRY, self.rc_submitter.submit(submit, self.now))
             return True
         return False
 
     def retry_client_reads(self) -> None:
         data, _ = self.rc_out.popleft()
-        for event in self.rc_submitter.receive(data):
+        for event in self.rc_submitter.receive(data, self.now):
             if type(event) is JobPacket:
                 self.run(self.retrier.retry_packet(ROUTE, event.type, event.args, self.now))
             elif type(event) is Created:

@@ -141,6 +141,9 @@ class LogReport:
     warnings_by_reason: Counter[str] = field(default_factory=Counter)
     """WARNING close lines for bad input, by the metric reason their wording stands for."""
     other_warnings: list[str] = field(default_factory=list)
+    retry_lost: list[str] = field(default_factory=list)
+    """Lines for gproxy's retry connections lost, at any level: one WARNING when an outage
+    starts, DEBUG while it lasts (each for bad input is counted in the metric all the same)."""
     records: int = 0
 
 
@@ -172,6 +175,8 @@ def read_log(text: str, start_line: int = 0) -> LogReport:
             if reason is not None and level == "WARNING":
                 report.warnings_by_reason[reason] += 1
             continue
+        if "retry client to gearmand" in line and " lost (" in line:
+            report.retry_lost.append(line)
         if level == "WARNING":
             report.other_warnings.append(line)
     return report
@@ -183,9 +188,8 @@ def _wall(asctime: str) -> float:
 
 
 def retry_losses(report: LogReport) -> tuple[list[str], Counter[str]]:
-    """gproxy's retry connections lost (WARNING lines), and how many of them were lost for
-    bad input, by reason."""
-    lost = [line for line in report.other_warnings if "retry client to gearmand" in line and " lost (" in line]
+    """gproxy's retry connections lost, and how many of them were lost for bad input, by reason."""
+    lost = report.retry_lost
     bad: Counter[str] = Counter()
     for line in lost:
         reason = reason_of("protocol error " + line.split(" lost (", 1)[1])

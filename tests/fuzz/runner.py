@@ -13,8 +13,9 @@ gauges to come back to the baseline, measure again, then check:
 
     canary            every canary job succeeded; the worst latency is under the bound
     resources         fds exactly back to the baseline, RSS within the bound
-    log_metric        WARNING lines for bad input (close lines, and retry connections lost
-                      for bad input) == the protocol error counter's increase, per reason
+    log_metric        lines for bad input (WARNING close lines, and retry connections lost
+                      for bad input: WARNING when an outage starts, DEBUG during it) == the
+                      protocol error counter's increase, per reason
     clean_log         no traceback, no ERROR record, gproxy exits 0 when stopped
     named_peers       every close line names its peer's address
     metrics_endpoint  /metrics stays under a size and answers quickly
