@@ -66,7 +66,7 @@ class Endpoint:
     """One connected socket of the data plane, and what waits to be written to it."""
 
     __slots__ = ("_eof_pending", "_mask", "_out", "_plane", "buffered", "closed", "ended", "error", "fd", "handler",
-                 "peer", "reading", "sock", "watched")
+                 "peer", "reading", "shut", "sock", "watched")
 
     def __init__(self, plane: DataPlane, sock: socket.socket, handler: Handler, peer: str) -> None:
         self._plane = plane
@@ -87,6 +87,9 @@ class Endpoint:
         self.buffered = 0
         """Bytes written here and not yet taken by the kernel."""
         self._eof_pending = False
+        self.shut = False
+        """gproxy half-closed it (or will, once its buffer has gone): an EOF from the peer
+        after that is its answer, not a close of its own."""
         self._mask = _READ
 
     def write(self, data: bytes) -> None:
@@ -114,6 +117,7 @@ class Endpoint:
         """Half-close once everything written so far has gone: the peer reads EOF."""
         if self.closed:
             return
+        self.shut = True
         if self._out:
             self._eof_pending = True
             return

@@ -197,10 +197,13 @@ class Pair:
             self.run(commands)
 
     def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
+        # A side that closes mid-packet has sent bad input, unless gproxy had closed its way
+        # to it first: then the close answers gproxy's, and cut short what it was sending.
+        mid_packet = error is None and not endpoint.shut
         if endpoint is self.worker:
-            self._worker_ended(error)
+            self._worker_ended(error, mid_packet)
         else:
-            self._link_ended(self._link_of[endpoint], error)
+            self._link_ended(self._link_of[endpoint], error, mid_packet)
 
     def drained(self, endpoint: Endpoint) -> None:
         self._flow()
@@ -306,12 +309,12 @@ class Pair:
         if not self.done:
             self.fail(why)
 
-    def _link_ended(self, link: UpstreamLink, error: OSError | None) -> None:
+    def _link_ended(self, link: UpstreamLink, error: OSError | None, mid_packet: bool) -> None:
         current = link is self.session.current and not self.session.worker_gone
         if error is not None:
             if current:
                 self.fail(f"gearmand connection lost: {error}", logging.INFO)
-        elif unfinished := self.session.unfinished(link):
+        elif mid_packet and (unfinished := self.session.unfinished(link)):
             return self.refuse("mid_packet", _mid_packet("gearmand", unfinished))
         elif current:
             self.closing("gearmand closed the connection")
@@ -348,10 +351,10 @@ class Pair:
 
     # -- the worker
 
-    def _worker_ended(self, error: OSError | None) -> None:
+    def _worker_ended(self, error: OSError | None, mid_packet: bool) -> None:
         if error is not None:
             self.worker_lost = f"peer connection lost: {error}"
-        elif unfinished := self.session.unfinished():
+        elif mid_packet and (unfinished := self.session.unfinished()):
             return self.refuse("mid_packet", _mid_packet("peer", unfinished))
         # Closing its gearmand connections would requeue the jobs gproxy holds, and the
         # jobs it was running of functions that retry disconnects: the Session holds those

@@ -193,6 +193,36 @@ async def test_bad_input_after_the_other_side_closed_is_still_a_warning_and_coun
     assert proxy.metrics.registry.get_sample_value("gproxy_protocol_errors_total", {"reason": "bad_magic"}) == 1
 
 
+@pytest.mark.parametrize("first", ["peer", "gearmand"])
+async def test_a_side_cut_short_by_gproxys_own_close_is_not_blamed_for_bad_input(
+    nursery: trio.Nursery, fake_gearmand: FakeGearmand, caplog: pytest.LogCaptureFixture, first: str
+) -> None:
+    """One side leaves while the other is sending a packet: gproxy half-closes the other,
+    which closes in answer, its packet cut short. Nobody sent bad input: the close line names
+    the side that left first, at DEBUG, and no protocol error is counted."""
+    caplog.set_level(logging.DEBUG, "gproxy")
+    proxy = await start(nursery, fake_gearmand.address)
+    peer = await connect(proxy.listen_addresses[0])
+    upstream = await fake_gearmand.accepted.receive()
+    leaves, answers = (peer, upstream) if first == "peer" else (upstream, peer)
+    half = (
+        build_packet(RES, PacketType.JOB_ASSIGN, handle=b"H:x:1", function=b"f", data=b"x" * 100)
+        if first == "peer" else build_packet(REQ, PacketType.WORK_COMPLETE, handle=b"H:x:1", data=b"x" * 100)
+    )[:50]
+    await answers.send_all(half)
+    await leaves.send_eof()
+    assert await receive_until_eof(answers) == b""  # gproxy's half-close, passed on
+    await answers.aclose()  # the answer: a close, in the middle of its packet
+    assert await receive_until_eof(leaves) == b""
+    with trio.fail_after(10):
+        while not pair_log_lines(caplog):
+            await trio.sleep(0.01)
+    (line,) = pair_log_lines(caplog)
+    assert line.endswith(f": closed: {first} closed the connection"), line
+    assert [r.levelno for r in caplog.records if "closed:" in r.getMessage()] == [logging.DEBUG]
+    assert proxy.metrics.registry.get_sample_value("gproxy_protocol_errors_total", {"reason": "mid_packet"}) == 0
+
+
 async def test_a_peer_that_resets_at_once_is_named_by_its_address(
     nursery: trio.Nursery, gearmand, caplog: pytest.LogCaptureFixture
 ) -> None:
