@@ -311,6 +311,9 @@ class Pair:
         if error is not None:
             if current:
                 self.fail(f"gearmand connection lost: {error}", logging.INFO)
+            else:  # a connection that only holds jobs (the worker moved off it, or left): the pair
+                # goes on, so the cause is told here
+                log.info("%s: gearmand connection %s lost: %s", self.name, link.name, error)
         elif unfinished := self.session.unfinished(link):
             return self.refuse("mid_packet", _mid_packet("gearmand", unfinished))
         elif current:

@@ -29,8 +29,16 @@ import trio
 from gproxy.config import Address, Config, Keepalive, Route
 from gproxy.proxy import Proxy
 from gproxy.retry import Policies, RetryPolicy
+from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, wait_for
-from tests.peer_procs import PeerSet, flaky_cli_command, run_pyclient, start_cli_worker
+from tests.peer_procs import (
+    PeerSet,
+    flaky_cli_command,
+    run_pyclient,
+    start_cli_worker,
+    start_perlworker,
+    start_pyclient,
+)
 from tests.proxy_thread import ProxyThread
 
 SHORT = Keepalive(idle=1, interval=1, count=2)
@@ -76,6 +84,36 @@ async def test_every_connection_to_gearmand_has_keepalive_and_a_user_timeout_to_
     }
     off = await _connected(Keepalive(enabled=False))
     assert (off["SO_KEEPALIVE"], off["TCP_USER_TIMEOUT"]) == (0, 0)  # the system's defaults, untouched
+
+
+# -- what the log says when a connection breaks
+
+
+def test_a_broken_connection_that_only_holds_jobs_names_its_cause(
+    fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker's link that breaks closes the pair, and its close line says why (below).
+    # One it was moved off, which only holds a retry, breaks alone: the pair goes on.
+    # (A gearmand of its own: the job it takes back is left in its queue.)
+    gearmand = fresh_gearmand
+    caplog.set_level(logging.INFO, logger="gproxy")
+    slow = RetryPolicy(backoff_initial=1.0, jitter=False)
+    with FaultRelay(gearmand.address) as relay, ProxyThread.to(relay.address, slow, frozen=True) as proxy, \
+            PeerSet() as peers:
+        peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
+        peers.add(start_pyclient(gearmand.address, "flaky", "1:broken-old-link"))
+        wait_for(lambda: len(proxy.held()) == 1, 15, "the job to be held")
+        assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"  # a move
+        old = proxy.held()[0].owner
+        port = int(old.name.split("->")[0])  # (gproxy's end of it, as the relay sees it)
+        assert relay.reset(port)
+        wait_for(lambda: bool(_lines(caplog, "retry abandoned")), 15, "the held job's connection to be lost")
+        lost = _lines(caplog, f"gearmand connection {old.name} lost")
+        assert [r.getMessage().split(": ", 1)[1] for r in lost] == [
+            f"gearmand connection {old.name} lost: [Errno 104] Connection reset by peer"
+        ]
+        assert lost[0].created <= _lines(caplog, "retry abandoned")[0].created
+        assert not _lines(caplog, "closed:")  # the worker is served on
 
 
 # -- a real partition
