@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
@@ -44,6 +45,13 @@ from tests.proxy_thread import ProxyThread
 SHORT = Keepalive(idle=1, interval=1, count=2)
 """Given up after 3 s of silence: the partition test's setting."""
 TIMED_OUT = "[Errno 110] Connection timed out"
+UNANSWERED = re.compile(
+    r"gearmand connection lost: (\[Errno 110\] Connection timed out|\[Errno 113\] No route to host)"
+    r" \(gearmand's host stopped answering\)$"
+)
+"""The worker link's close line after a partition. Timed out, or, where the kernel's ARP
+entry for gearmand expired meanwhile (after some 30 s), its ARP probes went unanswered
+too and the kernel reports the host unreachable."""
 
 
 # -- the options on a connection gproxy opens
@@ -212,7 +220,7 @@ def _detection(
 ) -> tuple[float, float]:
     """A worker sleeps on its gearmand link after a job that was retried once (so the retry
     connection is open and idle too); then the partition. Returns the seconds from the cut
-    to the worker's close line and to the retry connection's."""
+    to the worker's close line and to the retry connection's, and those lines."""
     caplog.set_level(logging.INFO, logger="gproxy")
     policies = Policies(RetryPolicy(on_fail=True, backoff_initial=0.02, jitter=False))
     config = Config(
@@ -234,16 +242,21 @@ def _detection(
             bound, f"gproxy to notice the partition ({keepalive})", interval=0.05,
         )
     pair, retry = _lines(caplog, pair_lost)[0], _lines(caplog, retry_lost)[0]
-    assert pair.getMessage().endswith(f"gearmand connection lost: {TIMED_OUT}")
-    assert f"({TIMED_OUT}); resubmitting retries in flight" in retry.getMessage()
-    return pair.created - cut_at, retry.created - cut_at
+    return pair.created - cut_at, retry.created - cut_at, pair.getMessage(), retry.getMessage()
+
+
+def _report(keepalive: Keepalive, pair: float, retry: float, pair_line: str, retry_line: str) -> None:
+    print(f"\nwith {keepalive} the partition was noticed after {pair:.1f}s on the worker's link and "
+          f"{retry:.1f}s on the retry connection:\n  {pair_line}\n  {retry_line}")
 
 
 def test_a_gearmand_cut_off_without_a_word_is_noticed_on_the_worker_link_and_the_retry_connection(
     partition: Partition, gearmand_beyond: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pair, retry = _detection(partition, gearmand_beyond, SHORT, tmp_path, caplog, bound=20)
-    print(f"partition noticed after {pair:.1f}s (worker's link), {retry:.1f}s (retry connection) with {SHORT}")
+    pair, retry, pair_line, retry_line = _detection(partition, gearmand_beyond, SHORT, tmp_path, caplog, bound=20)
+    _report(SHORT, pair, retry, pair_line, retry_line)
+    assert pair_line.endswith(f"gearmand connection lost: {TIMED_OUT} (gearmand's host stopped answering)")
+    assert f"({TIMED_OUT}); resubmitting retries in flight" in retry_line
     # Silent for up to idle + interval * count = 3 s after the last word before the cut,
     # and the kernel's timers are coarse: generously bounded.
     assert pair < 10 and retry < 10
@@ -255,6 +268,8 @@ def test_with_the_shipped_defaults_a_partition_is_noticed_in_about_a_minute(
     partition: Partition, gearmand_beyond: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     defaults = Keepalive()
-    pair, retry = _detection(partition, gearmand_beyond, defaults, tmp_path, caplog, bound=150)
-    print(f"partition noticed after {pair:.1f}s (worker's link), {retry:.1f}s (retry connection) with {defaults}")
+    pair, retry, pair_line, retry_line = _detection(partition, gearmand_beyond, defaults, tmp_path, caplog, bound=150)
+    _report(defaults, pair, retry, pair_line, retry_line)
+    assert UNANSWERED.search(pair_line), pair_line
+    assert re.search(r"\(\[Errno 11[03]\] [^)]*\); resubmitting retries in flight", retry_line), retry_line
     assert pair < 2 * defaults.deadline and retry < 2 * defaults.deadline
