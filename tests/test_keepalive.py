@@ -151,6 +151,11 @@ class Partition:
             done = _run(*argv)
             assert done.returncode == 0, f"{argv}: {done.stderr}"
 
+    def heal(self) -> None:
+        """Let packets through again, if they were cut."""
+        _run("tc", "qdisc", "del", "dev", self.outside, "root")
+        _run("ip", "netns", "exec", self.namespace, "tc", "qdisc", "del", "dev", self.inside, "root")
+
 
 def _free_link_local_net() -> tuple[str, str] | None:
     """Two addresses of a link-local /30 that no route of this machine covers yet
@@ -207,6 +212,7 @@ def gearmand_beyond(partition: Partition, tmp_path: Path) -> Iterator[Gearmand]:
     try:
         yield server
     finally:
+        partition.heal()  # (cut off, gearmand took over 5 s to stop, and was killed)
         server.stop()
 
 
