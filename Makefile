@@ -1,12 +1,13 @@
 # Everything the tests, the demo and the benchmark need is installed from here, on a fresh
 # Debian machine: the real Gearman peers and job servers (the C gearmand, /usr/sbin/gearmand,
 # and gearman-server's Perl Gearman::Server, /usr/bin/gearmand), Prometheus (server and
-# promtool, for the alert rule tests and the live dashboard test) and systemd (systemd-analyze,
-# to verify the unit) from Debian's packages, and a venv with the project.
+# promtool, for the alert rule tests and the live dashboard test), systemd (systemd-analyze,
+# to verify the unit) and iproute2 (ip and tc, for the network partition test, which also
+# needs root) from Debian's packages, and a venv with the project.
 
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl prometheus systemd
+APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl prometheus systemd iproute2
 BENCH_APT_PACKAGES := haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -151,6 +151,9 @@ def check_config_command(argv: Sequence[str]) -> int:
         print(f"route: listen {route.listen} -> gearmand {route.upstream}")
     if config.metrics_listen is not None:
         print(f"metrics: {config.metrics_listen} (admin POSTs {'on' if config.admin else 'off'})")
+    print("[upstream_keepalive]:")
+    for field in dataclasses.fields(config.upstream_keepalive):
+        print(f"  {field.name} = {_toml(getattr(config.upstream_keepalive, field.name))}")
     policies = config.policies
     for name, policy in [("[retry] (every other function)", policies.default),
                          *((f'[functions."{f.decode()}"]', p) for f, p in policies.functions.items())]:

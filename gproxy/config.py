@@ -19,6 +19,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOP_LEVEL_KEYS = {
     "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
     "log_level", "routes", "retry", "functions", "shutdown_grace_period", "admin",
+    "upstream_keepalive",
 }
 DEFAULT_SHUTDOWN_GRACE_PERIOD = 25.0
 _ROUTE_KEYS = {"listen", "upstream"}
@@ -58,6 +59,31 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP keepalive on every connection to gearmand: a gearmand whose host vanished without
+    a word (power lost, a network partition: no FIN, no RST) is noticed after about
+    `idle + interval * count` seconds of silence, and its connections end as any broken one.
+    Whole seconds, as the kernel takes them."""
+
+    enabled: bool = True
+    idle: int = 30
+    """Seconds without traffic before the first probe."""
+    interval: int = 10
+    """Seconds between unanswered probes."""
+    count: int = 3
+    """Unanswered probes after which the connection is dead."""
+
+    @property
+    def deadline(self) -> int:
+        """Seconds of silence after which the connection is given up."""
+        return self.idle + self.interval * self.count
+
+
+_KEEPALIVE_LIMITS = {"idle": 32767, "interval": 32767, "count": 127}
+"""The kernel's largest TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     routes: tuple[Route, ...]
     metrics_listen: Address | None = None
@@ -68,6 +94,7 @@ class Config:
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
     admin: bool = False
     """The metrics listener also takes the POSTs that steer held retries (unauthenticated)."""
+    upstream_keepalive: Keepalive = Keepalive()
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:
@@ -113,6 +140,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             settings.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD), "shutdown_grace_period"
         ),
         admin=_flag(settings.get("admin", False), "admin"),
+        upstream_keepalive=_keepalive(settings.get("upstream_keepalive", {})),
     )
 
 
@@ -132,6 +160,26 @@ def _whole(value: Any, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: expected a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def _keepalive(table: Any) -> Keepalive:
+    if not isinstance(table, dict):
+        raise ConfigError("upstream_keepalive: expected a table [upstream_keepalive]")
+    known = [f.name for f in fields(Keepalive)]
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"upstream_keepalive.{key}"
+        if key == "enabled":
+            changes[key] = _flag(value, name)
+        elif key in _KEEPALIVE_LIMITS:
+            most = _KEEPALIVE_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                what = "probes" if key == "count" else "seconds"
+                raise ConfigError(f"{name}: expected a whole number of {what}, 1-{most}, got {value!r}")
+            changes[key] = value
+        else:
+            raise ConfigError(f"{name}: unknown keepalive setting (known: {', '.join(known)})")
+    return Keepalive(**changes)
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""A TCP connection for trio code: gproxy's own retry connections and readiness probes.
+"""A TCP connection for trio code: gproxy's own retry connections and readiness probes; and
+the TCP keepalive of every connection to gearmand.
 
 (Workers' connections and theirs to gearmand belong to the data plane, not to trio.) A
 read waits for readiness first and then makes one recv, and a write that fits in the
@@ -12,6 +13,10 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from .config import Keepalive
+
+_INT_MAX = 2**31 - 1
 
 
 class Connection:
@@ -83,6 +88,27 @@ class Connection:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+
+def set_keepalive(sock: socket.socket, keepalive: Keepalive) -> None:
+    """Probe a connection that has been silent for `keepalive.idle` seconds, and give it up
+    after `keepalive.count` probes go unanswered: its next recv fails as any broken
+    connection's would (ETIMEDOUT, or EHOSTUNREACH when the last word the kernel had was an
+    ICMP error or a failed ARP). Disabled: the system's defaults stay (no keepalive)."""
+    if not keepalive.enabled:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+    # Keepalive probes only a connection with nothing unacknowledged: data written to a dead
+    # peer would be retransmitted instead, for about 15 minutes on Linux (tcp_retries2). The
+    # user timeout ends it after as long as keepalive allows an idle one. Set to exactly
+    # that, it leaves keepalive's own verdict unchanged (the kernel then ends an idle
+    # connection when the time since its last answer reaches the user timeout, with a probe
+    # out, which falls on the last probe's deadline). In ms, at most what the kernel takes.
+    user_timeout = min(keepalive.deadline * 1000, _INT_MAX)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout)
 
 
 class ClosedHere(OSError):

@@ -14,6 +14,7 @@ gone. A PairSet knows every pair and which pair owns each gearmand connection.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import socket
 from collections.abc import Iterator, Sequence
@@ -313,7 +314,10 @@ class Pair:
         current = link is self.session.current and not self.session.worker_gone
         if error is not None:
             if current:
-                self.fail(f"gearmand connection lost: {error}", logging.INFO)
+                self.fail(f"gearmand connection lost: {_cause(error)}", logging.INFO)
+            else:  # a connection that only holds jobs (the worker moved off it, or left): the pair
+                # goes on, so the cause is told here
+                log.info("%s: gearmand connection %s lost: %s", self.name, link.name, _cause(error))
         elif mid_packet and (unfinished := self.session.unfinished(link)):
             return self.refuse("mid_packet", _mid_packet("gearmand", unfinished))
         elif current:
@@ -445,6 +449,20 @@ class Pair:
 
     def __repr__(self) -> str:
         return f"Pair({self.name})"
+
+
+_UNANSWERED: Final = {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+"""How the kernel ends an established connection whose peer stopped answering (keepalive,
+TCP_USER_TIMEOUT, retransmissions): timed out, or unreachable when the last word it had
+about the way there was an ICMP error or a failed ARP."""
+
+
+def _cause(error: OSError) -> str:
+    """A gearmand connection's error, and what it means where the kernel's words mislead
+    ("No route to host" for a host that merely went silent)."""
+    if error.errno in _UNANSWERED:
+        return f"{error} (gearmand's host stopped answering)"
+    return str(error)
 
 
 def _mid_packet(side: str, buffered: int) -> str:

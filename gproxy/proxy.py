@@ -25,7 +25,7 @@ from typing import Any, Final
 import trio
 
 from .config import Address, Config, Route
-from .connection import Connection
+from .connection import Connection, set_keepalive
 from .dataplane import DataPlane
 from .held import held_view
 from .http_endpoint import bind_http, serve_http
@@ -440,7 +440,13 @@ class Proxy:
             raise
         up.set(1)
         sock = stream.socket  # TCP_NODELAY, set by trio, stays on
-        return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        upstream = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        try:
+            set_keepalive(upstream, self.config.upstream_keepalive)  # a gearmand gone silent ends it
+        except OSError:
+            upstream.close()
+            raise
+        return upstream
 
     def _retry_client(self, route: Route) -> RetryClient:
         client = self._retry_clients.get(route)

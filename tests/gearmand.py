@@ -162,7 +162,9 @@ def wait_for_queue(
 class Gearmand:
     """One gearmand child process on 127.0.0.1, with its log and pid file in `workdir`.
 
-    Use start()/stop()/restart(); `address` stays the same across restart().
+    Use start()/stop()/restart(); `address` stays the same across restart(). `host`: another
+    address to listen on; `wrapper`: a command that runs gearmand (e.g. `ip netns exec NS`,
+    which execs it, so the child's pid is still gearmand's).
     """
 
     def __init__(
@@ -172,8 +174,12 @@ class Gearmand:
         verbose: str = "INFO",
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        host: str = HOST,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="gearmand-"))
+        self.host = host
+        self.wrapper = list(wrapper)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.verbose = verbose
         self.extra_args = list(extra_args)
@@ -204,13 +210,14 @@ class Gearmand:
             if outcome != "clash" or fixed:
                 break
         raise GearmandError(
-            f"gearmand did not come up on {HOST}:{self.port} ({outcome}).\n{self.log_tail()}"
+            f"gearmand did not come up on {self.host}:{self.port} ({outcome}).\n{self.log_tail()}"
         )
 
     def _spawn(self) -> None:
         argv = [
+            *self.wrapper,
             GEARMAND_BIN,
-            f"--listen={HOST}",
+            f"--listen={self.host}",
             f"--port={self.port}",
             f"--log-file={self.log_path}",
             f"--pid-file={self.pid_path}",
@@ -284,7 +291,7 @@ class Gearmand:
         """(host, port) clients and workers connect to."""
         if self.port is None:
             raise GearmandError("gearmand was never started")
-        return (HOST, self.port)
+        return (self.host, self.port)
 
     @property
     def pid(self) -> int | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gproxy.cli import main
-from gproxy.config import Address, ConfigError, Route, load_config
+from gproxy.config import Address, ConfigError, Keepalive, Route, load_config
 from gproxy.retry import FinalException, Mode, OnDisconnect, Priority, RetryPolicy
 
 
@@ -92,6 +92,16 @@ def test_several_routes(tmp_path: Path) -> None:
         ('upstream = "g:1"\nfunctions = 3', {}, "functions: expected tables"),
         ('upstream = "g:1"\nshutdown_grace_period = -1', {}, "shutdown_grace_period: expected a number of seconds"),
         ('upstream = "g:1"\nmetrics_max_functions = 0', {}, "metrics_max_functions: expected a whole number >= 1"),
+        ('upstream = "g:1"\nupstream_keepalive = 30', {}, r"upstream_keepalive: expected a table \[upstream_keepalive\]"),
+        ('upstream = "g:1"\n[upstream_keepalive]\nidle = 0', {}, "upstream_keepalive.idle: expected a whole number of seconds, 1-32767, got 0"),
+        ('upstream = "g:1"\n[upstream_keepalive]\nidle = 1.5', {}, "upstream_keepalive.idle: expected a whole number of seconds"),
+        ('upstream = "g:1"\n[upstream_keepalive]\nidle = 32768', {}, "upstream_keepalive.idle: .* 1-32767, got 32768"),
+        ('upstream = "g:1"\n[upstream_keepalive]\ninterval = -1', {}, "upstream_keepalive.interval: expected a whole number of seconds, 1-32767"),
+        ('upstream = "g:1"\n[upstream_keepalive]\ninterval = true', {}, "upstream_keepalive.interval: expected a whole number"),
+        ('upstream = "g:1"\n[upstream_keepalive]\ncount = 128', {}, "upstream_keepalive.count: expected a whole number of probes, 1-127, got 128"),
+        ('upstream = "g:1"\n[upstream_keepalive]\ncount = "3"', {}, "upstream_keepalive.count: expected a whole number of probes"),
+        ('upstream = "g:1"\n[upstream_keepalive]\nenabled = "no"', {}, "upstream_keepalive.enabled: expected true or false"),
+        ('upstream = "g:1"\n[upstream_keepalive]\ntime = 30', {}, "upstream_keepalive.time: unknown keepalive setting .*idle"),
     ],
 )
 def test_a_wrong_setting_is_named(tmp_path: Path, text: str, flags: dict, message: str) -> None:
@@ -133,6 +143,27 @@ def test_function_tables_override_the_retry_defaults(tmp_path: Path) -> None:
         max_attempts=3, mode=Mode.OBSERVE, on_fail=True, backoff_initial=0.5, dead_letter="dead.{function}"
     )
     assert policies.for_function(b"resize").dead_letter_function(b"resize") == b"dead.resize"
+
+
+def test_upstream_keepalive_notices_a_silent_gearmand_in_about_a_minute_unless_told_otherwise(tmp_path: Path) -> None:
+    default = load_config(None, {"upstream": "g:1"}).upstream_keepalive
+    assert default == Keepalive(enabled=True, idle=30, interval=10, count=3)
+    assert default.deadline == 60
+    some = load_config(write(tmp_path, 'upstream = "g:1"\n[upstream_keepalive]\nidle = 5\ncount = 127\n')).upstream_keepalive
+    assert some == Keepalive(enabled=True, idle=5, interval=10, count=127)
+    every = load_config(write(tmp_path, 'upstream = "g:1"\n[upstream_keepalive]\nenabled = false\nidle = 32767\n'
+                                        'interval = 32767\ncount = 1\n')).upstream_keepalive
+    assert every == Keepalive(enabled=False, idle=32767, interval=32767, count=1)
+
+
+def test_check_config_shows_the_upstream_keepalive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", write(tmp_path, 'upstream = "g:1"\n[upstream_keepalive]\ninterval = 5\n')]) == 0
+    out = capsys.readouterr().out
+    assert "[upstream_keepalive]:\n  enabled = true\n  idle = 30\n  interval = 5\n  count = 3\n" in out
+    assert main(["check-config", write(tmp_path, 'upstream = "g:1"\n[upstream_keepalive]\ncount = 0\n')]) == 2
+    assert capsys.readouterr().err == (
+        "gproxy: configuration error: upstream_keepalive.count: expected a whole number of probes, 1-127, got 0\n"
+    )
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
