@@ -452,9 +452,10 @@ class Proxy:
         client = self._retry_clients.get(route)
         if client is None:
             assert self._nursery is not None
+            keepalive = self.config.upstream_keepalive  # (a hung gearmand is noticed as soon as a vanished one)
             client = self._retry_clients[route] = RetryClient(
                 route, self.retrier, partial(self.connect, route), self.execute, self.config.max_packet_size,
-                self.metrics,
+                self.metrics, answer_wait=keepalive.idle, echo_wait=keepalive.interval * keepalive.count,
             )
             self._nursery.start_soon(self._keep_running, f"retry client to gearmand {route.upstream}", client.run)
         return client

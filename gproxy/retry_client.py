@@ -37,9 +37,11 @@ from .submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silenc
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
 ANSWER_WAIT = 30.0
-"""Seconds gearmand may owe an answer in silence before it is sent an ECHO_REQ."""
+"""Seconds gearmand may owe an answer in silence before it is sent an ECHO_REQ (the
+proxy passes [upstream_keepalive] idle)."""
 ECHO_WAIT = 30.0
-"""Seconds more of silence after that before the connection is given up as dead."""
+"""Seconds more of silence after that before the connection is given up as dead (the
+proxy passes [upstream_keepalive] interval * count)."""
 
 if TYPE_CHECKING:
     from .session import UpstreamLink

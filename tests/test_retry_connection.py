@@ -8,11 +8,14 @@ retried for as long as it lasts.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gproxy.config import Keepalive
 from gproxy.protocol import REQ, PacketType
 from gproxy.reconnect import INITIAL
 from gproxy.retry import RetryPolicy
@@ -109,3 +112,29 @@ def test_gearmand_refusing_a_retry_gives_the_client_the_last_failure_at_once(
         assert len(proxy.held()) == 0
     assert (run.state, run.report["exception"]) == ("FAILED", "RETRY: scripted 1"), run.stderr
     assert seen_uniques(tmp_path) == ["refused"]
+
+
+def test_a_hung_gearmand_is_noticed_and_the_retry_goes_on_once_it_answers_again(
+    fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gearmand stopped (SIGSTOP): up, its kernel still accepting and acknowledging, nothing
+    answered. The retry connection owes an answer, echoes after `idle`, gives up after
+    `interval * count` more; once gearmand goes on, the retry runs and the client gets it."""
+    caplog.set_level(logging.DEBUG, "gproxy.retry")
+    quick = Keepalive(idle=1, interval=1, count=1)
+    with ProxyThread.to(fresh_gearmand.address, FAST, upstream_keepalive=quick) as proxy, PeerSet() as peers:
+        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
+        assert fresh_gearmand.proc is not None
+        client = peers.add(start_pyclient(fresh_gearmand.address, "scripted", "retry,ok|hung", unique="hung"))
+        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
+        os.kill(fresh_gearmand.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: any("answered nothing for 2s" in r.getMessage() for r in caplog.records),
+                     WAIT_S, "the hung gearmand to be noticed")
+        finally:
+            os.kill(fresh_gearmand.proc.pid, signal.SIGCONT)
+        run = client.result()
+    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    (lost, *_) = [r for r in caplog.records if "answered nothing" in r.getMessage()]
+    assert lost.levelno == logging.WARNING and "not even an ECHO_REQ: it is hung or gone" in lost.getMessage()
+
