@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.fuzz.attacker import KINDS
+from tests.fuzz.fake_gearmand import RETRY_ATTACK_RATE, RETRY_ATTACKS
 from tests.fuzz.procs import REPO
 from tests.fuzz.runner import Options, run_campaign
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pyworker-b", action="store_true", help="no real worker on route B")
     parser.add_argument("--gearmand-threads", type=int, default=0,
                         help="gearmand's --threads (default 0; -1: gearmand's own default, see runner.Options)")
+    parser.add_argument("--retry-attacks", default="",
+                        help=f"comma-separated attacks on gproxy's retry connection ({', '.join(RETRY_ATTACKS)})")
+    parser.add_argument("--retry-attack-rate", type=float, default=RETRY_ATTACK_RATE,
+                        help=f"share of retry connections the fake attacks (default {RETRY_ATTACK_RATE})")
     parser.add_argument("--replay", nargs="+", type=Path, metavar="FILE", help="replay saved inputs instead")
     args = parser.parse_args(argv)
     if args.replay:
@@ -36,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}")
+    retry_attacks = tuple(k for k in args.retry_attacks.split(",") if k)
+    if unknown := [k for k in retry_attacks if k not in RETRY_ATTACKS]:
+        parser.error(f"unknown retry attacks {unknown}")
     options = Options(
         seconds=args.seconds, seed=args.seed, workdir=args.workdir, save_dir=args.save,
         max_packet_size=args.max_packet_size, src=args.src, attackers=args.attackers,
         episodes=args.episodes, canary_bound=args.canary_bound, kinds=kinds,
-        pyworker_b=not args.no_pyworker_b,
+        pyworker_b=not args.no_pyworker_b, retry_attacks=retry_attacks, retry_attack_rate=args.retry_attack_rate,
         gearmand_threads=None if args.gearmand_threads < 0 else args.gearmand_threads,
     )  # fmt: skip
     report = run_campaign(options)

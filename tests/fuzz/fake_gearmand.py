@@ -6,7 +6,10 @@ route. The fake tells them apart by the first packet gproxy forwards on each:
 - `SET_CLIENT_ID ep…`: a scripted episode (a worker actor of a script sent it); the
   script claims that connection and plays both sides (`episode()` writes such scripts);
 - `OPTION_REQ exceptions`: gproxy's retry connection; answered by a small gearmand model
-  (JOB_CREATED, then the retry's WORK_COMPLETE), now and then with an attack instead;
+  (JOB_CREATED, then the retry's WORK_COMPLETE), now and then with an attack instead
+  (`RETRY_ATTACKS`: bad input as above, results over the limit, and the connection lost
+  around a submission: reset or closed before its JOB_CREATED, bad input in the same write
+  as it, or a storm in which every new retry connection is reset at once for a few seconds);
 - anything else (the real pygearman worker, client id `fzb-py`): answered by the same model,
   handing out jobs pyworker knows, with one attack at a random point of the connection.
 
@@ -14,11 +17,16 @@ Attacks (`attack()`): bad magic, unknown types, huge sizes, sizes at the limit, 
 over the limit, wrong argument counts, JOB_ASSIGN for handles no grab asked for, replies to
 requests never made, `gpr:` uniques, long function names, bit flips, text, resets and
 closes mid-packet. Every byte the fake sends and receives on a reactive connection is kept
-(`Transcript`), so a connection that broke an invariant can be saved as a script.
+(`Transcript`), so a connection that broke an invariant can be saved as a script. Every
+retry connection, however it was served, is a `retries.RetryConnection` (when it came,
+what was submitted on it, when it was lost), and every job the fake's side assigns is
+noted (`jobs`), for the checks of retries.py.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import socket
 import time
@@ -29,6 +37,7 @@ from typing import Any
 import trio
 
 from tests.fuzz import corpus, wire
+from tests.fuzz.retries import STORM_MAX, STORM_MIN, Jobs, RetryConnection
 from tests.fuzz.script import Script, linger_reset, pieces_of, pkt
 
 EPISODE_PREFIX = "ep"
@@ -40,6 +49,13 @@ RETRY_FUNCTIONS = ("flaky", "fzb_retry", "fzb_slow")
 SLOW_RETRY = 1.0
 """Seconds the retry responder takes to complete a retry of fzb_slow (a hold that lasts)."""
 CLAIM_TIMEOUT = 30.0
+DROP_READ = 0.05
+"""Seconds the fake reads a retry connection it drops in a storm (for a submission on it)."""
+RETRY_ATTACK_RATE = 0.5
+"""The share of gproxy's retry connections the fake attacks (one attack each)."""
+RETRY_OUTCOME_WAIT = 30.0
+"""Seconds an episode's worker connection waits for the outcome of a job gproxy holds: it
+stays while the retry goes on (a job whose original connection goes is given up)."""
 ATTACKS = (
     "bad_magic", "unknown_type", "huge_size", "at_max", "assign_over_max", "wrong_args",
     "assign_unasked", "unsolicited", "gpr_unique", "long_function", "bitflip", "size_off",
@@ -115,17 +131,33 @@ def attack(rng: random.Random, kind: str, normal: bytes, max_size: int) -> Attac
     raise ValueError(kind)
 
 
-RETRY_ATTACKS = (
-    "result_over_max", "update_over_max", "bad_magic", "unknown_type", "huge_size", "wrong_args",
-    "close_mid_packet", "reset_mid_packet", "garbage", "text", "bitflip",
-)  # fmt: skip
-"""What the fake may do on gproxy's retry connection instead of running the retry."""
+SUBMISSION_ATTACKS = ("reset_before_created", "close_before_created", "malformed_after_created", "accept_and_drop")
+"""Retry attacks played at a submission (the others at the 2nd or 3rd answer): the
+connection lost with a retry in flight, before gearmand acknowledged it or just after."""
+RETRY_ATTACKS: dict[str, int] = {
+    "result_over_max": 1, "update_over_max": 1, "bad_magic": 1, "unknown_type": 1, "huge_size": 1, "wrong_args": 1,
+    "close_mid_packet": 1, "reset_mid_packet": 1, "garbage": 1, "text": 1, "bitflip": 1,
+    "reset_before_created": 4, "close_before_created": 4, "malformed_after_created": 4, "accept_and_drop": 2,
+}  # fmt: skip
+"""What the fake may do on gproxy's retry connection instead of running the retry, and how
+often (weights). reset_before_created / close_before_created: the SUBMIT_JOB read, then
+RST / FIN without an answer. malformed_after_created: JOB_CREATED and, in the same write, a
+WORK_EXCEPTION for it without its NUL separator, or an ERROR without its NUL.
+accept_and_drop: RST, and every new retry connection reset as soon as it is classified for
+STORM_MIN-STORM_MAX seconds (a gearmand, or a load balancer, that accepts and drops)."""
 
 
 def retry_attack(rng: random.Random, kind: str, normal: bytes, max_size: int) -> Attack:
     """An attack on the retry connection; `normal` is JOB_CREATED (+ WORK_COMPLETE)."""
     created = wire.RefFramer(wire.RES).feed(normal)
     handle = (created[0].args() or [b"H:fake:x"])[0] if created else b"H:fake:x"
+    if kind in ("reset_before_created", "accept_and_drop"):
+        return Attack(kind, b"", "reset")
+    if kind == "close_before_created":
+        return Attack(kind, b"", "close")
+    if kind == "malformed_after_created":
+        bad = wire.res("WORK_EXCEPTION", handle) if rng.random() < 0.5 else wire.res("ERROR", b"ERR_NO_NUL")
+        return Attack(kind, wire.res("JOB_CREATED", handle) + bad)
     if kind in ("result_over_max", "update_over_max"):
         size = max_size + rng.choice((1, 100, 5000))
         ptype = "WORK_COMPLETE" if kind == "result_over_max" else rng.choice(("WORK_DATA", "WORK_WARNING"))
@@ -212,11 +244,21 @@ class Transcript:
 
 
 class FakeGearmand:
-    def __init__(self, seed: int, max_size: int, *, attack_rate: float = 0.8, retry_attack_rate: float = 0.25) -> None:
+    def __init__(
+        self, seed: int, max_size: int, *, attack_rate: float = 0.8, retry_attack_rate: float = RETRY_ATTACK_RATE,
+        retry_attacks: tuple[str, ...] = (),
+    ) -> None:
         self.seed = seed
         self.max_size = max_size
         self.attack_rate = attack_rate
         self.retry_attack_rate = retry_attack_rate
+        self.retry_attacks = {k: RETRY_ATTACKS[k] for k in retry_attacks} or RETRY_ATTACKS
+        """The retry attacks to choose from, with their weights (default: all)."""
+        self.retry_connections: list[RetryConnection] = []
+        """Every retry connection gproxy opened to the fake, in order."""
+        self.jobs = Jobs()
+        self.storms = 0
+        self._drop_retry_until = -math.inf
         self.address: tuple[str, int] = ("127.0.0.1", 0)
         self.retry_scripted = False
         """True while a replay script claims the retry connection itself."""
@@ -227,7 +269,7 @@ class FakeGearmand:
         self.locate_downstream: Any = None
         """Callable returning the real worker's local ports to route B now (set by the runner)."""
         self._pending: dict[str, list[tuple[trio.socket.SocketType, bytes]]] = defaultdict(list)
-        self._retry_pending: list[tuple[trio.socket.SocketType, bytes]] = []
+        self._retry_pending: list[tuple[trio.socket.SocketType, bytes, RetryConnection]] = []
         self._arrived = trio.Event()
         self._counter = 0
         self._socks: set[trio.socket.SocketType] = set()
@@ -250,11 +292,12 @@ class FakeGearmand:
             with listener:
                 while True:
                     sock, _ = await listener.accept()
+                    accepted = time.time()
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self._socks.add(sock)
-                    nursery.start_soon(self._classify, sock)
+                    nursery.start_soon(self._classify, sock, accepted)
 
-    async def _classify(self, sock: trio.socket.SocketType) -> None:
+    async def _classify(self, sock: trio.socket.SocketType, accepted: float) -> None:
         framer = wire.RefFramer(wire.REQ)
         first = b""
         frames: list[wire.Frame] = []
@@ -280,11 +323,33 @@ class FakeGearmand:
             return
         if head.name == "OPTION_REQ" and head.body == b"exceptions":
             self.stats["retry"] += 1
+            record = RetryConnection(accepted)
+            self.retry_connections.append(record)
+            if not self.retry_scripted or trio.current_time() < self._drop_retry_until:
+                record.saw(frames)  # (a script's actor notes what it claims itself)
+            if trio.current_time() < self._drop_retry_until:
+                self.stats["retry_dropped"] += 1
+                record.how = "dropped"
+                with trio.move_on_after(DROP_READ):  # what gproxy wrote at once (a submission, seen)
+                    while not framer.broken and not any(f.name.startswith("SUBMIT_JOB") for f in frames):
+                        try:
+                            data = await sock.recv(65536)
+                        except OSError:
+                            break
+                        if not data:
+                            break
+                        frames = framer.feed(data)
+                        record.saw(frames)
+                record.end()
+                linger_reset(sock)
+                self._drop(sock)
+                return
             if self.retry_scripted:
-                self._retry_pending.append((sock, first))
+                record.how = "scripted"
+                self._retry_pending.append((sock, first, record))
                 self._wake()
                 return
-            await self._reactive(sock, framer, frames, "retry", self.retry_attack_rate)
+            await self._reactive(sock, framer, frames, "retry", self.retry_attack_rate, record)
             return
         kind = "pyworker" if head.name == "SET_CLIENT_ID" and head.body.startswith(PYWORKER_ID.encode()) else "other"
         self.stats[kind] += 1
@@ -306,12 +371,16 @@ class FakeGearmand:
         self._socks.discard(sock)
         return sock, first
 
-    async def claim_retry(self) -> tuple[trio.socket.SocketType, bytes]:
+    async def claim_retry(self) -> tuple[trio.socket.SocketType, bytes, RetryConnection]:
         while not self._retry_pending:
             await self._arrived.wait()
-        sock, first = self._retry_pending.pop(0)
+        sock, first, record = self._retry_pending.pop(0)
         self._socks.discard(sock)
-        return sock, first
+        return sock, first, record
+
+    def drop_retry(self, seconds: float) -> None:
+        """Every new retry connection is reset as soon as it is classified, for `seconds`."""
+        self._drop_retry_until = trio.current_time() + seconds
 
     def release(self, client_ids: list[str]) -> None:
         """A script is over: connections for it that it never claimed are closed."""
@@ -327,11 +396,16 @@ class FakeGearmand:
             for sock, _ in entries:
                 sock.close()
         self._pending.clear()
+        for sock, _, record in self._retry_pending:
+            record.end()
+            sock.close()
+        self._retry_pending.clear()
 
     # -- the small gearmand model, with one attack
 
     async def _reactive(
-        self, sock: trio.socket.SocketType, framer: wire.RefFramer, frames: list[wire.Frame], kind: str, rate: float
+        self, sock: trio.socket.SocketType, framer: wire.RefFramer, frames: list[wire.Frame], kind: str, rate: float,
+        record: RetryConnection | None = None,
     ) -> None:
         self._counter += 1
         rng = random.Random(f"{self.seed}:{kind}:{self._counter}")
@@ -345,7 +419,12 @@ class FakeGearmand:
             transcript.downstream_port = fresh[0] if len(fresh) == 1 else None
             transcript.downstream_ports = ports
         self.transcripts.append(transcript)
-        planned = rng.choice(RETRY_ATTACKS if kind == "retry" else ATTACKS) if rng.random() < rate else None
+        planned = None
+        if rng.random() < rate:
+            if kind == "retry":
+                planned = rng.choices(list(self.retry_attacks), list(self.retry_attacks.values()))[0]
+            else:
+                planned = rng.choice(ATTACKS)
         # The fake ends each connection after a while (gproxy and the real worker connect
         # again), so that a long run keeps making new connections, each with its attack.
         lifetime = rng.uniform(2.0, 8.0) if kind == "retry" else rng.uniform(0.5, 3.0)
@@ -357,6 +436,8 @@ class FakeGearmand:
             while not done:
                 if not fin and trio.current_time() >= ends:
                     transcript.events.append(("close", b""))
+                    if record is not None:
+                        record.end()
                     sock.shutdown(socket.SHUT_WR)
                     fin = True
                 for frame in frames:
@@ -369,17 +450,32 @@ class FakeGearmand:
                         continue
                     replies += 1
                     then = None
-                    if planned and replies == attack_at:
+                    at_submission = planned in SUBMISSION_ATTACKS
+                    if planned and not transcript.attack and (
+                        frame.name.startswith("SUBMIT_JOB") if at_submission else replies == attack_at
+                    ):
                         chosen = (retry_attack if kind == "retry" else attack)(rng, planned, reply, self.max_size)
                         transcript.attack = planned
                         self.attacks[f"{kind}:{planned}"] += 1
                         reply, then = chosen.data, chosen.then
+                        if record is not None:
+                            record.attack = planned
+                        if planned == "accept_and_drop":
+                            self.storms += 1
+                            self._drop_retry_until = trio.current_time() + rng.uniform(STORM_MIN, STORM_MAX)
                     if delay:
                         await trio.sleep(delay)
                     if reply:
                         await self._send(sock, reply, transcript)
                     if then is not None:
+                        if then == "reset":  # what arrived meanwhile, which the RST would discard unread
+                            for frame in self._unread(sock, framer):
+                                transcript.events.append(("recv", frame.raw))
+                                if record is not None:
+                                    record.saw([frame])
                         transcript.events.append((then, b""))
+                        if record is not None:
+                            record.end()
                         if then == "reset":
                             linger_reset(sock)
                             self._drop(sock)
@@ -400,6 +496,8 @@ class FakeGearmand:
                     transcript.eof = True
                     break
                 frames = framer.feed(data)
+                if record is not None:
+                    record.saw(frames)
                 if framer.broken:
                     self.stats["unframeable_from_gproxy"] += 1
                     transcript.events.append(("recv", bytes(framer.buf[:64])))
@@ -408,7 +506,23 @@ class FakeGearmand:
             pass
         finally:
             transcript.closed = time.monotonic()
+            if record is not None:
+                record.end()
             self._drop(sock)
+
+    @staticmethod
+    def _unread(sock: trio.socket.SocketType, framer: wire.RefFramer) -> list[wire.Frame]:
+        """The frames waiting in the socket's receive buffer now (without waiting for more)."""
+        frames: list[wire.Frame] = []
+        while not framer.broken:
+            try:
+                data = os.read(sock.fileno(), 65536)  # (the socket is non-blocking; trio's recv would wait)
+            except OSError:
+                break
+            if not data:
+                break
+            frames += framer.feed(data)
+        return frames
 
     async def _send(self, sock: trio.socket.SocketType, data: bytes, transcript: Transcript) -> None:
         view = memoryview(data)
@@ -416,6 +530,7 @@ class FakeGearmand:
             view = view[await sock.send(view) :]
         transcript.events.append(("send", data))
         self.bytes_sent += len(data)
+        self.jobs.note_sent(data)
 
     def _answer(self, rng: random.Random, frame: wire.Frame, kind: str) -> tuple[bytes | None, float]:
         """gearmand's answer to `frame` (None: it answers nothing) and a delay before it."""
@@ -513,7 +628,7 @@ def episode(rng: random.Random, ident: str, max_size: int, *, attacks: int | Non
                     after += [{"op": "accept", "actor": f"g{serial}", "client_id": cid, "timeout": 2},
                               {"op": "expect", "actor": f"g{serial}", "types": ["CAN_DO"], "timeout": 2}]
                 after += [{"op": "expect", "actor": g, "types": ["WORK_COMPLETE", "WORK_EXCEPTION", "WORK_FAIL"],
-                           "timeout": 3}]
+                           "timeout": RETRY_OUTCOME_WAIT}]
         elif exchange == "echo":
             payload = rng.randbytes(rng.randint(0, 100))
             w_send, expect_g = [wire.req("ECHO_REQ", payload)], "ECHO_REQ"

@@ -46,6 +46,7 @@ from tests.fuzz import checks, wire
 from tests.fuzz.attacker import KINDS, RetryHelper, attack_script
 from tests.fuzz.canary import Canary
 from tests.fuzz.fake_gearmand import (
+    RETRY_ATTACK_RATE,
     RETRY_FUNCTIONS,
     FakeGearmand,
     Transcript,
@@ -125,6 +126,9 @@ class Options:
     pyworker_b: bool = True
     keep_per_problem: int = 2
     quiet: bool = False
+    retry_attacks: tuple[str, ...] = ()
+    """The fake's attacks on the retry connection to choose from (default: all, by weight)."""
+    retry_attack_rate: float = RETRY_ATTACK_RATE
     gearmand_threads: int | None = 0
     """gearmand's --threads (None: its default, 4 I/O threads). With I/O threads, gearmand
     1.1.20 died of a SIGSEGV in its accept path (gearmand_con_create popping the free
@@ -226,7 +230,8 @@ class Campaign:
 
     async def _main(self, gearmand: Gearmand) -> None:
         o = self.o
-        fake = FakeGearmand(o.seed, o.max_packet_size)
+        fake = FakeGearmand(o.seed, o.max_packet_size, retry_attack_rate=o.retry_attack_rate,
+                            retry_attacks=o.retry_attacks)
         async with trio.open_nursery() as nursery:
             await nursery.start(fake.serve)
             config = config_text(
@@ -585,6 +590,9 @@ class Campaign:
         s["gproxy CPU"] = f"{self.final.cpu - self.baseline.cpu:.1f}s"
         s["retry helper jobs"] = helper.completed
         s["pyworker (route B) starts"] = self.pyworker_starts
+        s["attacks on the retry connection"] = {
+            k.split(":", 1)[1]: v for k, v in sorted(self.fake.attacks.items()) if k.startswith("retry:")
+        }
 
     def _save(self, problems: list[tuple[checks.RunDigest, list[str]]], transcripts: list[tuple[Transcript, list[str]]]) -> None:
         directory = self.o.save_dir or self.workdir / "findings"

@@ -54,6 +54,7 @@ from tests.fuzz.monitor import scrape
 if TYPE_CHECKING:
     from tests.fuzz.fake_gearmand import FakeGearmand
     from tests.fuzz.procs import Gproxy
+    from tests.fuzz.retries import RetryConnection
 
 FORMAT = "gproxy-fuzz/1"
 RECEIVE = 65536
@@ -260,6 +261,8 @@ class Actor:
     changed: trio.Event = field(default_factory=trio.Event)
     reading: bool = False
     framer: wire.RefFramer | None = None
+    retry: RetryConnection | None = None
+    """The fake's record of it, when this actor plays the fake on gproxy's retry connection."""
 
     @property
     def gone(self) -> bool:
@@ -268,7 +271,10 @@ class Actor:
     def note(self, data: bytes) -> None:
         self.received_total += len(data)
         assert self.framer is not None
-        for frame in self.framer.feed(data):
+        frames = self.framer.feed(data)
+        if self.retry is not None:
+            self.retry.saw(frames)
+        for frame in frames:
             self.frames.append(frame)
             if frame.number in wire.ASSIGNS or frame.name == "JOB_CREATED":
                 args = frame.args()
@@ -411,11 +417,12 @@ class Player:
             return
         timeout = float(step.get("timeout", 5))
         with trio.move_on_after(timeout):
+            record = None
             if step.get("retry"):
-                sock, first = await fake.claim_retry()
+                sock, first, record = await fake.claim_retry()
             else:
                 sock, first = await fake.claim(step["client_id"])
-            actor = Actor(step["actor"], "gearmand", "B", sock, wire.REQ, connected_at=time.monotonic())
+            actor = Actor(step["actor"], "gearmand", "B", sock, wire.REQ, connected_at=time.monotonic(), retry=record)
             actor.local_port = sock.getsockname()[1]
             actor.peer_port = sock.getpeername()[1]
             actor.client_id = step.get("client_id", "retry")
@@ -445,11 +452,15 @@ class Player:
                 actor.wake()
         finally:
             actor.ended_at = time.monotonic()
+            if actor.retry is not None:
+                actor.retry.end()
             actor.wake()
 
     async def _send(self, actor: Actor, data: bytes, chunk: int, delay: float) -> None:
         if actor.send_failed or actor.fin_sent or actor.reset_sent:
             return
+        if actor.role == "gearmand" and self.env.fake is not None:
+            self.env.fake.jobs.note_sent(data)
         chunk = chunk if chunk > 0 else len(data) or 1
         for start in range(0, len(data), chunk):
             view = memoryview(data[start : start + chunk])
