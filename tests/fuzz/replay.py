@@ -10,7 +10,8 @@ connection go, and holds the result to the same invariants as a fuzz run:
 - no traceback and no ERROR record in gproxy's log; gproxy still running, and it exits 0;
 - every close line names its peer;
 - gproxy's open fds back to what they were before the script, RSS within 10 MiB;
-- the real gearmand still running.
+- the real gearmand still running;
+- retry_reconnects and held_progress (retries.py) on gproxy's retry connections to the fake.
 
 `config` keys: max_packet_size (default 65536), rss_bound (bytes), retry_functions (list).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from tests.fuzz.monitor import (
     retry_losses,
 )
 from tests.fuzz.procs import REPO, Gproxy, RetrySettings, config_text
+from tests.fuzz.retries import check_held_progress, check_reconnects, hold_ends
 from tests.fuzz.script import Env, Player, Run, Script
 from tests.gearmand import Gearmand
 
@@ -96,6 +99,7 @@ async def _replay(result: Replay, gearmand: Gearmand, src: Path, workdir: Path) 
             result.run = run
             fake.close_all()
             after = await _settled(gproxy, before)
+            observed_until = time.time()
             if not gproxy.alive():
                 problems.append("gproxy keeps running: it exited")
             if gearmand.proc is None or gearmand.proc.poll() is not None:
@@ -125,6 +129,9 @@ async def _replay(result: Replay, gearmand: Gearmand, src: Path, workdir: Path) 
     rss_bound = int(config.get("rss_bound", 10 * MiB))
     if after.rss > before.rss + rss_bound:
         problems.append(f"resources: gproxy's RSS {before.rss / MiB:.1f} -> {after.rss / MiB:.1f} MiB")
+    problems += [f"retry_reconnects: {d}" for d in check_reconnects(fake.retry_connections).details]
+    progress = check_held_progress(fake.retry_connections, fake.jobs, hold_ends(text), observed_until)
+    problems += [f"held_progress: {d}" for d in progress.details]
     if after.worker_connections or after.held:
         problems.append(f"resources: {after.worker_connections:g} worker connections and {after.held:g} held jobs left")
 

@@ -22,6 +22,10 @@ gauges to come back to the baseline, measure again, then check:
     connections       every fuzz connection's own invariants (checks.py)
     retry_counted     bad input on gproxy's retry connection is counted too (a log_metric
                       mismatch of exactly those)
+    retry_reconnects  gproxy opens its retry connection to the fake no faster than its
+                      backoff allows: at most 12 in any 10 s and 52 in any 60 s (retries.py)
+    held_progress     every retry in flight on a lost retry connection is submitted again,
+                      or its held job ends, within 15 s of the loss (retries.py)
     gearmand_alive    the real gearmand survived
 
 Each is printed `PASS/FAIL name: figure`, then a summary. Every script that broke an
@@ -64,6 +68,7 @@ from tests.fuzz.monitor import (
     tcp_ports,
 )
 from tests.fuzz.procs import REPO, Gproxy, RetrySettings, config_text
+from tests.fuzz.retries import HELD_BOUND, check_held_progress, check_reconnects, hold_ends
 from tests.fuzz.script import Env, Player, Script
 from tests.gearmand import Gearmand, GearmandError, admin, parse_workers
 from tests.peer_procs import start_pyworker, stop_peer
@@ -92,6 +97,12 @@ BUGS: dict[str, tuple[str, re.Pattern[str]]] = {
                         re.compile(r"retry client to gearmand \S+ lost \(|retry_counted|not counted in gproxy_protocol_errors_total")),
     "gearmand-crash": ("gearmand 1.1.20 dies of a CAN_DO_TIMEOUT over 64 bits, or under the fuzz with I/O threads",
                        re.compile(r"gearmand exited|gearmand keeps running")),
+    # Found by the retry connection's attacks (regressions/found-retry-*.json), fixed in 5c2cf7b.
+    "retry-stranded": ("a JOB_CREATED and bad input in one read on the retry connection strand the held job: "
+                       "no next attempt, ever (until its original connection goes)",
+                       re.compile(r"no next attempt and no end within|gets its next attempt")),
+    "retry-storm": ("a retry connection that gearmand accepts and drops at once is opened again at once: "
+                    "a storm of reconnections", re.compile(r"retry connections in [\d.]+s")),
 }
 """Every bug the fuzz has met, and how to recognise a failure it causes."""
 
@@ -129,6 +140,7 @@ class Options:
     retry_attacks: tuple[str, ...] = ()
     """The fake's attacks on the retry connection to choose from (default: all, by weight)."""
     retry_attack_rate: float = RETRY_ATTACK_RATE
+    held_bound: float = HELD_BOUND
     gearmand_threads: int | None = 0
     """gearmand's --threads (None: its default, 4 I/O threads). With I/O threads, gearmand
     1.1.20 died of a SIGSEGV in its accept path (gearmand_con_create popping the free
@@ -256,6 +268,7 @@ class Campaign:
             try:
                 await self._phases(nursery, canary, helper)
             finally:
+                self.observed_until = time.time()
                 canary.stop_worker()
                 self._stop_pyworker()
                 nursery.cancel_scope.cancel()
@@ -291,6 +304,7 @@ class Campaign:
 
         deadline = trio.current_time() + o.seconds
         self.fuzz_started = time.monotonic()
+        self.fuzz_started_wall = time.time()
         async with trio.open_nursery() as fuzz:
             fuzz.start_soon(self._monitor, deadline)
             if o.pyworker_b:
@@ -505,6 +519,11 @@ class Campaign:
         add(Check("retry_counted", not uncounted,
                   f"{sum(retry_bad.values())} of {len(retry_lost)} retry connections lost were closed for bad input"
                   + (", not counted in gproxy_protocol_errors_total" if uncounted else "")))
+        reconnects = check_reconnects(self.fake.retry_connections)
+        add(Check("retry_reconnects", reconnects.ok, reconnects.figure, reconnects.details))
+        progress = check_held_progress(self.fake.retry_connections, self.fake.jobs, hold_ends(text),
+                                       self.observed_until, o.held_bound)
+        add(Check("held_progress", progress.ok, progress.figure, progress.details))
         clean = not log_all.tracebacks and not log_all.errors and self.exit_code == 0 and self.gproxy_died is None
         add(Check("clean_log", clean,
                   f"{len(log_all.tracebacks)} tracebacks, {len(log_all.errors)} ERROR records, exit {self.exit_code}",
@@ -524,6 +543,7 @@ class Campaign:
                   f"{len(self.fake.transcripts)} reactive connections, {len(transcript_problems)} broke one", details))
         add(Check("gearmand_alive", self.gearmand_died is None, self.gearmand_died or "gearmand served the whole run"))
         self._summarise(log_new, delta, helper)
+        self._summarise_retries(reconnects.worst, progress.by_function)
         self._save(problems, transcript_problems)
 
     def _dump(self, lines: dict[tuple[int, str], list[Any]]) -> None:
@@ -543,6 +563,11 @@ class Campaign:
                 record = {"n": number, "kind": run.script.kind, "found_by": run.script.found_by,
                           "violations": run.violations, "actors": actors}
                 out.write(json.dumps(record) + "\n")
+        with open(self.workdir / "retry_connections.jsonl", "w") as out:  # what retries.py checked
+            for c in self.fake.retry_connections:
+                out.write(json.dumps({"opened": c.opened, "how": c.how, "attack": c.attack, "lost": c.lost,
+                                      "submissions": [[at, f.decode("latin-1")[:60], u.decode("latin-1")]
+                                                      for at, f, u in c.submissions]}) + "\n")
 
     def _check_transcripts(self, index: checks.CloseIndex, via: str) -> list[tuple[Transcript, list[str]]]:
         out = []
@@ -590,8 +615,23 @@ class Campaign:
         s["gproxy CPU"] = f"{self.final.cpu - self.baseline.cpu:.1f}s"
         s["retry helper jobs"] = helper.completed
         s["pyworker (route B) starts"] = self.pyworker_starts
+
+    def _summarise_retries(self, worst: dict[float, int], in_flight: dict[str, int]) -> None:
+        s, fake = self.report.summary, self.fake
+        connections = fake.retry_connections
+        minutes = max(self.fuzz_seconds, 1.0) / 60
+        start = self.fuzz_started_wall
+        during = [c for c in connections if start <= c.opened <= start + self.fuzz_seconds]
+        submitted = Counter(f.decode("latin-1")[:40] for c in connections for _, f, _ in c.submissions)
+        s["retry connections to the fake"] = (
+            f"{len(connections)} ({sum(1 for c in connections if c.how == 'dropped')} reset at once in "
+            f"{fake.storms} storms), {len(during) / minutes:.1f} per minute on average, at most {worst.get(60.0, 0)} "
+            f"in a minute and {worst.get(10.0, 0)} in 10 s"
+        )
+        s["retry submissions the fake saw, by function"] = dict(sorted(submitted.items()))
+        s["retries in flight on a lost retry connection, by function"] = in_flight
         s["attacks on the retry connection"] = {
-            k.split(":", 1)[1]: v for k, v in sorted(self.fake.attacks.items()) if k.startswith("retry:")
+            k.split(":", 1)[1]: v for k, v in sorted(fake.attacks.items()) if k.startswith("retry:")
         }
 
     def _save(self, problems: list[tuple[checks.RunDigest, list[str]]], transcripts: list[tuple[Transcript, list[str]]]) -> None:
