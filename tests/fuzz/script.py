@@ -24,6 +24,10 @@ Steps (each a JSON object with `op`; `actor` names the connection):
     metrics  {max_bytes, max_seconds, require}   one scrape of gproxy's /metrics
     cpu_mark / cpu_check {max_seconds, require}  gproxy's CPU time between the two
     rss_mark / rss_check {max_growth, require}   gproxy's RSS growth between the two
+    drop_retry {seconds}                the fake resets every new retry connection at once
+                                        for that long (a storm; the step does not wait)
+    retry_accepts {max, require}        how many retry connections gproxy opened to the
+                                        fake since the last drop_retry: at most `max`
 
 Data pieces: {"pkt": [MAGIC, TYPE, arg...]} (a packet with the args joined by NULs; MAGIC
 "REQ"/"RES", TYPE a name or a number, args latin-1 text), {"hdr": [MAGIC, TYPE, SIZE]} (a
@@ -355,6 +359,8 @@ class Player:
             await trio.sleep(float(step["seconds"]))
         elif op in ("metrics", "cpu_mark", "cpu_check", "rss_mark", "rss_check"):
             await self._measure(step)
+        elif op in ("drop_retry", "retry_accepts"):
+            self._retry_storm(step)
         elif actor is None:
             if op in ("expect", "eof", "open") and step.get("require"):
                 self.run.violations.append(f"{step['require']} (actor {step.get('actor')} never connected)")
@@ -513,6 +519,24 @@ class Player:
             pass
         actor.sock.close()
         actor.closed = actor.reset_sent = True
+
+    def _retry_storm(self, step: dict[str, Any]) -> None:
+        fake = self.env.fake
+        if fake is None:
+            self.run.violations.append("script needs the fake gearmand")
+            return
+        if step["op"] == "drop_retry":
+            fake.drop_retry(float(step["seconds"]))
+            self._marks["retry_accepts"] = len(fake.retry_connections)
+            self._marks["retry_accepts_at"] = time.monotonic()
+            return
+        opened = len(fake.retry_connections) - int(self._marks.get("retry_accepts", 0))
+        if opened > int(step["max"]):
+            seconds = time.monotonic() - self._marks.get("retry_accepts_at", self.run.started)
+            self.run.violations.append(
+                f"{step.get('require', 'few retry connections')} (gproxy opened {opened} retry connections in "
+                f"{seconds:.1f}s, bound {step['max']})"
+            )
 
     async def _measure(self, step: dict[str, Any]) -> None:
         op, gproxy, violations = step["op"], self.env.gproxy, self.run.violations
