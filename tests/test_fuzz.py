@@ -90,19 +90,20 @@ def test_held_progress_tells_a_stalled_retry_from_one_that_went_on() -> None:
     jobs.note_sent(res("JOB_ASSIGN_UNIQ", b"H:1", b"f", b"u1", b"") + res("JOB_ASSIGN_UNIQ", b"H:2", b"f", b"u2", b""))
     lost = RetryConnection(100.0, submissions=[(100.1, b"f", b"gpr:2.ab:u1"), (100.1, b"f", b"gpr:2.ab:u2")], lost=101.0)
     again = RetryConnection(103.0, submissions=[(103.1, b"f", b"gpr:3.ab:u1")], lost=104.0)
-    done = {"H:1": [103.2]}  # the second attempt succeeded before its connection went
+    done = {"f H:1": [103.2]}  # the second attempt succeeded before its connection went
     stalled = check_held_progress([lost, again], jobs, done, observed_until=200.0)
     assert (stalled.in_flight, stalled.resubmitted, len(stalled.details)) == (2, 1, 1) and "H:2" in stalled.details[0]
-    abandoned = check_held_progress([lost, again], jobs, {**done, "H:2": [110.0]}, observed_until=200.0)
+    abandoned = check_held_progress([lost, again], jobs, {**done, "f H:2": [110.0]}, observed_until=200.0)
     assert abandoned.ok and (abandoned.resubmitted, abandoned.ended) == (1, 1)
-    late = check_held_progress([lost, again], jobs, {**done, "H:2": [117.0]}, observed_until=200.0)
+    late = check_held_progress([lost, again], jobs, {**done, "f H:2": [117.0]}, observed_until=200.0)
     assert not late.ok and "16.0s after" in late.details[0]
     open_at_end = check_held_progress([lost, again], jobs, done, observed_until=110.0)
     assert open_at_end.ok and open_at_end.undecided == 1
 
 
 def test_hold_ends_are_read_from_gproxys_log() -> None:
-    from tests.fuzz.retries import hold_ends
+    from tests.fuzz.retries import Jobs, hold_ends
+    from tests.fuzz.wire import res
 
     log = "\n".join(f"2026-01-02 03:04:05,{ms:03d} {line}" for ms, line in enumerate([
         "WARNING gproxy.retry: connection holding flaky H:a lost: gearmand requeues it, retry abandoned",
@@ -111,5 +112,9 @@ def test_hold_ends_are_read_from_gproxys_log() -> None:
         "WARNING gproxy.retry: retry exhausted: f H:d failed 3 attempts, last failure forwarded",
         "WARNING gproxy.retry: retry of f H:e waited max_hold_time (5s): last failure forwarded",
         "INFO gproxy.retry: retry connection lost: resubmitting f H:f as attempt 3 of 3",
+        "INFO gproxy.retry: retry succeeded: flaky H:fak\ufffd 7 on attempt 2",  # (a handle no longer UTF-8)
     ]))  # fmt: skip
-    assert sorted(hold_ends(log)) == ["H:a", "H:b", "H:d", "H:e"]
+    assert sorted(hold_ends(log)) == ["f H:d", "f H:e", "flaky H:a", "flaky H:fak\ufffd 7", "fzb_retry H:b"]
+    jobs = Jobs()
+    jobs.note_sent(res("JOB_ASSIGN_UNIQ", b"H:fak\xe5 7", b"flaky", b"u", b""))
+    assert jobs.handles[b":u"] == {"flaky H:fak\ufffd 7"}

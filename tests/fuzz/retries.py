@@ -59,11 +59,13 @@ its next submission or ended: the backoff's cap (5 s) after the longest storm (6
 of slack for a busy 2-core machine."""
 _RETRY_UNIQUE = re.compile(rb"gpr:\d{1,9}(?:\.[0-9a-z]{1,16})?([:@#])(.*)", re.DOTALL)
 _HOLD_ENDS = re.compile(
-    r"^(?P<time>\S+ \S+) [A-Z]+ gproxy\.retry: (?P<what>retry succeeded: |retry failed for good: |retry exhausted: |"
-    r"retry of |connection holding |operator: giving up |gearmand assigned held job )\S+ (?P<handle>\S+) (?P<rest>.*)$"
+    r"^(?P<time>\S+ \S+) [A-Z]+ gproxy\.retry: (?:retry succeeded: |retry failed for good: |retry exhausted: |"
+    r"retry of |connection holding |operator: giving up |gearmand assigned held job )(?P<job>.+?) "
+    r"(?:on attempt \d|failed \d+ attempts|after \d+ attempt|refused by gearmand|failed for good|waited max_hold_time"
+    r"|lost: gearmand requeues|again \()"
 )
-_RETRY_OF_ENDS = ("refused by gearmand", "failed for good", "waited max_hold_time")
-"""How a `retry of F H ...` line says the hold ended (not: `deferred`)."""
+"""gproxy's log lines that end a hold, and the job each names: `FUNCTION HANDLE` as gproxy
+shows them (bytes decoded as UTF-8, what is not replaced by U+FFFD; either may hold a space)."""
 
 
 @dataclass(eq=False)
@@ -106,8 +108,8 @@ def job_identities(handle: bytes, unique: bytes) -> list[bytes]:
 
 
 class Jobs:
-    """Every job the fake's side assigned, by identity: their handles (a unique id may be
-    used by several jobs)."""
+    """Every job the fake's side assigned, by identity: each as gproxy's log names it,
+    `FUNCTION HANDLE` (a unique id may be used by several jobs)."""
 
     def __init__(self) -> None:
         self.handles: dict[bytes, set[str]] = defaultdict(set)
@@ -122,19 +124,20 @@ class Jobs:
                 if args:
                     unique = args[2] if frame.name != "JOB_ASSIGN" else b""
                     for form in job_identities(args[0], unique):
-                        self.handles[form].add(args[0].decode("utf-8", "backslashreplace"))
+                        self.handles[form].add(f"{_text(args[1])} {_text(args[0])}")
+
+
+def _text(value: bytes) -> str:
+    """Bytes as gproxy's log shows them."""
+    return value.decode("utf-8", "replace")
 
 
 def hold_ends(log_text: str) -> dict[str, list[float]]:
-    """Handle -> when gproxy's log says a hold of it ended (wall clock)."""
+    """`FUNCTION HANDLE` -> when gproxy's log says a hold of that job ended (wall clock)."""
     ends: dict[str, list[float]] = defaultdict(list)
     for line in log_text.splitlines():
-        if "gproxy.retry: " not in line:
-            continue
-        match = _HOLD_ENDS.match(line)
-        if match is None or (match["what"] == "retry of " and not any(w in match["rest"] for w in _RETRY_OF_ENDS)):
-            continue
-        ends[match["handle"]].append(_wall(match["time"]))
+        if "gproxy.retry: " in line and (match := _HOLD_ENDS.match(line)) is not None:
+            ends[match["job"]].append(_wall(match["time"]))
     return ends
 
 
@@ -259,7 +262,7 @@ def check_held_progress(
                 what = "never" if following is None and ended is None else \
                     f"only {min(x for x in (following, ended) if x is not None) - c.lost:.1f}s after it"
                 result.details.append(
-                    f"held job {', '.join(sorted(handles)) or '?'} ({function.decode('latin-1')[:40]}, retry unique "
+                    f"held job {' or '.join(sorted(handles)) or function.decode('latin-1')[:40] + ' ?'} (retry unique "
                     f"{unique.decode('latin-1')[:60]}): its retry connection ({c.how}"
                     f"{', ' + c.attack if c.attack else ''}) was lost at {_clock(c.lost)} and the job had no next "
                     f"attempt and no end within {bound:g}s ({what})"
