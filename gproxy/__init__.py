@@ -1,3 +1,3 @@
 """gproxy: a Gearman protocol proxy that lets workers mark failures retryable."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"

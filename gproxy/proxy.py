@@ -385,10 +385,12 @@ class Proxy:
             pair.fail(f"internal error in its {timer.value} timer", logging.ERROR)
 
     def _ejected_workers(self) -> dict[bytes, int]:
-        """Workers ejected now, by the function of the failure that ejected them (at scrape time)."""
+        """Workers ejected now, by the function of the failure that ejected them (at scrape
+        time, from each Session's Ejection: the step that counts an ejection starts it, so
+        no scrape sees one without the other)."""
         ejected: collections.Counter[bytes] = collections.Counter()
-        for pair, timer in self._pair_timers:
-            if timer is PairTimer.EJECTION:
+        for pair in self.pairs:
+            if pair.session.ejection.active:
                 ejected[pair.session.ejection.function] += 1
         return ejected
 

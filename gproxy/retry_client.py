@@ -1,7 +1,8 @@
 """gproxy's own client connection to a route's gearmand, for the retry jobs it submits.
 
-One task owns the connection. It connects when there is something to submit, and after a
-loss reconnects with backoff (gproxy.reconnect: a connection counts as up only once it has
+One task owns the connection. It connects when there is first something to submit, and
+keeps the connection from then on: after a loss it reconnects, whether or not anything
+waits (so that an outage ends when gearmand is back, not at the next retry), with backoff (gproxy.reconnect: a connection counts as up only once it has
 proved itself, so one that gearmand accepts and drops at once is no reason to try again at
 once) for as long as it takes: trouble on this connection is never a reason to fail a job.
 Only gearmand's own ERROR answer to a submission is a refusal. A gearmand that owes an
@@ -90,9 +91,9 @@ class RetryClient:
         self._more.set()
 
     async def run(self) -> None:
-        """Connect when there is work, serve until the connection is lost, start again."""
+        """Connect when there is work, serve until the connection is lost, connect again."""
+        await self._work()
         while True:
-            await self._work()
             self.reconnects.trying()
             if not self.reconnects.up:
                 self._metrics.retry_reconnects.labels(self._name).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,6 +48,39 @@ def test_a_worker_that_slept_while_ejected_is_woken_and_ejection_is_off_by_defau
     ejection.sleeping = True
     assert ejection.over() is True and ejection.sleeping is False
     assert ejection.over() is False  # over once
+
+
+async def test_an_ejection_is_counted_and_shown_in_the_same_step() -> None:
+    """The ejections counter and the ejected gauge have one owner, the Session's Ejection:
+    a scrape right after the step that ejects a worker sees both, before the control plane
+    has even set the timer that ends the ejection (a scrape used to see the count and
+    nobody ejected)."""
+    from gproxy.config import Address, Config, Route
+    from gproxy.dataplane import DataPlane
+    from gproxy.pair import Pair
+    from gproxy.protocol import REQ, RES, PacketType, build_packet
+    from gproxy.proxy import Proxy
+    from gproxy.retry import Policies
+    from gproxy.session import Eject, Session
+
+    route = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
+    proxy = Proxy(Config(routes=(route,), policies=Policies(EJECTS)))
+    posted: list[object] = []
+    session = Session("up", route=route, retrier=proxy.retrier, metrics=proxy.metrics)
+    pair = Pair("p", session, DataPlane(), SimpleNamespace(post=posted.append), proxy.pairs, proxy.retrier, proxy.metrics)  # type: ignore[arg-type]
+    proxy.pairs.pairs.add(pair)
+    for n in range(3):
+        handle = b"H:%d" % n
+        session.from_downstream(build_packet(REQ, PacketType.GRAB_JOB_UNIQ), 0.0)
+        session.from_upstream(session.current, build_packet(
+            RES, PacketType.JOB_ASSIGN_UNIQ, handle=handle, function=b"f", unique=b"u%d" % n, data=b""), 0.0)
+        commands = session.from_downstream(build_packet(REQ, PacketType.WORK_FAIL, handle=handle), 0.0)
+    assert any(type(command) is Eject for command in commands)  # (its timer: not set yet)
+    snapshot = proxy.metrics.snapshot()
+    assert proxy.metrics.registry.get_sample_value("gproxy_worker_ejections_total", {"function": "f"}) == 1
+    assert snapshot.ejected == {b"f": 1} and posted == []
+    session.ejection_over()
+    assert proxy.metrics.snapshot().ejected == {}
 
 
 def test_a_sick_worker_is_ejected_the_healthy_one_takes_the_jobs_and_the_sick_one_comes_back(

@@ -436,7 +436,7 @@ def test_alert_rules_use_known_names_and_are_complete() -> None:
     assert {rule["alert"] for rule in rules} >= {
         "GproxyRetryStorm", "GproxyRetriesExhausted", "GproxyDeadLetters",
         "GproxyRetriesDeferred", "GproxyRetryCapRejections", "GproxyUpstreamDown",
-        "GproxyProtocolErrors", "GproxyResourceExhausted",
+        "GproxyProtocolErrors", "GproxyResourceExhausted", "GproxyRetryConnectionDown",
     }
     assert re.search(r"^\s*- name: gproxy\s*$", ALERTS.read_text(), re.MULTILINE)
     tests = ALERT_TESTS.read_text()

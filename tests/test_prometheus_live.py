@@ -2,16 +2,18 @@
 
 Real workers drive completions, failures, retries, exhaustions, dead letters, retries the
 retry budget defers, failures a retry cap rejects (max_held and max_hold_time) and
-observe-mode decisions through gproxy; bad input and an unreachable gearmand add their own
-series. Prometheus (Debian's package) scrapes gproxy every second; then every
-PromQL expression of every dashboard panel and every alert rule runs through its HTTP API
-and must be valid and return data, and the counters must equal what the test drove.
+observe-mode decisions through gproxy; bad input, an unreachable gearmand and a retry
+connection that a fault relay resets on arrival add their own series. Prometheus (Debian's
+package) scrapes gproxy every second; then every PromQL expression of every dashboard panel
+and every alert rule runs through its HTTP API and must be valid and return data, and the
+counters must equal what the test drove.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import resource
@@ -32,6 +34,7 @@ import pytest
 from gproxy.config import Address, Config, Route
 from gproxy.protocol import REQ, RES, PacketType, build_packet
 from gproxy.retry import Mode, Policies, RetryPolicy
+from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, find_free_port, wait_for
 from tests.peer_procs import (
     PeerSet, attempt_count, attempts_log, run_pyburst, run_pyclient, start_pyburst, start_pyclient,
@@ -218,6 +221,32 @@ def drive_the_workload(
 
 
 @contextmanager
+def retry_connection_down(
+    gearmand: Gearmand, relay: FaultRelay, route: Address, base: str, state_dir: Path
+) -> Iterator[None]:
+    """A held retry whose every retry connection the relay accepts and resets (a load
+    balancer whose backend is gone), until a scrape has seen the connection down while
+    gproxy tries again; on leaving, the relay lets it through and the job completes."""
+    upstream = f"{relay.address[0]}:{relay.address[1]}"
+    with PeerSet() as peers:
+        # The only worker of `chaos`: the job is held on this route, and its retry runs here.
+        peers.add(start_pyworker(route.host_port, chaos=True, state_dir=state_dir))
+        assert len(relay.connections()) == 1
+        relay.refuse_next(1_000_000)  # from now on, every new connection: the retry client's
+        client = peers.add(start_pyclient(gearmand.address, "chaos", "retry,ok|outage", unique="live-outage"))
+        wait_for(
+            lambda: scalar(base, f'gproxy_retry_connection_up{{upstream="{upstream}"}}') == 0
+            and (scalar(base, f'gproxy_retry_reconnects_total{{upstream="{upstream}"}}') or 0) >= 1,
+            30, "a scrape of the retry connection down while gproxy tries again",
+        )
+        yield
+        relay.refuse_next(0)
+        run = client.result()
+    assert run.returncode == 0 and run.stdout.startswith(b"ok after 2 "), (run.stdout, run.stderr)
+    assert relay.refused >= 2, "gproxy tried once only"
+
+
+@contextmanager
 def descriptors_exhausted(spare: int) -> Iterator[None]:
     """This process's file limit lowered to its highest open descriptor, every free one
     below taken, and `spare` of them given back; all as it was on leaving."""
@@ -241,7 +270,9 @@ def descriptors_exhausted(spare: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_path: Path) -> None:
+def test_every_panel_and_rule_expression_returns_data(
+    gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fast = RetryPolicy(backoff_initial=0.01, jitter=False)
     policies = Policies(fast, {
         b"flaky_hint": replace(fast, max_attempts=2, dead_letter="dead.{function}"),
@@ -257,12 +288,15 @@ def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_pa
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead = unused.getsockname()[1]
+    relay = FaultRelay(gearmand.address)  # the third route's gearmand, for its retry connection
     routes = (
         Route(Address("127.0.0.1", 0), Address(*gearmand.address)),
         Route(Address("127.0.0.1", 0), Address("127.0.0.1", dead)),
+        Route(Address("127.0.0.1", 0), Address(*relay.address)),
     )
     config = Config(routes=routes, policies=policies, metrics_listen=Address("127.0.0.1", 0))
-    with ProxyThread(config) as proxy, prometheus(tmp_path, proxy.proxy.metrics_address) as base:
+    caplog.set_level(logging.WARNING, "gproxy.retry")
+    with relay, ProxyThread(config) as proxy, prometheus(tmp_path, proxy.proxy.metrics_address) as base:
         def scraped() -> None:
             """Wait for a scrape that saw everything done so far."""
             now = time.time()
@@ -318,7 +352,14 @@ def test_every_panel_and_rule_expression_returns_data(gearmand: Gearmand, tmp_pa
                     empty.append(f"{name}: {expr}")
             return not empty
 
-        try:
-            wait_for(all_return_data, 30, "every expression to return data")
-        except TimeoutError:
-            pytest.fail("expressions without data:\n" + "\n".join(empty))
+        # The retry connection's outage lasts while the expressions run: its gauge is 0 only then.
+        retry_route = proxy.proxy.listen_addresses[2]
+        with retry_connection_down(gearmand, relay, retry_route, base, tmp_path / "retry-route"):
+            try:
+                wait_for(all_return_data, 30, "every expression to return data")
+            except TimeoutError:
+                pytest.fail("expressions without data:\n" + "\n".join(empty))
+    # One outage, one WARNING, however many tries it took.
+    retry_client = f"retry client to gearmand {relay.address[0]}:{relay.address[1]} "
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith(retry_client)]
+    assert len(lost) == 1 and lost[0].startswith(retry_client + "lost ("), lost

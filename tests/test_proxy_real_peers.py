@@ -200,7 +200,7 @@ def test_a_job_too_large_for_the_worker_is_failed_and_the_worker_keeps_its_conne
         worker = peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
         big = run_pyclient(gearmand.address, "reverse", b"x" * limit, exceptions=True)
         small = run_pyclient(gearmand.address, "reverse", "abc")
-        assert proxy.call(lambda: proxy.proxy._connection_counts())["worker"] == 1
+        assert proxy.sample("gproxy_connections", side="worker") == 1
         assert worker.poll() is None
     assert big.state == "FAILED" and f"exceeds max_packet_size {limit}" in big.report["exception"], big.stderr
     assert small.stdout == b"cba"

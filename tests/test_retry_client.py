@@ -428,3 +428,31 @@ async def test_an_outage_ends_with_one_info_line_once_a_connection_proves_itself
     assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", {"upstream": "route"}) == 1
     assert h.retrier.held[key].retry_handle == b"H:9"
 
+
+async def test_once_needed_the_connection_is_kept_and_an_outage_ends_with_nothing_waiting(
+    clock: trio.testing.MockClock,
+) -> None:
+    """gearmand restarts while no retry is in flight: gproxy connects again at once (the lost
+    connection had proved itself), so the outage ends when gearmand is back, not at the next
+    retry (an idle gproxy showed gproxy_retry_connection_up 0 until then)."""
+    h = Harness()
+    key = h.hold()
+    up = {"upstream": "route"}
+    async with serving(h):
+        h.due(key)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        answered = h.answered
+        await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9")
+                       + build_packet(RES, P.WORK_COMPLETE, handle=b"H:9", data=b"done"))
+        await answered.wait()
+        await trio.sleep(PROVEN_AFTER)
+        assert h.retrier.held == {}  # nothing in flight any more
+        end.close()  # gearmand restarts
+        end = await h.gearmand.next_connection()  # with no retry waiting
+        await h.gearmand.read(end, 1)  # HELLO
+        assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", up) == 0
+        await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions"))
+        await trio.sleep(PROVEN_AFTER + 0.5)
+        assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", up) == 1
+

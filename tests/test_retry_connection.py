@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -134,7 +135,9 @@ def test_a_hung_gearmand_is_noticed_and_the_retry_goes_on_once_it_answers_again(
         finally:
             os.kill(fresh_gearmand.proc.pid, signal.SIGCONT)
         run = client.result()
-    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
+    # A submission gproxy gave up on may still run: gearmand, going on, reads it before it
+    # reads that its connection closed (at least once, as the README says).
+    assert run.returncode == 0 and re.fullmatch(rb"ok after [234]", run.stdout), run.stderr
     (lost, *_) = [r for r in caplog.records if "answered nothing" in r.getMessage()]
     assert lost.levelno == logging.WARNING and "not even an ECHO_REQ: it is hung or gone" in lost.getMessage()
 

@@ -131,6 +131,10 @@ def test_a_move_replays_the_workers_options_without_answering_it_twice(
     assert worker.log_text().count("OPTION_RES exceptions") == 1
 
 
+def upstream_connections(proxy: ProxyThread) -> float | None:
+    return proxy.sample("gproxy_connections", side="upstream")
+
+
 def test_the_connection_a_worker_was_moved_off_closes_once_it_owns_nothing(
     gearmand: Gearmand, tmp_path: Path
 ) -> None:
@@ -140,11 +144,12 @@ def test_the_connection_a_worker_was_moved_off_closes_once_it_owns_nothing(
         client = peers.add(start_pyclient(gearmand.address, "flaky", "1:retired"))
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
         assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
-        assert proxy.call(lambda: proxy.proxy._connection_counts())["upstream"] == 2  # old and new
+        # The fresh connection is opened by the control plane after the move: waited for.
+        wait_for(lambda: upstream_connections(proxy) == 2, WAIT_S, "the fresh connection beside the old one")
         peers.add(start_pyworker(proxy.address, state_dir=tmp_path / "py"))
         proxy.thaw()
         assert client.result().stdout == b"ok after 2"
-        wait_for(lambda: proxy.call(lambda: proxy.proxy._connection_counts())["upstream"] == 3, WAIT_S,
+        wait_for(lambda: upstream_connections(proxy) == 3, WAIT_S,
                  "the old connection to close (Perl's new one, pygearman's, retries)")
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
-from gproxy.reconnect import INITIAL
 from gproxy.retry import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
@@ -196,37 +195,6 @@ def test_reset_abilities_while_holding_moves_the_worker_and_requeues_nothing(
     assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
     assert seen_uniques(tmp_path) == ["moved-1"] * 2  # the original and one retry, no requeue
     assert any("moved to a fresh gearmand connection" in r.getMessage() for r in caplog.records)
-
-
-def test_a_lost_retry_client_connection_resubmits_and_no_client_waits_forever(
-    fresh_gearmand: Gearmand, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    gearmand = fresh_gearmand
-    caplog.set_level(logging.INFO, "gproxy")
-    with proxy_to(gearmand, frozen=True) as proxy, PeerSet() as peers:
-        first = start_pyworker(proxy.address, state_dir=tmp_path)
-        client = peers.add(start_pyclient(gearmand.address, "flaky", "1:cut", unique="cut-1"))
-        wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the job to be held")
-        os.killpg(first.pid, signal.SIGKILL)  # no worker: the retry job waits in gearmand's queue
-        first.wait(WAIT_S)
-        proxy.advance(1.0)
-        gearmand.wait_for_queue("flaky", total=2, running=1)  # the held original and its retry
-
-        def cut_retry_client() -> None:
-            (retry_client,) = proxy.proxy._retry_clients.values()
-            retry_client._connection.sock.shutdown(socket.SHUT_RDWR)
-
-        proxy.call(cut_retry_client)
-        wait_for(
-            lambda: any("retry client to gearmand" in r.getMessage() for r in caplog.records),
-            WAIT_S, "the loss to be noticed",
-        )
-        proxy.advance(INITIAL)  # (the connection had not proved itself: a backoff before the next)
-        peers.add(start_pyworker(proxy.address, state_dir=tmp_path))
-        run = client.result()
-    # The lost retry never ran; the one submitted in its place is attempt 3.
-    assert (run.returncode, run.stdout) == (0, b"ok after 2"), run.stderr
-    assert seen_uniques(tmp_path) == ["cut-1"] * 2
 
 
 def test_cant_do_while_holding_moves_the_perl_worker_and_requeues_nothing(

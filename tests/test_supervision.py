@@ -105,11 +105,15 @@ async def test_an_error_in_the_retry_client_costs_its_connection_not_the_retry(
     async def connect() -> Connection:
         return Connection.from_stream(await trio.open_tcp_stream(*gearmand.address))
 
+    created = trio.Event()
+
     async def execute(actions: Any) -> None:  # as the proxy does: submissions go back to the client
         executed.extend(actions)
         for action in actions:
             if type(action) is Submit:
                 client.submit(action)
+        if any(job.retry_handle is not None for job in retrier.held.values()):
+            created.set()  # (the second JOB_CREATED, taken in this time)
 
     job = TrackedJob(b"H:orig:1", b"supervised_rc", b"u-rc", b"payload", "up", 0.0)
     start = trio.current_time()
@@ -127,10 +131,9 @@ async def test_an_error_in_the_retry_client_costs_its_connection_not_the_retry(
             for action in actions:
                 if type(action) is Submit:
                     client.submit(action)
-            while len(calls) < 2 or retrier.held[key].retry_handle is None:
-                await trio.sleep(0.01)
+            await created.wait()
         nursery.cancel_scope.cancel()
-    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+    assert len(calls) == 2 and [r.getMessage() for r in caplog.records if r.exc_info] == [
         f"retry client to gearmand {route.upstream}: internal error"
     ]
     # Its JOB_CREATED was never taken in: submitted again, under a new unique id.
