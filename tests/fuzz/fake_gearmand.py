@@ -469,10 +469,10 @@ class FakeGearmand:
                         await self._send(sock, reply, transcript)
                     if then is not None:
                         if then == "reset":  # what arrived meanwhile, which the RST would discard unread
-                            for frame in self._unread(sock, framer):
-                                transcript.events.append(("recv", frame.raw))
+                            for late in self._unread(sock, framer):
+                                transcript.events.append(("recv", late.raw))
                                 if record is not None:
-                                    record.saw([frame])
+                                    record.saw([late])
                         transcript.events.append((then, b""))
                         if record is not None:
                             record.end()
