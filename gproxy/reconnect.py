@@ -8,7 +8,10 @@ then every loss is one more failed try, and the wait before the next doubles, ca
 
 An outage starts with the first failure after a proven connection (or before the first
 one), and ends when a connection proves itself: one WARNING at its start, DEBUG while it
-lasts, one INFO at its end with how long it took and how many tries.
+lasts, one INFO at its end with how long it took and how many tries. A proven connection
+that gearmand closes cleanly (a load balancer's idle timeout does that, and so does a
+gearmand that stops) is no outage yet: it is tried again at once, and only if that try
+fails does the outage start, counted from the close.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Report(enum.Enum):
 
     OUTAGE_STARTS = "starts"
     OUTAGE_GOES_ON = "goes on"
+    CLOSED = "closed"  # a proven connection closed cleanly: no outage (yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,8 @@ class Reconnects:
         self._connected_at: float | None = None
         self._answered = False
         self._proven = False
+        self._closed_at: float | None = None
+        """When a proven connection was closed cleanly: an outage that follows began then."""
 
     @property
     def up(self) -> bool:
@@ -97,23 +103,28 @@ class Reconnects:
         due = self.proof_due()
         if due is None or now < due:
             return None
-        self._proven, self._delay = True, self._initial
+        self._proven, self._delay, self._closed_at = True, self._initial, None
         if self.outage_since is None:
             return None
         recovered = Recovered(now - self.outage_since, self.tries)
         self.outage_since, self.tries = None, 0
         return recovered
 
-    def lost(self, now: float) -> Failure:
-        """The connection broke (or was closed for bad input, or found dead). A proven one
-        is tried again at once: it lasted, so this is no storm."""
+    def lost(self, now: float, closed: bool = False) -> Failure:
+        """The connection broke (or was closed for bad input, or found dead; `closed`:
+        gearmand closed it cleanly). A proven one is tried again at once: it lasted, so
+        this is no storm; closed cleanly, it is no outage either unless that try fails."""
         recovered = self.check(now)
         proven, self._connected_at = self._proven, None
+        if proven and closed and self.outage_since is None:
+            self._closed_at = now
+            return Failure(0.0, Report.CLOSED, recovered)
         return self._failure(now, lost_proven=proven, recovered=recovered)
 
     def _failure(self, now: float, lost_proven: bool, recovered: Recovered | None = None) -> Failure:
         if self.outage_since is None:
-            self.outage_since, self.tries = now, 0 if lost_proven else 1
+            since = self._closed_at if self._closed_at is not None else now
+            self.outage_since, self.tries, self._closed_at = since, 0 if lost_proven else 1, None
             report = Report.OUTAGE_STARTS
         else:
             report = Report.OUTAGE_GOES_ON

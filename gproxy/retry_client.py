@@ -44,6 +44,9 @@ ECHO_WAIT = 30.0
 """Seconds more of silence after that before the connection is given up as dead (the
 proxy passes [upstream_keepalive] interval * count)."""
 
+CLOSED_BY_GEARMAND = "gearmand closed it"
+"""Why a connection ended with a clean EOF: for a proven one, no outage (reconnect.Reconnects)."""
+
 if TYPE_CHECKING:
     from .session import UpstreamLink
 
@@ -112,7 +115,7 @@ class RetryClient:
             finally:
                 self._connection = None
                 connection.close()
-            failure = self.reconnects.lost(trio.current_time())
+            failure = self.reconnects.lost(trio.current_time(), closed=reason == CLOSED_BY_GEARMAND)
             await self._lost()
             await self._pause(failure, f" lost ({reason})")
 
@@ -120,7 +123,8 @@ class RetryClient:
         """Say what failed (WARNING when an outage starts, DEBUG while it lasts), then wait."""
         if failure.recovered is not None:
             self._recovered(failure.recovered)
-        self._metrics.retry_connection_up.labels(self._name).set(0)
+        if failure.report is not Report.CLOSED:
+            self._metrics.retry_connection_up.labels(self._name).set(0)
         log.log(
             logging.WARNING if failure.report is Report.OUTAGE_STARTS else logging.DEBUG,
             "retry client to gearmand %s%s; %d submissions wait; trying again in %.1fs",
@@ -181,7 +185,7 @@ class RetryClient:
                         nudge()
                         if reason := await self._handle(self._submitter.receive(data, now)):
                             return lost(reason)
-                    lost("gearmand closed it")
+                    lost(CLOSED_BY_GEARMAND)
                 except OSError as exc:
                     lost(str(exc))
 

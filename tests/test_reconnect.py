@@ -81,6 +81,24 @@ def test_a_connection_that_proves_itself_as_it_is_lost_still_ends_its_outage() -
     assert lost == Failure(0.0, Report.OUTAGE_STARTS, Recovered(1.0 + PROVEN_AFTER, 2))
 
 
+def test_a_proven_connection_closed_cleanly_is_no_outage_unless_the_next_try_fails() -> None:
+    reconnects = Reconnects()
+    reconnects.connected(0.0)
+    reconnects.answered(0.0)
+    assert reconnects.lost(60.0, closed=True) == Failure(0.0, Report.CLOSED)
+    assert reconnects.up  # a load balancer's idle timeout, or gearmand stopping: not yet known
+    reconnects.trying()
+    assert reconnects.failed(60.1) == Failure(INITIAL, Report.OUTAGE_STARTS)  # gearmand stopped
+    assert reconnects.outage_since == 60.0 and reconnects.tries == 1  # counted from the close
+    # Unproven, or during an outage, a clean close is a failure like any other.
+    reconnects.trying()
+    reconnects.connected(61.0)
+    assert reconnects.lost(61.5, closed=True) == Failure(2 * INITIAL, Report.OUTAGE_GOES_ON)
+    fresh = Reconnects()
+    fresh.connected(0.0)
+    assert fresh.lost(1.0, closed=True).report is Report.OUTAGE_STARTS
+
+
 @given(st.lists(st.sampled_from(["refused", "dropped", "answered and dropped", "proven"]), max_size=60))
 def test_waits_double_to_the_cap_and_only_a_proven_connection_resets_them(events: list[str]) -> None:
     reconnects, now, expected = Reconnects(), 0.0, INITIAL

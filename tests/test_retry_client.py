@@ -429,12 +429,15 @@ async def test_an_outage_ends_with_one_info_line_once_a_connection_proves_itself
     assert h.retrier.held[key].retry_handle == b"H:9"
 
 
+@pytest.mark.parametrize("how", ["closes", "resets"])
 async def test_once_needed_the_connection_is_kept_and_an_outage_ends_with_nothing_waiting(
-    clock: trio.testing.MockClock,
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
-    """gearmand restarts while no retry is in flight: gproxy connects again at once (the lost
-    connection had proved itself), so the outage ends when gearmand is back, not at the next
-    retry (an idle gproxy showed gproxy_retry_connection_up 0 until then)."""
+    """A proven connection ends while no retry is in flight: gproxy connects again at once,
+    so an outage ends when gearmand is back, not at the next retry (an idle gproxy showed
+    gproxy_retry_connection_up 0 until then). A clean close (a load balancer's idle timeout,
+    a gearmand that stops) is no outage unless that try fails: no WARNING, the gauge stays 1."""
+    caplog.set_level(logging.DEBUG, logger="gproxy")
     h = Harness()
     key = h.hold()
     up = {"upstream": "route"}
@@ -448,11 +451,42 @@ async def test_once_needed_the_connection_is_kept_and_an_outage_ends_with_nothin
         await answered.wait()
         await trio.sleep(PROVEN_AFTER)
         assert h.retrier.held == {}  # nothing in flight any more
-        end.close()  # gearmand restarts
+        if how == "resets":
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        end.close()
         end = await h.gearmand.next_connection()  # with no retry waiting
         await h.gearmand.read(end, 1)  # HELLO
-        assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", up) == 0
+        assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", up) == (1 if how == "closes" else 0)
         await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions"))
         await trio.sleep(PROVEN_AFTER + 0.5)
         assert h.metrics.registry.get_sample_value("gproxy_retry_connection_up", up) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == (0 if how == "closes" else 1), warnings
 
+
+async def test_a_clean_close_followed_by_a_failed_try_is_an_outage_from_the_close(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gearmand stops: its kernel closes the connection cleanly, then refuses the next."""
+    caplog.set_level(logging.DEBUG, logger="gproxy")
+    h = Harness()
+    key = h.hold()
+    async with serving(h):
+        h.due(key)
+        end = await h.gearmand.next_connection()
+        await h.gearmand.read(end, 2)
+        await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9"))
+        await trio.sleep(PROVEN_AFTER + 0.5)
+        h.gearmand.refuse = 2
+        closed = trio.current_time()
+        end.close()  # (the retry job H:9 is lost with it: resubmitted as attempt 3)
+        end = await h.gearmand.next_connection()
+        _, resubmitted = await h.gearmand.read(end, 2)
+        await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions"))
+        back = trio.current_time()
+        await trio.sleep(PROVEN_AFTER + 0.5)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if "retry client" in r.getMessage()]
+    assert [level for level, _ in messages] == [logging.DEBUG, logging.WARNING, logging.DEBUG, logging.INFO]
+    assert messages[1][1].endswith("cannot connect (refused); 1 submissions wait; trying again in 0.1s")
+    assert messages[-1][1].endswith(f"after an outage of {back - closed + PROVEN_AFTER:.1f}s (3 tries)")
+    assert resubmitted.args()["unique"] == b"gpr:3:u-H:1" and h.retrier.held[key].attempt == 3
