@@ -83,7 +83,8 @@ class RetryClient:
         self._acknowledging: int | None = None
         """The submission whose JOB_CREATED is being handled."""
         self.reconnects = Reconnects()
-        self._metrics.retry_connection_up.labels(self._name).set(1)
+        """The owner of the outage: gproxy_retry_connection_up reads it at scrape time."""
+        self._metrics.retry_connection_up.labels(self._name).set_function(lambda: float(self.reconnects.up))
 
     @property
     def connected(self) -> bool:
@@ -123,8 +124,6 @@ class RetryClient:
         """Say what failed (WARNING when an outage starts, DEBUG while it lasts), then wait."""
         if failure.recovered is not None:
             self._recovered(failure.recovered)
-        if failure.report is not Report.CLOSED:
-            self._metrics.retry_connection_up.labels(self._name).set(0)
         log.log(
             logging.WARNING if failure.report is Report.OUTAGE_STARTS else logging.DEBUG,
             "retry client to gearmand %s%s; %d submissions wait; trying again in %.1fs",
@@ -133,7 +132,6 @@ class RetryClient:
         await trio.sleep(failure.wait)
 
     def _recovered(self, recovered: Recovered) -> None:
-        self._metrics.retry_connection_up.labels(self._name).set(1)
         log.info(
             "retry client to gearmand %s: connected again after an outage of %.1fs (%d tries)",
             self._name, recovered.seconds, recovered.tries,
