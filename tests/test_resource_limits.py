@@ -25,8 +25,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from gproxy.config import Address
 from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
 from tests.gearmand import Gearmand, wait_for
+from tests.test_metrics import http_get
 from tests.peer_procs import PeerSet, start_pyclient, start_pyworker
 
 WAIT_S = 15.0
@@ -57,13 +59,7 @@ class Gproxy:
     def get(self, path: str) -> tuple[int, str]:
         """One request, read to its end: gproxy closes the connection after answering, so
         its descriptor is free again when this returns."""
-        with socket.create_connection(self.metrics, timeout=WAIT_S) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: gproxy\r\n\r\n".encode())
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-        head, _, body = reply.partition(b"\r\n\r\n")
-        return int(head.split()[1]), body.decode()
+        return http_get(Address(*self.metrics), path)
 
     def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         status, text = self.get("/metrics")

@@ -172,9 +172,7 @@ async def test_gearmands_error_answer_fails_the_job_with_its_last_failure(clock:
     key = h.hold()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.client.run)
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)
+        end = await submitted(h, key)
         await end.send(build_packet(RES, P.ERROR, code=b"QUEUE_ERROR", text=b"Job queue is full"))
         with trio.fail_after(5):
             await h.acted.wait()
@@ -254,6 +252,15 @@ def test_after_a_loss_a_new_submitter_matches_only_its_own_submissions() -> None
 
 # -- every way the retry connection is lost, with jobs in both states
 
+async def submitted(h: Harness, key: int) -> trio.socket.SocketType:
+    """Held job `key`'s backoff over: its retry submitted on a new connection (HELLO and the
+    SUBMIT_JOB read); gearmand's end of that connection."""
+    h.due(key)
+    end = await h.gearmand.next_connection()
+    await h.gearmand.read(end, 2)
+    return end
+
+
 @contextlib.asynccontextmanager
 async def serving(h: Harness) -> AsyncIterator[None]:
     """The client runs for the block; a stall fails within 600 s of the fake clock (at once)."""
@@ -323,9 +330,7 @@ async def test_however_the_retry_connection_is_lost_what_was_in_flight_goes_on_t
     h = Harness()
     key = h.hold()
     async with serving(h):
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)  # HELLO, the retry as attempt 2
+        end = await submitted(h, key)  # HELLO, the retry as attempt 2
         await _lose(h, end, kind, created, monkeypatch)
         end = await h.gearmand.next_connection()
         _, resubmitted = await h.gearmand.read(end, 2)
@@ -350,9 +355,7 @@ async def test_a_created_retry_lost_with_no_attempt_left_forwards_the_last_failu
     h = Harness(RetryPolicy(jitter=False, max_attempts=2, dead_letter="dlq"))
     key = h.hold()
     async with serving(h):
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)
+        end = await submitted(h, key)
         await _lose(h, end, kind, True, monkeypatch)
         end = await h.gearmand.next_connection()
         _, dead_letter = await h.gearmand.read(end, 2)  # and no resubmission
@@ -414,9 +417,7 @@ async def test_an_outage_ends_with_one_info_line_once_a_connection_proves_itself
     h.gearmand.refuse = 3
     key = h.hold()
     async with serving(h):
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)
+        end = await submitted(h, key)
         await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9"))
         connected = trio.current_time()
         await trio.sleep(PROVEN_AFTER + 0.5)
@@ -442,9 +443,7 @@ async def test_once_needed_the_connection_is_kept_and_an_outage_ends_with_nothin
     key = h.hold()
     up = {"upstream": "route"}
     async with serving(h):
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)
+        end = await submitted(h, key)
         answered = h.answered
         await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9")
                        + build_packet(RES, P.WORK_COMPLETE, handle=b"H:9", data=b"done"))
@@ -472,9 +471,7 @@ async def test_a_clean_close_followed_by_a_failed_try_is_an_outage_from_the_clos
     h = Harness()
     key = h.hold()
     async with serving(h):
-        h.due(key)
-        end = await h.gearmand.next_connection()
-        await h.gearmand.read(end, 2)
+        end = await submitted(h, key)
         await end.send(build_packet(RES, P.OPTION_RES, option=b"exceptions") + build_packet(RES, P.JOB_CREATED, handle=b"H:9"))
         await trio.sleep(PROVEN_AFTER + 0.5)
         h.gearmand.refuse = 2
