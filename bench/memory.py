@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
+from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
 
 P = PacketType
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"

@@ -11,7 +11,7 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
-from gproxy.protocol import REQ, RES, AdminLine, Framer, Packet, PacketType as P, build_packet
+from gproxy.core.protocol import REQ, RES, AdminLine, Framer, Packet, PacketType as P, build_packet
 
 IO_TIMEOUT = 15.0
 """Seconds a client read may block: a lost job becomes an error, never a hang."""

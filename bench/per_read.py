@@ -23,11 +23,11 @@ from dataplane_relay import Forward  # noqa: E402
 
 from gproxy.config import Address, Route  # noqa: E402
 from gproxy.dataplane import DataPlane  # noqa: E402
-from gproxy.metrics import Metrics  # noqa: E402
+from gproxy.core.metrics import Metrics  # noqa: E402
 from gproxy.pair import Pair, PairSet  # noqa: E402
-from gproxy.protocol import REQ, RES, PacketType, build_packet  # noqa: E402
-from gproxy.retry import Policies, Retrier  # noqa: E402
-from gproxy.session import Session  # noqa: E402
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet  # noqa: E402
+from gproxy.core.retry import Policies, Retrier  # noqa: E402
+from gproxy.core.session import Session  # noqa: E402
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))

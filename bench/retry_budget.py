@@ -1,6 +1,6 @@
 """How the retry budget shapes a burst and an outage: gproxy's own Retrier in a simulated world.
 
-The Retrier (gproxy/retry.py) is pure, so it runs here on a simulated clock: a gearmand-like
+The Retrier (gproxy/core/retry.py) is pure, so it runs here on a simulated clock: a gearmand-like
 FIFO queue per function, a number of workers, jobs that take a while, a dependency that may
 be down. Every decision is the real code's; only time and the workers are simulated, so an
 hour of outage takes a second. Used to choose the budget's defaults (see the README's
@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from gproxy.jobs import TrackedJob
-from gproxy.protocol import PacketType
-from gproxy.retry import (
+from gproxy.core.jobs import TrackedJob
+from gproxy.core.protocol import PacketType
+from gproxy.core.retry import (
     Policies,
     RecheckBudget,
     Retrier,

@@ -20,9 +20,9 @@ import trio
 
 from . import __version__, replay
 from .config import LOG_LEVELS, Config, ConfigError, load_config, parse_address
+from .control import Proxy
+from .core.held import table
 from .dataplane import DataPlane
-from .held import table
-from .proxy import Proxy
 
 log = logging.getLogger("gproxy")
 

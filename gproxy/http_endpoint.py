@@ -19,7 +19,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import Address
-from .metrics import Metrics
+from .core.metrics import Metrics
 
 log = logging.getLogger("gproxy.http")
 REQUEST_DEADLINE = 10.0

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .config import Route
+from .core.jobs import TrackedJob
+from .core.metrics import Metrics
+from .core.protocol import ProtocolError
+from .core.retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from .core.session import ArmTimeout, CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
 from .dataplane import HIGH_WATER, DataPlane, Endpoint
-from .jobs import TrackedJob
-from .metrics import Metrics
-from .protocol import ProtocolError
-from .retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
-from .session import ArmTimeout, CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
 
 log = logging.getLogger("gproxy.proxy")
 

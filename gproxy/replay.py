@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .config import Address
-from .dead_letter import parse
-from .protocol import REQ, RES, AdminLine, Framer, Packet, PacketType, build_packet
+from .core.dead_letter import parse
+from .core.protocol import REQ, RES, AdminLine, Framer, Packet, PacketType, build_packet
 
 P = PacketType
 IO_TIMEOUT = 30.0

@@ -28,12 +28,12 @@ import trio
 
 from .config import Route
 from .connection import Connection
-from .metrics import Metrics
-from .protocol import DEFAULT_MAX_PACKET_SIZE
-from .reconnect import Failure, Reconnects, Recovered, Report
-from .retry import Action, Retrier, Submit
-from .session import route_name
-from .submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silence, Submitter, TooLarge
+from .core.metrics import Metrics
+from .core.protocol import DEFAULT_MAX_PACKET_SIZE
+from .core.reconnect import Failure, Reconnects, Recovered, Report
+from .core.retry import Action, Retrier, Submit
+from .core.session import route_name
+from .core.submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silence, Submitter, TooLarge
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
@@ -48,7 +48,7 @@ CLOSED_BY_GEARMAND = "gearmand closed it"
 """Why a connection ended with a clean EOF: for a proven one, no outage (reconnect.Reconnects)."""
 
 if TYPE_CHECKING:
-    from .session import UpstreamLink
+    from .core.session import UpstreamLink
 
 Execute = Callable[[Sequence[Action["UpstreamLink", Route]]], Awaitable[None]]
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 
 GEARMAND_BIN = "/usr/sbin/gearmand"
 PERL_GEARMAND_BIN = "/usr/bin/gearmand"  # Debian's gearman-server: Perl Gearman::Server

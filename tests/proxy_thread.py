@@ -15,9 +15,9 @@ import trio
 import trio.testing
 
 from gproxy.config import Address, Config, Route
-from gproxy.jobs import TrackedJob
-from gproxy.proxy import Proxy
-from gproxy.retry import HeldJob, Policies, RetryPolicy
+from gproxy.core.jobs import TrackedJob
+from gproxy.control import Proxy
+from gproxy.core.retry import HeldJob, Policies, RetryPolicy
 
 R = TypeVar("R")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxy.budget import SLICES, RetryBudget
+from gproxy.core.budget import SLICES, RetryBudget
 
 
 def test_the_floor_allows_min_per_second_times_ttl_in_every_window() -> None:

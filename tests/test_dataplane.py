@@ -13,8 +13,8 @@ import trio
 
 from gproxy.config import Address, Config, Route
 from gproxy.dataplane import HIGH_WATER, DataPlane, Endpoint
-from gproxy.protocol import REQ, RES, PacketType, build_packet
-from gproxy.proxy import Proxy
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+from gproxy.control import Proxy
 
 P = PacketType
 

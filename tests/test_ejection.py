@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gproxy.ejection import Ejection
-from gproxy.retry import RetryPolicy
+from gproxy.core.ejection import Ejection
+from gproxy.core.retry import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_cli_client, start_cli_worker
 from tests.proxy_thread import ProxyThread
@@ -58,10 +58,10 @@ async def test_an_ejection_is_counted_and_shown_in_the_same_step() -> None:
     from gproxy.config import Address, Config, Route
     from gproxy.dataplane import DataPlane
     from gproxy.pair import Pair
-    from gproxy.protocol import REQ, RES, PacketType, build_packet
-    from gproxy.proxy import Proxy
-    from gproxy.retry import Policies
-    from gproxy.session import Eject, Session
+    from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+    from gproxy.control import Proxy
+    from gproxy.core.retry import Policies
+    from gproxy.core.session import Eject, Session
 
     route = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
     proxy = Proxy(Config(routes=(route,), policies=Policies(EJECTS)))

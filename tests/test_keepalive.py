@@ -28,8 +28,8 @@ import pytest
 import trio
 
 from gproxy.config import Address, Config, Keepalive, Route
-from gproxy.proxy import Proxy
-from gproxy.retry import Policies, RetryPolicy
+from gproxy.control import Proxy
+from gproxy.core.retry import Policies, RetryPolicy
 from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (

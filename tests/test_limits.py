@@ -1,4 +1,4 @@
-"""Which failed connections are gproxy's own limits (gproxy/limits.py): by errno, found in
+"""Which failed connections are gproxy's own limits (gproxy/core/limits.py): by errno, found in
 the error itself or inside what trio wraps it in."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from gproxy.limits import RESOURCES, ResourceExhausted, cannot_connect, own_exhaustion
+from gproxy.core.limits import RESOURCES, ResourceExhausted, cannot_connect, own_exhaustion
 
 
 def oserror(code: int) -> OSError:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from gproxy.config import Address, Config, Route
 from prometheus_client import generate_latest
 
-from gproxy.metrics import OTHER, Metrics
-from gproxy.retry import Mode, Policies, RetryPolicy
+from gproxy.core.metrics import OTHER, Metrics
+from gproxy.core.retry import Mode, Policies, RetryPolicy
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, run_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
@@ -117,7 +117,7 @@ def test_durations_kept_as_plain_numbers_render_as_prometheus_clients_histogram(
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gproxy.metrics import DURATION_BUCKETS
+    from gproxy.core.metrics import DURATION_BUCKETS
 
     metrics = Metrics()
     reference = Histogram("gproxy_job_duration_seconds", "x", ["function"], buckets=DURATION_BUCKETS, registry=None)

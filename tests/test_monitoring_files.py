@@ -84,7 +84,7 @@ def series_labels(name: str) -> dict[str, frozenset[str] | None] | None:
 def test_the_table_is_what_gproxy_exports() -> None:
     """METRICS, HISTOGRAMS and GAUGES against gproxy's own registry: the same metrics, the
     same labels, and for a label with a fixed set of values, those values."""
-    from gproxy.metrics import Metrics
+    from gproxy.core.metrics import Metrics
 
     metrics = Metrics()
     metrics.function(b"resize")  # its zero-valued series, one per outcome, reason and cap

@@ -31,7 +31,7 @@ def test_the_sdist_and_wheel_build_and_pass_twine_check(tmp_path: Path) -> None:
         names = files.namelist()
         metadata = email.parser.Parser().parsestr(files.read(f"gproxy-{version}.dist-info/METADATA").decode())
         entry_points = files.read(f"gproxy-{version}.dist-info/entry_points.txt").decode()
-    assert {"gproxy/cli.py", "gproxy/held.py", "gproxy/py.typed"} <= set(names)
+    assert {"gproxy/cli.py", "gproxy/core/held.py", "gproxy/core/session.py", "gproxy/py.typed"} <= set(names)
     assert not [name for name in names if name.startswith(("tests/", "bench/"))]
     assert f"gproxy-{version}.dist-info/licenses/LICENSE" in names
     assert metadata["Name"] == "gproxy" and metadata["Version"] == version

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from gproxy.config import Address, Config, Route
-from gproxy.protocol import REQ, RES, PacketType, build_packet
-from gproxy.retry import Mode, Policies, RetryPolicy
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+from gproxy.core.retry import Mode, Policies, RetryPolicy
 from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, find_free_port, wait_for
 from tests.peer_procs import (

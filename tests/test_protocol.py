@@ -9,7 +9,7 @@ from construct import ConstructError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxy.protocol import (
+from gproxy.core.protocol import (
     BODIES,
     HEADER,
     LAYOUTS,

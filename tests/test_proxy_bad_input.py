@@ -16,13 +16,13 @@ import pytest
 import trio
 
 from gproxy.config import Address, Config, Route
-from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.dataplane import DataPlane
-from gproxy.metrics import Metrics
+from gproxy.core.metrics import Metrics
 from gproxy.pair import HALF_CLOSE_LINGER, CallLater, Pair, PairSet, PairTimer
-from gproxy.proxy import Proxy
-from gproxy.retry import Policies, Retrier
-from gproxy.session import Session, UpstreamLink
+from gproxy.control import Proxy
+from gproxy.core.retry import Policies, Retrier
+from gproxy.core.session import Session, UpstreamLink
 
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
 

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxy.protocol import REQ, RES, PacketType, build_packet
-from gproxy.reconnect import INITIAL, MAXIMUM, PROVEN_AFTER, Failure, Reconnects, Recovered, Report
-from gproxy.retry import Submit
-from gproxy.submitter import Broken, Created, JobPacket, Silence, Submitter
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+from gproxy.core.reconnect import INITIAL, MAXIMUM, PROVEN_AFTER, Failure, Reconnects, Recovered, Report
+from gproxy.core.retry import Submit
+from gproxy.core.submitter import Broken, Created, JobPacket, Silence, Submitter
 
 P = PacketType
 

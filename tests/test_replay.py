@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gproxy.dead_letter import envelope
-from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.retry import RetryPolicy
+from gproxy.core.dead_letter import envelope
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.retry import RetryPolicy
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, start_pyworker
 from tests.proxy_thread import ProxyThread

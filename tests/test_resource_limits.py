@@ -26,7 +26,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from gproxy.config import Address
-from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
+from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
 from tests.gearmand import Gearmand, wait_for
 from tests.test_metrics import http_get
 from tests.peer_procs import PeerSet, start_pyclient, start_pyworker

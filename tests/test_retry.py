@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxy.jobs import TrackedJob
-from gproxy.protocol import REQ, PacketType, build_packet
-from gproxy.dead_letter import envelope, parse
-from gproxy.retry import (
+from gproxy.core.jobs import TrackedJob
+from gproxy.core.protocol import REQ, PacketType, build_packet
+from gproxy.core.dead_letter import envelope, parse
+from gproxy.core.retry import (
     DISCONNECTED,
     TIMED_OUT,
     MAX_UNIQUE,

@@ -16,14 +16,14 @@ import trio
 import trio.testing
 
 from gproxy.connection import Connection
-from gproxy.jobs import TrackedJob
-from gproxy.metrics import Metrics
-from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.retry import Action, Policies, Retrier, RetryPolicy, SendUpstream, Submit
-from gproxy.reconnect import MAXIMUM as RECONNECT_MAX
-from gproxy.reconnect import PROVEN_AFTER
+from gproxy.core.jobs import TrackedJob
+from gproxy.core.metrics import Metrics
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.retry import Action, Policies, Retrier, RetryPolicy, SendUpstream, Submit
+from gproxy.core.reconnect import MAXIMUM as RECONNECT_MAX
+from gproxy.core.reconnect import PROVEN_AFTER
 from gproxy.retry_client import ANSWER_WAIT, ECHO_WAIT, RetryClient
-from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
+from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
 POLICY = RetryPolicy(jitter=False, dead_letter="dlq")

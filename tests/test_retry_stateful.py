@@ -17,10 +17,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gproxy.budget import SLICES
-from gproxy.jobs import TrackedJob
-from gproxy.protocol import PacketType
-from gproxy.retry import (
+from gproxy.core.budget import SLICES
+from gproxy.core.jobs import TrackedJob
+from gproxy.core.protocol import PacketType
+from gproxy.core.retry import (
     DISCONNECTED,
     Policies,
     RecheckBudget,

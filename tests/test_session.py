@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
-from gproxy.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.retry import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
-from gproxy.session import (
+from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
+from gproxy.core.retry import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.core.session import (
     MAX_SILENCED,
     ArmTimeout,
     CloseUpstream,

@@ -41,9 +41,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gproxy.config import Address, Route
-from gproxy.metrics import Metrics
-from gproxy.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.retry import (
+from gproxy.core.metrics import Metrics
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.retry import (
     DISCONNECTED,
     OnDisconnect,
     Policies,
@@ -57,8 +57,8 @@ from gproxy.retry import (
     Wakeup,
     parse_retry_unique,
 )
-from gproxy.session import ArmTimeout, CloseUpstream, Eject, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
-from gproxy.submitter import HELLO, Created, JobPacket, Refused, Submitter
+from gproxy.core.session import ArmTimeout, CloseUpstream, Eject, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))

@@ -20,8 +20,8 @@ import trio
 import trio.testing
 
 from gproxy.config import Address, Config, Route
-from gproxy.protocol import REQ, RES, Framer, PacketType, build_packet
-from gproxy.proxy import Proxy
+from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
+from gproxy.control import Proxy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, seen_uniques, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread

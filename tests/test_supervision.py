@@ -16,10 +16,10 @@ import trio
 
 from gproxy.config import Address, Route
 from gproxy.connection import Connection
-from gproxy.jobs import TrackedJob
-from gproxy.metrics import Metrics
-from gproxy.protocol import REQ, RES, PacketType, build_packet
-from gproxy.retry import Policies, Retrier, RetryPolicy, Submit
+from gproxy.core.jobs import TrackedJob
+from gproxy.core.metrics import Metrics
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+from gproxy.core.retry import Policies, Retrier, RetryPolicy, Submit
 from gproxy.retry_client import RetryClient
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_pyworker
@@ -165,7 +165,7 @@ async def test_a_process_wide_task_that_fails_is_started_again(
     """The retry client's own loop is the last line: should it fail past its own handling
     (a bug in handing back what was in flight), it is started again, not lost."""
     from gproxy.config import Config
-    from gproxy.proxy import RESTART_PAUSE, Proxy
+    from gproxy.control import RESTART_PAUSE, Proxy
 
     proxy = Proxy(Config(routes=(Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730)),)))
     runs: list[float] = []
@@ -207,7 +207,7 @@ def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
 ) -> None:
     """A pair's own timer (here its timeouts') fails: the pair closes, gearmand requeues its
     job, the worker reconnects and runs it again, and the proxy serves on."""
-    from gproxy.session import Session
+    from gproxy.core.session import Session
 
     calls = _failing_once(monkeypatch, Session, "timeouts_due")
     timed = RetryPolicy(backoff_initial=0.02, jitter=False, timeout=0.3)

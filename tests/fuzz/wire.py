@@ -1,7 +1,7 @@
 """The Gearman wire format as the fuzzer sees it: packet table, builders, a reference framer.
 
 Written from the protocol notes (/work/shared/gearmand-protocol-notes.md) and the README,
-not from gproxy/protocol.py: it is the oracle the fuzzer holds gproxy to, so it must not
+not from gproxy/core/protocol.py: it is the oracle the fuzzer holds gproxy to, so it must not
 share gproxy's code (or its bugs).
 """
 

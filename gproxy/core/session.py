@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from .config import Route
+from ..config import Route
 from .deadlines import Deadlines
 from .ejection import Ejection
 from .jobs import JobTable, TrackedJob
@@ -49,6 +49,7 @@ from .protocol import (
     build_packet,
     splice,
     split_head,
+    text,
 )
 from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
 
@@ -422,7 +423,7 @@ class Session:
     def _job_packet(self, packet: Packet, now: float) -> bytes:
         ptype, handle = packet.type, _handle_of(packet)
         if self._is_silenced(handle):
-            log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, _text(handle))
+            log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle))
             return b""
         ended = ptype in _RESULTS
         link, job = self._owner_of(handle, ended)
@@ -505,7 +506,7 @@ class Session:
             actions = list(lost)
         log.warning(
             "job %s %s ran past its timeout (%.3gs): %s; what its worker still sends for it is dropped",
-            _text(job.function), _text(job.handle), now - job.started_at,
+            text(job.function), text(job.handle), now - job.started_at,
             "failed back to the gproxy that retries it" if job.is_retry else "retried",
         )
         link.jobs.ended(job.handle)
@@ -615,7 +616,7 @@ class Session:
         handle, function = fields[0], fields[1]
         log.warning(
             "job %s %s of %d bytes is over max_packet_size %d: failed, not given to the worker",
-            _text(function), _text(handle), frame.size, self.max_packet_size,
+            text(function), text(handle), frame.size, self.max_packet_size,
         )
         reason = b"gproxy: a job of %d bytes exceeds max_packet_size %d" % (frame.size, self.max_packet_size)
         if self.retrier is not None:
@@ -647,7 +648,7 @@ class Session:
                 "gearmand %s does not know GRAB_JOB_UNIQ (it answered %s: %s), as the Perl "
                 "Gearman::Server does: workers' own GRAB_JOB is used; retries of jobs whose "
                 "unique id is not known get an empty one",
-                route_name(self.route), _text(args["code"]), _text(args["text"]).strip(),
+                route_name(self.route), text(args["code"]), text(args["text"]).strip(),
             )
         self.traits.grab_uniq = False
         self.traits.exception_ends_job = False  # the same server: WORK_FAIL ends jobs there
@@ -763,7 +764,4 @@ def route_name(route: object) -> str:
     upstream = getattr(route, "upstream", None)
     return str(upstream if upstream is not None else route)
 
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "replace")
 

@@ -32,7 +32,7 @@ from .budget import RetryBudget
 from .dead_letter import envelope
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
-from .protocol import REQ, PacketType, build_packet
+from .protocol import REQ, PacketType, build_packet, text
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 """Who owns a held job: in gproxy the upstream connection (session.UpstreamLink) it came on."""
@@ -431,7 +431,7 @@ class Retrier(Generic[OwnerT, RouteT]):
     def describe(self, key: int) -> str:
         """Held job `key` as a log line names it."""
         job = self.held.get(key)
-        return f"held job {key}" if job is None else f"{_text(job.function)} {_text(job.handle)}"
+        return f"held job {key}" if job is None else f"{text(job.function)} {text(job.handle)}"
 
     def is_retry_handle(self, route: RouteT, handle: bytes) -> bool:
         """Is `handle` a retry job this process submitted? (How retries are recognised on a
@@ -462,7 +462,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             log.warning(
                 "gearmand assigned held job %s %s again (it took the job back, e.g. a "
                 "CAN_DO_TIMEOUT fired): the hold ends, the job runs as gearmand decided",
-                _text(job.function), _text(handle),
+                text(job.function), text(handle),
             )
             actions = self._release(job)
         budget = self._budget(function, now)
@@ -493,20 +493,20 @@ class Retrier(Generic[OwnerT, RouteT]):
 
         if verdict is None:
             return forwarded([])
-        name = _text(function)
+        name = text(function)
         if policy.mode is Mode.OBSERVE:
-            log.info("observe: would retry %s %s (%s)", name, _text(handle), verdict.reason.value)
+            log.info("observe: would retry %s %s (%s)", name, text(handle), verdict.reason.value)
             self.metrics.count(self.metrics.observed, function)
             return forwarded([])
         if policy.max_attempts <= 1:
-            log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, _text(handle))
+            log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, text(handle))
             self.metrics.count(self.metrics.exhausted, function)
             return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
         if self._held_per_function[function] >= policy.max_held:
             self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
             log.warning(
                 "%s already holds %d jobs (max_held): %s failure forwarded",
-                name, policy.max_held, _text(handle),
+                name, policy.max_held, text(handle),
             )
             return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
         held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
@@ -527,9 +527,9 @@ class Retrier(Generic[OwnerT, RouteT]):
         text is logged, as the client of "fail" never sees it."""
         log.info(
             "%s %s ended by an exception, sent to its client as %s: %s",
-            _text(function), _text(handle),
+            text(function), text(handle),
             "WORK_FAIL" if policy.final_exception is FinalException.FAIL else "WORK_WARNING and WORK_FAIL",
-            _text(exception_text(failure)),
+            text(exception_text(failure)),
         )
         fail = build_packet(REQ, P.WORK_FAIL, handle=handle)
         if policy.final_exception is FinalException.BOTH:
@@ -548,7 +548,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         for job in running:
             policy = self.policies.for_function(job.function)
             if policy.on_disconnect is OnDisconnect.RETRY and policy.mode is Mode.OBSERVE and not job.is_retry:
-                log.info("observe: would retry %s %s (disconnect)", _text(job.function), _text(job.handle))
+                log.info("observe: would retry %s %s (disconnect)", text(job.function), text(job.handle))
                 self.metrics.count(self.metrics.observed, job.function)
 
     def worker_left(
@@ -573,7 +573,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             self.metrics.job_ended(job.function, "fail", now - job.started_at)
             log.warning(
                 "%s already holds %d jobs (max_held): %s, whose worker left, fails",
-                _text(job.function), policy.max_held, _text(job.handle),
+                text(job.function), policy.max_held, text(job.handle),
             )
             actions += self._dead_letter(route, policy, job, (P.WORK_FAIL, b"gproxy: its worker left"))
             actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
@@ -587,7 +587,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         only counted, and the attempt runs on."""
         policy = self.policies.for_function(job.function)
         if policy.mode is Mode.OBSERVE:
-            log.info("observe: would retry %s %s (timeout)", _text(job.function), _text(job.handle))
+            log.info("observe: would retry %s %s (timeout)", text(job.function), text(job.handle))
             self.metrics.count(self.metrics.observed, job.function)
             return None
         return self._attempt_lost(owner, route, job, policy, now, Reason.TIMEOUT)
@@ -606,15 +606,15 @@ class Retrier(Generic[OwnerT, RouteT]):
         """An attempt that ended with no result of the worker's (it vanished, or ran out of
         time): held for a retry with backoff; with no attempt or room left, failed (a
         WORK_FAIL, as gearmand's --job-retries would end it) and dead-lettered."""
-        name, why = _text(job.function), _LOST[reason]
+        name, why = text(job.function), _LOST[reason]
         if policy.max_attempts > 1 and self._held_per_function[job.function] < policy.max_held:
             return self._hold(owner, route, job, Verdict(reason), now)
         if policy.max_attempts <= 1:
             self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning("retry exhausted: %s %s after 1 attempt (%s), failed", name, _text(job.handle), why)
+            log.warning("retry exhausted: %s %s after 1 attempt (%s), failed", name, text(job.handle), why)
         else:
             self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
-            log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, _text(job.handle), why)
+            log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, text(job.handle), why)
         self.metrics.job_ended(job.function, "fail", now - job.started_at)
         lost = (P.WORK_FAIL, b"gproxy: " + why.encode())
         return [*self._dead_letter(route, policy, job, lost), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
@@ -644,7 +644,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         job.next_attempt_at = None  # (its timers find it under way, and do nothing)
         log.warning(
             "operator: retrying %s %s now, attempt %d of %d",
-            _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
+            text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
         )
         return [self._submit(job)]  # (a deferred queue skips a job that is no longer DEFERRED)
 
@@ -656,7 +656,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             return None
         log.warning(
             "operator: giving up %s %s after %d attempts; its last failure is forwarded",
-            _text(job.function), _text(job.handle), job.attempt,
+            text(job.function), text(job.handle), job.attempt,
         )
         return self._give_up(job, now, GiveUp.OPERATOR)
 
@@ -664,7 +664,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         """No retry of `function` starts until resume() (held jobs wait, up to max_hold_time)."""
         if function not in self.paused:
             self.paused.add(function)
-            log.warning("operator: retries of %s paused", _text(function))
+            log.warning("operator: retries of %s paused", text(function))
 
     def resume(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """Retries of `function` go on: those paused are submitted, oldest first, as the
@@ -674,7 +674,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         self.paused.discard(function)
         waiting = sorted((job for job in self.held.values() if job.function == function and job.state is State.PAUSED),
                          key=lambda job: job.key)
-        log.warning("operator: retries of %s resumed (%d paused jobs go on)", _text(function), len(waiting))
+        log.warning("operator: retries of %s resumed (%d paused jobs go on)", text(function), len(waiting))
         actions: list[Action[OwnerT, RouteT]] = []
         for job in waiting:
             actions += self._submit_or_defer(job, now)
@@ -727,7 +727,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             return []
         log.warning(
             "retry of %s %s refused by gearmand (%s): last failure forwarded",
-            _text(job.function), _text(job.handle), _text(error),
+            text(job.function), text(job.handle), text(error),
         )
         return self._give_up(job, now, GiveUp.REFUSED)
 
@@ -744,7 +744,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         if ptype is P.WORK_COMPLETE:
             log.info(
                 "retry succeeded: %s %s on attempt %d",
-                _text(job.function), _text(job.handle), job.attempt,
+                text(job.function), text(job.handle), job.attempt,
             )
             self.metrics.job_ended(job.function, "complete", now - job.started_at)
             return self._finish(job, _for_handle(ptype, job.handle, args))
@@ -768,7 +768,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         if verdict is None:
             log.info(
                 "retry failed for good: %s %s on attempt %d (not retryable), forwarded",
-                _text(job.function), _text(job.handle), job.attempt,
+                text(job.function), text(job.handle), job.attempt,
             )
             return self._give_up(job, now, GiveUp.FINAL)
         if job.attempt >= job.policy.max_attempts:
@@ -782,7 +782,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         job = self.held.get(key) if key is not None else None
         if job is None:
             return []
-        log.warning("retry of %s %s failed for good: %s", _text(job.function), _text(job.handle), _text(reason))
+        log.warning("retry of %s %s failed for good: %s", text(job.function), text(job.handle), text(reason))
         job.last_failure = (P.WORK_EXCEPTION, reason)
         return self._give_up(job, now, GiveUp.FINAL)
 
@@ -813,7 +813,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 continue
             log.info(
                 "retry connection lost: resubmitting %s %s as attempt %d of %d",
-                _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
+                text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
             )
             actions.append(self._submit(job))
         return actions
@@ -825,7 +825,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             job = self.held[key]
             log.warning(
                 "connection holding %s %s lost: gearmand requeues it, retry abandoned",
-                _text(job.function), _text(job.handle),
+                text(job.function), text(job.handle),
             )
             self._forget(job)
         return []
@@ -885,7 +885,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
         log.info(
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
-            _text(job.function), _text(job.handle), job.attempt + 1, job.policy.max_attempts,
+            text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
             delay, verdict.reason.value,
         )
         # A backoff that ends after the deadline wakes at the deadline, to give up.
@@ -906,7 +906,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         self.metrics.count(self.metrics.deferred, job.function)
         log.info(
             "retry of %s %s deferred: the retry budget of %s is spent",
-            _text(job.function), _text(job.handle), _text(job.function),
+            text(job.function), text(job.handle), text(job.function),
         )
         actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
         if queue is None:
@@ -935,13 +935,13 @@ class Retrier(Generic[OwnerT, RouteT]):
             self.metrics.count(self.metrics.exhausted, job.function)
             log.warning(
                 "retry exhausted: %s %s failed %d attempts, last failure forwarded",
-                _text(job.function), _text(job.handle), job.attempt,
+                text(job.function), text(job.handle), job.attempt,
             )
         elif why is GiveUp.MAX_HOLD_TIME:
             self.metrics.count(self.metrics.cap_rejections, job.function, why.value)
             log.warning(
                 "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
-                _text(job.function), _text(job.handle), job.policy.max_hold_time,
+                text(job.function), text(job.handle), job.policy.max_hold_time,
             )
         if ptype is not P.WORK_EXCEPTION:
             packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
@@ -1003,6 +1003,3 @@ def _for_handle(ptype: PacketType, handle: bytes, args: dict[str, bytes]) -> byt
     """The same packet, about H1 instead of H2, as the worker of H1 would have sent it."""
     return build_packet(REQ, ptype, **{**args, "handle": handle})
 
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "replace")

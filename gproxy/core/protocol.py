@@ -433,3 +433,8 @@ class Framer:
             counts[number] += 1
             pos = end
         return pos
+
+
+def text(value: bytes) -> str:
+    """Bytes from the network (a function name, a handle, an error), for a log line."""
+    return value.decode("utf-8", "replace")

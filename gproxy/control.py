@@ -26,17 +26,17 @@ import trio
 
 from .config import Address, Config, Route
 from .connection import Connection, set_keepalive
+from .core.held import held_view
+from .core.jobs import TrackedJob
+from .core.limits import cannot_connect, own_exhaustion
+from .core.metrics import Metrics
+from .core.retry import Action, RecheckBudget, Retrier, Submit, Wakeup
+from .core.session import ServerTraits, Session, UpstreamLink
 from .dataplane import DataPlane
-from .held import held_view
 from .http_endpoint import bind_http, serve_http
-from .jobs import TrackedJob
-from .limits import cannot_connect, own_exhaustion
 from .memory import Trimmer
-from .metrics import Metrics
 from .pair import CallLater, Connect, Ended, Pair, PairSet, PairTimer, Posted
-from .retry import Action, RecheckBudget, Retrier, Submit, Wakeup
 from .retry_client import RetryClient
-from .session import ServerTraits, Session, UpstreamLink
 from .timers import Timer, Timers
 
 log = logging.getLogger("gproxy.proxy")

@@ -40,8 +40,8 @@ def envelope(
     payload: bytes | memoryview,
 ) -> bytes:
     metadata = {
-        "function": _text(function), "unique": _text(unique), "handle": _text(handle), "attempts": attempts,
-        "failure": {"type": failure_type, "data": _text(failure[:FAILURE_KEPT])},
+        "function": _lossless(function), "unique": _lossless(unique), "handle": _lossless(handle), "attempts": attempts,
+        "failure": {"type": failure_type, "data": _lossless(failure[:FAILURE_KEPT])},
     }
     return b"".join((MAGIC, json.dumps(metadata).encode(), b"\n", payload))
 
@@ -65,7 +65,8 @@ def parse(data: bytes) -> DeadLetter | None:
         return None
 
 
-def _text(value: bytes) -> str:
+def _lossless(value: bytes) -> str:
+    """Bytes as text that turns back into the same bytes (surrogateescape), for JSON."""
     return value.decode("utf-8", "surrogateescape")
 
 

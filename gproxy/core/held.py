@@ -28,18 +28,18 @@ def held_view(retrier: Retrier[Any, Any], now: float, function: bytes | None = N
         waiting = job.state in (State.WAITING, State.DEFERRED, State.PAUSED)
         jobs.append({
             "key": key,
-            "function": _text(job.function),
-            "handle": _text(job.handle),
-            "unique": _text(job.unique),
+            "function": _shown(job.function),
+            "handle": _shown(job.handle),
+            "unique": _shown(job.unique),
             "upstream": str(getattr(job.route, "upstream", job.route)),
             "attempt": job.attempt,
             "max_attempts": job.policy.max_attempts,
             "state": job.state.value,
             "next_attempt_in": _seconds(job.next_attempt_at, now) if job.state is State.WAITING else None,
             "gives_up_in": _seconds(job.deadline, now) if waiting else None,
-            "last_failure": {"type": ptype.name, "data": _text(text[:FAILURE_SHOWN])},
+            "last_failure": {"type": ptype.name, "data": _shown(text[:FAILURE_SHOWN])},
         })
-    return {"held": jobs, "paused": sorted(_text(name) for name in retrier.paused)}
+    return {"held": jobs, "paused": sorted(_shown(name) for name in retrier.paused)}
 
 
 def table(view: Mapping[str, Any]) -> str:
@@ -64,5 +64,6 @@ def _seconds(at: float | None, now: float) -> float | None:
     return None if at is None else round(max(at - now, 0.0), 3)
 
 
-def _text(value: bytes) -> str:
+def _shown(value: bytes) -> str:
+    """Bytes as text an operator can read and copy, every byte visible (backslashreplace)."""
     return value.decode("utf-8", "backslashreplace")
