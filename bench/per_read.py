@@ -59,7 +59,7 @@ def per_read_us(kind: str, script: list[tuple[str, bytes]]) -> float:
         metrics = Metrics()
         retrier = Retrier(Policies(), metrics=metrics)
         pair = Pair("bench", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
-                    SimpleNamespace(post=lambda item: None), PairSet(), retrier, metrics)  # type: ignore[arg-type]
+                    SimpleNamespace(post=lambda item: None), PairSet())  # type: ignore[arg-type]
         pair.start(worker, "worker", upstream)
     else:
         forward = Forward()

@@ -28,18 +28,22 @@ from .config import Address, Config, Route
 from .connection import Connection, set_keepalive
 from .core.held import held_view
 from .core.jobs import TrackedJob
+from .core.lifecycle import Timer
 from .core.limits import cannot_connect, own_exhaustion
 from .core.metrics import Metrics
-from .core.retry import Action, RecheckBudget, Retrier, Submit, Wakeup
+from .core.retry import Action, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
 from .core.session import ServerTraits, Session, UpstreamLink
 from .dataplane import DataPlane
 from .http_endpoint import bind_http, serve_http
 from .memory import Trimmer
-from .pair import CallLater, Connect, Ended, Pair, PairSet, PairTimer, Posted
+from .pair import Connect, Ended, ForAnother, Pair, PairSet, PairTimer, Posted
 from .retry_client import RetryClient
-from .timers import Timer, Timers
+from .timers import Timer as TimerHandle
+from .timers import Timers
 
-log = logging.getLogger("gproxy.proxy")
+log = logging.getLogger("gproxy.control")
+pair_logger = logging.getLogger("gproxy.pair")
+"""(The close line of a worker that never became a pair: where every pair's line is.)"""
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach gearmand before the downstream connection is refused."""
@@ -94,8 +98,8 @@ class Proxy:
         self._wake_due = False
         self._wakeup = trio.Event()
         self._timers = Timers(self._timer_failed)
-        self._pair_timers: dict[tuple[Pair, PairTimer], Timer] = {}
-        """What pairs asked to be called back for (CallLater), until it fires or they end."""
+        self._pair_timers: dict[tuple[Pair, Timer], TimerHandle] = {}
+        """What pairs asked to be called back for (PairTimer), until it fires or they end."""
         self.metrics.ejected = self._ejected_workers
 
     async def ready(self) -> tuple[bool, str]:
@@ -135,7 +139,7 @@ class Proxy:
         with self._supervised(f"operator's action on {self.retrier.describe(key)}", self.retrier.owners(key=key)):
             actions = action(key, trio.current_time())
             if actions is not None:
-                self._carry_out(actions)
+                self.perform(actions)
                 done = True
         return done
 
@@ -145,7 +149,7 @@ class Proxy:
     def resume(self, function: bytes) -> None:
         name = function.decode("utf-8", "replace")
         with self._supervised(f"operator's resume of {name}", self.retrier.owners(function=function)):
-            self._carry_out(self.retrier.resume(function, trio.current_time()))
+            self.perform(self.retrier.resume(function, trio.current_time()))
 
     def tracked_jobs(self) -> list[TrackedJob]:
         return self.pairs.tracked_jobs()
@@ -268,13 +272,13 @@ class Proxy:
         try:
             upstream = await self._connect_socket(route)
         except (OSError, trio.TooSlowError) as exc:
-            log.warning("%s: closed: %s", name, cannot_connect(exc))
+            pair_logger.warning("%s: closed: %s", name, cannot_connect(exc))
             worker.close()
             return
         try:
             self._start_pair(name, worker, peer, upstream, route)
         except Exception:  # (a task of the process's nursery: nothing may escape it)
-            log.exception("%s: closed: internal error", name)
+            pair_logger.exception("%s: closed: internal error", name)
             worker.close()
             upstream.close()
 
@@ -282,9 +286,9 @@ class Proxy:
         assert self.plane is not None
         session = Session(
             f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
-            retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route],
+            retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route], name=name,
         )
-        pair = Pair(name, session, self.plane, self, self.pairs, self.retrier, self.metrics)
+        pair = Pair(name, session, self.plane, self, self.pairs)
         if self.draining:  # accepted before a drain began, served after
             pair.drain()
         pair.start(worker, peer, upstream)
@@ -314,46 +318,50 @@ class Proxy:
     def _take_next(self, nursery: trio.Nursery) -> None:
         item = self._posted.popleft()
         try:
-            self._take(item, nursery)
+            self._perform(item, nursery)
         except Exception:  # one item lost to a bug; the dispatcher serves on
             log.exception("internal error handling %r", item)
-            if isinstance(item, Connect | CallLater | Ended):
-                item.pair.fail("internal error in the control plane", logging.ERROR)
+            if isinstance(item, Connect | PairTimer | Ended):
+                item.pair.fail_internally("internal error in the control plane")
 
-    def _take(self, item: Posted, nursery: trio.Nursery) -> None:
-        if type(item) is Connect:
+    async def execute(self, actions: Sequence[Action[UpstreamLink, Route]]) -> None:
+        """What the Retrier asks for in answer to the retry connection."""
+        self.perform(actions)
+
+    def perform(self, items: Sequence[Posted | Action[UpstreamLink, Route]]) -> None:
+        assert self._nursery is not None
+        for item in items:
+            self._perform(item, self._nursery)
+
+    def _perform(self, item: Posted | Action[UpstreamLink, Route], nursery: trio.Nursery) -> None:
+        """The control plane's one interpreter: what pairs post, and the Retrier's actions
+        outside any pair's own event (its timers, the retry connection, an operator)."""
+        if type(item) is Wakeup:
+            self._timers.call_later(item.delay, partial(self._retry_timer, item))
+        elif type(item) is RecheckBudget:
+            self._timers.call_later(item.delay, partial(self._recheck, item))
+        elif type(item) is Submit:
+            self._retry_client(item.route).submit(item)
+        elif type(item) is SendUpstream or type(item) is Released:
+            self.deliver(item)
+        elif type(item) is Connect:
             nursery.start_soon(self._connect_link, item)
-        elif type(item) is CallLater:
+        elif type(item) is PairTimer:
             key = (item.pair, item.timer)
             if (earlier := self._pair_timers.pop(key, None)) is not None:
                 earlier.cancel()
             self._pair_timers[key] = self._timers.call_later(item.delay, partial(self._pair_timer_fired, key))
         elif type(item) is Ended:
-            for timer in PairTimer:
+            for timer in Timer:
                 if (pending := self._pair_timers.pop((item.pair, timer), None)) is not None:
                     pending.cancel()  # and the pair is let go of now, not when it would have run out
             self._trimmer.soon()  # what the pair's buffers and jobs held is free now
-        elif type(item) is Wakeup or type(item) is RecheckBudget or type(item) is Submit:
-            self._carry_out([item])
 
-    async def execute(self, actions: Sequence[Action[UpstreamLink, Route]]) -> None:
-        """What the Retrier asks for in answer to the retry connection."""
-        self._carry_out(actions)
-
-    def _carry_out(self, actions: Sequence[Action[UpstreamLink, Route]]) -> None:
-        """The Retrier's actions outside any pair's own events: timers and submissions here,
-        bytes and releases for the pairs that hold the jobs."""
-        for_pairs = []
-        for action in actions:
-            if type(action) is Wakeup:
-                self._timers.call_later(action.delay, partial(self._wake, action))
-            elif type(action) is RecheckBudget:
-                self._timers.call_later(action.delay, partial(self._recheck, action))
-            elif type(action) is Submit:
-                self._retry_client(action.route).submit(action)
-            else:
-                for_pairs.append(action)
-        self.pairs.execute(for_pairs)
+    def deliver(self, action: ForAnother) -> None:
+        """A Retrier's action for a pair's connection, carried out by that pair now (none if
+        it has ended: gearmand requeued what its connections owned)."""
+        if (pair := self.pairs.of(action.owner)) is not None:
+            pair.execute(pair.session.deliver(action))
 
     async def _connect_link(self, connect: Connect) -> None:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
@@ -365,24 +373,24 @@ class Proxy:
         with self._supervised("move to a fresh gearmand connection", [connect.link]):
             pair.link_connected(connect.link, sock)
 
-    def _wake(self, wakeup: Wakeup) -> None:
+    def _retry_timer(self, wakeup: Wakeup) -> None:
         what = f"retry timer of {self.retrier.describe(wakeup.key)}"
         with self._supervised(what, self.retrier.owners(key=wakeup.key)):
-            self._carry_out(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
+            self.perform(self.retrier.timer_fired(wakeup.key, wakeup.wait, trio.current_time()))
 
     def _recheck(self, recheck: RecheckBudget) -> None:
         function = recheck.function.decode("utf-8", "replace")
         with self._supervised(f"retry budget of {function}", self.retrier.owners(function=recheck.function)):
-            self._carry_out(self.retrier.budget_recheck(recheck.function, trio.current_time()))
+            self.perform(self.retrier.budget_recheck(recheck.function, trio.current_time()))
 
-    def _pair_timer_fired(self, key: tuple[Pair, PairTimer]) -> None:
+    def _pair_timer_fired(self, key: tuple[Pair, Timer]) -> None:
         del self._pair_timers[key]
         pair, timer = key
         try:
             pair.timer_fired(timer)
         except Exception:  # (a timer of the process: nothing may escape it but this pair)
             log.exception("%s: internal error in its %s timer", pair.name, timer.value)
-            pair.fail(f"internal error in its {timer.value} timer", logging.ERROR)
+            pair.fail_internally(f"internal error in its {timer.value} timer")
 
     def _ejected_workers(self) -> dict[bytes, int]:
         """Workers ejected now, by the function of the failure that ejected them (at scrape
@@ -405,10 +413,10 @@ class Proxy:
         try:
             yield
         except Exception:
-            pairs = list(dict.fromkeys(pair for owner in owners if (pair := self.pairs.owner(owner)) is not None))
+            pairs = list(dict.fromkeys(pair for owner in owners if (pair := self.pairs.of(owner)) is not None))
             log.exception("%s: internal error; closing %s", what, "; ".join(p.name for p in pairs) or "no connection")
             for pair in pairs:
-                pair.fail(f"internal error in the {what}", logging.ERROR)
+                pair.fail_internally(f"internal error in the {what}")
 
     async def _keep_running(self, what: str, task: Callable[[], Awaitable[None]]) -> None:
         """Run a task that serves the whole process again whenever it fails unexpectedly."""

@@ -1,38 +1,33 @@
-"""One worker connection and its gearmand connections: everything about them decided here.
+"""One worker connection and its gearmand connections in the data plane: the one interpreter
+of its Session's commands.
 
-A Pair owns its Session and its endpoints in the data plane. Bytes that arrive go through
-the Session, and the Session's commands are carried out in order: bytes are written to the
-worker or to a gearmand connection (of this pair, or of the pair whose connection holds a
-job being retried), and what only trio code can do (timers, the retry client, connecting)
-is posted to the control plane. The lifecycle is the pair's too: a worker that leaves while
-retries are held keeps the connections that hold them; one side's EOF gives the other
-HALF_CLOSE_LINGER seconds; bad input is refused with one WARNING; and whatever ends it, the
-pair logs one line, closes every connection (gearmand requeues what they owned) and is
-gone. A PairSet knows every pair and which pair owns each gearmand connection.
+A Pair owns the sockets (as data plane endpoints) and nothing else: bytes that arrive go to
+the Session, and so does what the sockets did (an EOF, an error, a connection opened); the
+Session answers every event with one ordered list of commands, carried out here in order:
+bytes written, a connection half-closed, closed or opened, a timer asked of the control
+plane, the pair's end. What a command names that is not this pair's (a retry's outcome for
+a connection of another pair) goes to the control plane, which hands it to that pair. When
+to linger, half-close, keep connections for held retries or refuse bad input is the
+Session's to decide (gproxy.core.session), and tested there.
 """
 
 from __future__ import annotations
 
-import enum
-import errno
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
 from .config import Route
 from .core.jobs import TrackedJob
-from .core.metrics import Metrics
+from .core.lifecycle import CallLater, Close, Finish, Shut, Timer
 from .core.protocol import ProtocolError
-from .core.retry import RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
-from .core.session import ArmTimeout, CloseUpstream, Command, Eject, OpenUpstream, SendDownstream, Session, UpstreamLink
+from .core.retry import RecheckBudget, Released, SendUpstream, Submit, Wakeup
+from .core.session import Command, OpenUpstream, SendDownstream, Session, UpstreamLink
 from .dataplane import HIGH_WATER, DataPlane, Endpoint
 
-log = logging.getLogger("gproxy.proxy")
-
-HALF_CLOSE_LINGER: Final = 10.0
-"""After one side closes, seconds the other may take to finish before the pair is cut."""
+log = logging.getLogger("gproxy.pair")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -43,21 +38,13 @@ class Connect:
     link: UpstreamLink
 
 
-class PairTimer(enum.Enum):
-    """What a pair has the control plane call it back for: at most one of each at a time."""
-
-    LINGER = "linger"  # one side closed: the other's grace period is over
-    EJECTION = "ejection"  # its worker's ejection is over
-    TIMEOUTS = "timeouts"  # the earliest deadline of the attempts it times
-
-
 @dataclass(frozen=True, slots=True, eq=False)
-class CallLater:
+class PairTimer:
     """Call `pair.timer_fired(timer)` after `delay` seconds, instead of any earlier request
     for the same timer."""
 
     pair: Pair
-    timer: PairTimer
+    timer: Timer
     delay: float
 
 
@@ -68,93 +55,68 @@ class Ended:
     pair: Pair
 
 
-Posted = Connect | CallLater | Ended | Wakeup | RecheckBudget | Submit[Route]
+Posted = Connect | PairTimer | Ended | Wakeup | RecheckBudget | Submit[Route]
 """What the data plane asks of the control plane (trio): rare, and never waited for."""
+ForAnother = SendUpstream[UpstreamLink] | Released[UpstreamLink]
+"""A Retrier's action for a connection of another pair."""
 
 
 class ControlPlane(Protocol):
     def post(self, item: Posted) -> None:
         """Queue `item` for the trio side; returns at once, from any context."""
 
+    def deliver(self, action: ForAnother) -> None:
+        """Hand `action` to the pair whose connection it names, now."""
+
 
 class PairSet:
-    """Every pair of the process, and which pair owns each gearmand connection."""
+    """Every pair of the process, by its Session (a connection's Session names its pair)."""
 
     def __init__(self) -> None:
-        self.pairs: set[Pair] = set()
-        self._owners: dict[UpstreamLink, Pair] = {}
+        self._pairs: dict[Session, Pair] = {}
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self._pairs)
 
     def __iter__(self) -> Iterator[Pair]:
-        return iter(list(self.pairs))
+        return iter(list(self._pairs.values()))
 
-    def owner(self, link: UpstreamLink) -> Pair | None:
-        return self._owners.get(link)
+    def add(self, pair: Pair) -> None:
+        self._pairs[pair.session] = pair
 
-    def own(self, link: UpstreamLink, pair: Pair) -> None:
-        self._owners[link] = pair
+    def discard(self, pair: Pair) -> None:
+        self._pairs.pop(pair.session, None)
 
-    def disown(self, link: UpstreamLink, pair: Pair) -> None:
-        if self._owners.get(link) is pair:
-            del self._owners[link]
+    def of(self, link: UpstreamLink) -> Pair | None:
+        """The pair whose connection `link` is, while it has not ended."""
+        return None if link.session is None else self._pairs.get(link.session)
 
     def upstream_connections(self) -> int:
-        return sum(pair.open_links for pair in self.pairs)
+        return sum(pair.open_links for pair in self._pairs.values())
 
     def tracked_jobs(self) -> list[TrackedJob]:
-        return [job for pair in self.pairs for job in pair.session.tracked_jobs()]
-
-    def execute(self, commands: Sequence[Command]) -> None:
-        """Commands that concern no pair's own event (a retry's outcome, a timer's): bytes for
-        the connection that holds a job, and the news that it holds nothing more."""
-        for command in commands:
-            if type(command) is SendUpstream:
-                if (pair := self._owners.get(command.owner)) is not None:
-                    pair.write_link(command.owner, command.data)
-            elif type(command) is Released:
-                if (pair := self._owners.get(command.owner)) is not None:
-                    pair.settle(command.owner)
-            else:
-                raise TypeError(f"not for the data plane: {command!r}")
+        return [job for pair in self._pairs.values() for job in pair.session.tracked_jobs()]
 
 
 class Pair:
     """A worker's connection, its gearmand connections and its Session. Handles the data
     plane's events for all of them (see dataplane.Handler)."""
 
-    def __init__(
-        self, name: str, session: Session, plane: DataPlane, control: ControlPlane, pairs: PairSet,
-        retrier: Retrier[UpstreamLink, Route], metrics: Metrics,
-    ) -> None:
+    def __init__(self, name: str, session: Session, plane: DataPlane, control: ControlPlane, pairs: PairSet) -> None:
         self.name = name
         self.session = session
         self._plane = plane
         self._clock = plane.clock
         self._control = control
         self._pairs = pairs
-        self._retrier = retrier
-        self._metrics = metrics
         self.worker: Endpoint | None = None
-        self._links: dict[UpstreamLink, Endpoint | None] = {}
-        """The pair's gearmand connections; None while one is being opened."""
-        self._waiting: dict[UpstreamLink, list[bytes]] = {}
-        """What was written to a connection still being opened, its replay first."""
+        self._endpoints: dict[UpstreamLink, Endpoint] = {}
+        """The open gearmand connections' sockets, by the Session's name for them."""
         self._link_of: dict[Endpoint, UpstreamLink] = {}
-        self.reason: str | None = None
-        self.level = logging.DEBUG
-        self._eofs = 0
-        self._departing = False
-        """The worker has left, and its connections that hold retries are kept for them."""
-        self.worker_lost: str | None = None
-        """Why the worker's connection broke (a reset, a failed send), if it did: it has left,
-        as if it had closed, and its connections that hold retries stay open for them."""
-        self.done = False
 
     def start(self, worker: socket.socket, peer: str, upstream: socket.socket) -> None:
         """Take over the worker's socket and its first gearmand connection's."""
-        self._pairs.pairs.add(self)
+        self._pairs.add(self)
         self.worker = self._plane.add(worker, self, peer)
         self._attach(self.session.current, upstream)
 
@@ -162,13 +124,17 @@ class Pair:
     def route(self) -> Route:
         return self.session.route
 
-    def drain(self) -> None:
-        """gproxy is shutting down: the worker's grabs get NO_JOB, its jobs finish."""
-        self.session.draining = True
+    @property
+    def done(self) -> bool:
+        return self.session.done
 
     @property
     def open_links(self) -> int:
-        return sum(endpoint is not None for endpoint in self._links.values())
+        return len(self._endpoints)
+
+    def drain(self) -> None:
+        """gproxy is shutting down: the worker's grabs get NO_JOB, its jobs finish."""
+        self.session.draining = True
 
     # -- the data plane's events
 
@@ -177,14 +143,14 @@ class Pair:
         # latency is the sum of its hops, and its bookkeeping need not be one of them.
         session, worker = self.session, self.worker
         if endpoint is worker:
-            upstream, sent = self._links.get(session.current), False
+            upstream, sent = self._endpoints.get(session.current), False
             if upstream is not None and session.passes_downstream(data):
                 self._write(upstream, data)
                 sent = True
             try:
                 commands = session.from_downstream(data, self._clock(), sent)
             except ProtocolError as exc:
-                return self.refuse(exc.reason, f"protocol error from peer: {exc}")
+                commands = session.refuse(exc.reason, f"protocol error from peer: {exc}")
         else:
             link, sent = self._link_of[endpoint], False
             if worker is not None and session.passes_upstream(link, data):
@@ -193,77 +159,95 @@ class Pair:
             try:
                 commands = session.from_upstream(link, data, self._clock(), sent)
             except ProtocolError as exc:
-                return self.refuse(exc.reason, f"protocol error from gearmand: {exc}")
+                commands = session.refuse(exc.reason, f"protocol error from gearmand: {exc}")
         if commands:
-            self.run(commands)
+            self.execute(commands)
 
     def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
-        # A side that closes mid-packet has sent bad input, unless gproxy had closed its way
-        # to it first: then the close answers gproxy's, and cut short what it was sending.
-        mid_packet = error is None and not endpoint.shut
         if endpoint is self.worker:
-            self._worker_ended(error, mid_packet)
+            self.execute(self.session.worker_ended(error, self._clock()))
         else:
-            self._link_ended(self._link_of[endpoint], error, mid_packet)
+            self.execute(self.session.link_ended(self._link_of[endpoint], error))
 
     def drained(self, endpoint: Endpoint) -> None:
         self._flow()
 
     def failed(self, endpoint: Endpoint, exc: Exception) -> None:
         log.error("%s: closed: internal error", self.name, exc_info=exc)
-        self.reason, self.level = "internal error", logging.ERROR
-        self._finish(logged=True)
+        self.execute(self.session.internal_error(logged=True))
+
+    # -- the control plane's answers
+
+    def link_connected(self, link: UpstreamLink, sock: socket.socket) -> None:
+        """The connection an OpenUpstream asked for."""
+        self._attach(link, sock)
+        self.execute(self.session.link_opened(link))
+
+    def link_failed(self, link: UpstreamLink, why: str) -> None:
+        self.execute(self.session.link_failed(link, why))
+
+    def timer_fired(self, timer: Timer) -> None:
+        self.execute(self.session.timer_fired(timer, self._clock()))
+
+    def stop(self) -> None:
+        """gproxy is stopping: the pair closes now (gearmand requeues what is left)."""
+        self.execute(self.session.stop())
+
+    def fail_internally(self, reason: str) -> None:
+        """Handling something of the pair's failed in the control plane (which logged it):
+        the pair closes, and the process serves on."""
+        self.execute(self.session.internal_error(reason))
 
     # -- carrying out the Session's commands
 
-    def run(self, commands: list[Command]) -> None:
-        """In order. (Commands of another pair's event may name this pair's connections.)"""
+    def execute(self, commands: list[Command]) -> None:
+        """In order: the one place where what the Session decided is done."""
         for command in commands:
             if type(command) is SendUpstream:
-                self._send_upstream(command.owner, command.data)
+                endpoint = self._endpoints.get(command.owner)
+                if endpoint is not None:
+                    self._write(endpoint, command.data)
+                elif command.owner.session is not self.session:
+                    self._control.deliver(command)
+                else:
+                    raise RuntimeError(f"{self.name}: the Session sent bytes to {command.owner!r}, which has no socket")
             elif type(command) is SendDownstream:
-                worker = self.worker
-                if worker is not None and not self.session.worker_gone:  # (a lost one's writes go nowhere)
-                    self._write(worker, command.data)
+                if self.worker is not None:
+                    self._write(self.worker, command.data)
             elif type(command) is Released:
-                if (owner := self._pairs.owner(command.owner)) is not None:
-                    owner.settle(command.owner)
-            elif type(command) is CloseUpstream:
-                if (owner := self._pairs.owner(command.link)) is not None:
-                    owner.detach(command.link)
+                self._control.deliver(command)
+            elif type(command) is Shut:
+                endpoint = self.worker if command.link is None else self._endpoints.get(command.link)
+                if endpoint is not None:
+                    endpoint.shutdown_write()
+            elif type(command) is Close:
+                if (endpoint := self._endpoints.pop(command.link, None)) is not None:
+                    del self._link_of[endpoint]
+                    endpoint.close()
             elif type(command) is OpenUpstream:
-                self._links[command.link] = None
-                self._waiting[command.link] = [command.replay]
-                self._pairs.own(command.link, self)
                 self._control.post(Connect(self, command.link))
-            elif type(command) is Wakeup or type(command) is RecheckBudget or type(command) is Submit:
+            elif type(command) is CallLater:
+                self._control.post(PairTimer(self, command.timer, command.delay))
+            elif type(command) is Finish:
+                self._finish(command)
+            elif type(command) is Submit or type(command) is Wakeup or type(command) is RecheckBudget:
                 self._control.post(command)
-            elif type(command) is ArmTimeout:
-                self._control.post(CallLater(self, PairTimer.TIMEOUTS, command.delay))
-            elif type(command) is Eject:
-                log.warning(
-                    "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
-                    self.name, command.delay, command.failures, command.function.decode("utf-8", "replace"),
-                )
-                self._control.post(CallLater(self, PairTimer.EJECTION, command.delay))
+            else:
+                raise TypeError(f"not a command for a pair: {command!r}")
 
-    def _send_upstream(self, link: UpstreamLink, data: bytes) -> None:
-        if (endpoint := self._links.get(link)) is not None:
-            return self._write(endpoint, data)  # the usual: this pair's own connection, open
-        owner = self if link in self._links else self._pairs.owner(link)
-        if owner is not None:
-            owner.write_link(link, data)
-        elif link is self.session.current and not self.session.worker_gone:
-            self.fail("gearmand connection lost: closed", logging.INFO)
-        # else: a connection that is gone already; its loss was that pair's to report
-
-    def write_link(self, link: UpstreamLink, data: bytes) -> None:
-        """Bytes for one of this pair's gearmand connections (kept while it is being opened)."""
-        endpoint = self._links.get(link)
-        if endpoint is not None:
-            self._write(endpoint, data)
-        elif link in self._waiting:
-            self._waiting[link].append(data)
+    def _finish(self, finish: Finish) -> None:
+        self._pairs.discard(self)
+        # The line first: a peer that sees its connection close, and connects again from
+        # the same port, comes after it in the log.
+        if not finish.logged:
+            log.log(finish.level, "%s: closed: %s", self.name, finish.reason)
+        for endpoint in self._endpoints.values():
+            endpoint.close()
+        self._endpoints.clear()
+        self._link_of.clear()
+        if self.worker is not None:
+            self.worker.close()
+        self._control.post(Ended(self))
 
     def _write(self, endpoint: Endpoint, data: bytes) -> None:
         endpoint.write(data)
@@ -275,7 +259,7 @@ class Pair:
         worker = self.worker
         if worker is None:
             return
-        links = [endpoint for endpoint in self._links.values() if endpoint is not None]
+        links = list(self._endpoints.values())
         if any(endpoint.buffered >= HIGH_WATER for endpoint in links):
             worker.pause()
         else:
@@ -286,184 +270,10 @@ class Pair:
             else:
                 endpoint.resume()
 
-    # -- gearmand connections
-
-    def _attach(self, link: UpstreamLink, sock: socket.socket) -> Endpoint:
+    def _attach(self, link: UpstreamLink, sock: socket.socket) -> None:
         endpoint = self._plane.add(sock, self, f"gearmand via {link.name}")
-        self._links[link] = endpoint
+        self._endpoints[link] = endpoint
         self._link_of[endpoint] = link
-        self._pairs.own(link, self)
-        return endpoint
-
-    def link_connected(self, link: UpstreamLink, sock: socket.socket) -> None:
-        """The control plane opened the connection a move asked for."""
-        if self.done or link not in self._links:
-            sock.close()
-            return
-        endpoint = self._attach(link, sock)
-        for data in self._waiting.pop(link, []):
-            endpoint.write(data)
-        log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self.name)
-
-    def link_failed(self, link: UpstreamLink, why: str) -> None:
-        """No fresh connection for a move: `why` says whose fault (gearmand's, or gproxy's own limit)."""
-        if not self.done:
-            self.fail(why)
-
-    def _link_ended(self, link: UpstreamLink, error: OSError | None, mid_packet: bool) -> None:
-        current = link is self.session.current and not self.session.worker_gone
-        if error is not None:
-            if current:
-                self.fail(f"gearmand connection lost: {_cause(error)}", logging.INFO)
-            else:  # a connection that only holds jobs (the worker moved off it, or left): the pair
-                # goes on, so the cause is told here
-                log.info("%s: gearmand connection %s lost: %s", self.name, link.name, _cause(error))
-        elif mid_packet and (unfinished := self.session.unfinished(link)):
-            return self.refuse("mid_packet", _mid_packet("gearmand", unfinished))
-        elif current:
-            self.closing("gearmand closed the connection")
-            if self.worker is not None:
-                self.worker.shutdown_write()
-        # The connection is gone, so is everything gearmand had assigned through it (it
-        # requeues those jobs): their holds end now, not when the pair is done lingering.
-        self.detach(link)
-
-    def detach(self, link: UpstreamLink) -> None:
-        """`link`'s connection closes: gearmand requeues whatever it still owns."""
-        if link not in self._links:
-            return
-        endpoint = self._links.pop(link)
-        self._waiting.pop(link, None)
-        self._pairs.disown(link, self)
-        if endpoint is not None:
-            del self._link_of[endpoint]
-            endpoint.close()
-        owed = self.session.link_closed(link)
-        if not self.done:
-            self.run(owed)
-            self._released()
-            self._maybe_finished()
-
-    def settle(self, link: UpstreamLink) -> None:
-        """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
-        if self.session.released(link) and link in self._links:
-            self.detach(link)
-        self._released()
-
-    def _holds_retries(self) -> bool:
-        return any(self._retrier.holds(link) for link in self.session.links)
-
-    # -- the worker
-
-    def _worker_ended(self, error: OSError | None, mid_packet: bool) -> None:
-        if error is not None:
-            self.worker_lost = f"peer connection lost: {error}"
-        elif mid_packet and (unfinished := self.session.unfinished()):
-            return self.refuse("mid_packet", _mid_packet("peer", unfinished))
-        # Closing its gearmand connections would requeue the jobs gproxy holds, and the
-        # jobs it was running of functions that retry disconnects: the Session holds those
-        # (a retry each, see Session.worker_left); what it sends goes before any EOF.
-        self.run(self.session.worker_left(self._plane.clock()))
-        if self._holds_retries():
-            log.info("%s: worker left while retries are held; keeping their gearmand connections", self.name)
-            self._departing = True
-            for link, endpoint in list(self._links.items()):
-                if endpoint is not None and not self._retrier.holds(link):
-                    endpoint.shutdown_write()  # its running jobs requeue natively
-            return self._released()
-        self._left()
-
-    def _released(self) -> None:
-        if self._departing and not self.done and not self._holds_retries():
-            self._departing = False
-            self._left()
-
-    def _left(self) -> None:
-        """The worker has gone and nothing is held for it."""
-        if self.worker_lost is not None:
-            return self.fail(self.worker_lost, logging.INFO)
-        self.closing("peer closed the connection")
-        for endpoint in list(self._links.values()):
-            if endpoint is not None:
-                endpoint.shutdown_write()
-        self._maybe_finished()
-
-    # -- the end
-
-    def refuse(self, reason: str, message: str) -> None:
-        """Bad input: counted by reason, and the pair closes with one warning."""
-        self._metrics.protocol_errors.labels(reason).inc()
-        self.fail(message)
-
-    def fail(self, reason: str, level: int = logging.WARNING) -> None:
-        """Close the pair. The first reason is the one logged, unless a graver one follows
-        (bad input after the other side closed is still a WARNING, like its metric)."""
-        if self.reason is None or level > self.level:
-            self.reason, self.level = reason, level
-        self._finish()
-
-    def closing(self, reason: str) -> None:
-        """One side closed: the other gets a grace period to finish, then the pair is cut."""
-        self._eofs += 1
-        if self._eofs == 1:
-            if self.reason is None:  # a refusal that came first keeps its reason
-                self.reason = reason
-            self._control.post(CallLater(self, PairTimer.LINGER, HALF_CLOSE_LINGER))
-
-    def timer_fired(self, timer: PairTimer) -> None:
-        if self.done:
-            return
-        if timer is PairTimer.LINGER:
-            self._finish()
-        elif timer is PairTimer.EJECTION:
-            log.warning("%s: worker back from its ejection; it is given jobs again", self.name)
-            self.run(self.session.ejection_over())
-        else:
-            self.run(self.session.timeouts_due(self._clock()))
-
-    def stop(self) -> None:
-        """gproxy is stopping: the pair closes now (gearmand requeues what is left)."""
-        if self.reason is None:
-            self.reason = "gproxy stopped"
-        self._finish()
-
-    def _maybe_finished(self) -> None:
-        worker_done = self.worker is None or self.worker.ended
-        if worker_done and not self._departing and not self._links and self._eofs:
-            self._finish()
-
-    def _finish(self, logged: bool = False) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._pairs.pairs.discard(self)
-        # The line first: a peer that sees its connection close, and connects again from
-        # the same port, comes after it in the log.
-        if not logged:
-            log.log(self.level, "%s: closed: %s", self.name, self.reason or "both sides finished")
-        for link in list(self._links):
-            self.detach(link)
-        if self.worker is not None:
-            self.worker.close()
-        self._control.post(Ended(self))
 
     def __repr__(self) -> str:
         return f"Pair({self.name})"
-
-
-_UNANSWERED: Final = {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
-"""How the kernel ends an established connection whose peer stopped answering (keepalive,
-TCP_USER_TIMEOUT, retransmissions): timed out, or unreachable when the last word it had
-about the way there was an ICMP error or a failed ARP."""
-
-
-def _cause(error: OSError) -> str:
-    """A gearmand connection's error, and what it means where the kernel's words mislead
-    ("No route to host" for a host that merely went silent)."""
-    if error.errno in _UNANSWERED:
-        return f"{error} (gearmand's host stopped answering)"
-    return str(error)
-
-
-def _mid_packet(side: str, buffered: int) -> str:
-    return f"{side} closed mid-packet ({buffered} bytes of an unfinished frame)"

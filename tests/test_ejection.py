@@ -61,21 +61,22 @@ async def test_an_ejection_is_counted_and_shown_in_the_same_step() -> None:
     from gproxy.core.protocol import REQ, RES, PacketType, build_packet
     from gproxy.control import Proxy
     from gproxy.core.retry import Policies
-    from gproxy.core.session import Eject, Session
+    from gproxy.core.lifecycle import CallLater, Timer
+    from gproxy.core.session import Session
 
     route = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
     proxy = Proxy(Config(routes=(route,), policies=Policies(EJECTS)))
     posted: list[object] = []
     session = Session("up", route=route, retrier=proxy.retrier, metrics=proxy.metrics)
-    pair = Pair("p", session, DataPlane(), SimpleNamespace(post=posted.append), proxy.pairs, proxy.retrier, proxy.metrics)  # type: ignore[arg-type]
-    proxy.pairs.pairs.add(pair)
+    pair = Pair("p", session, DataPlane(), SimpleNamespace(post=posted.append), proxy.pairs)  # type: ignore[arg-type]
+    proxy.pairs.add(pair)
     for n in range(3):
         handle = b"H:%d" % n
         session.from_downstream(build_packet(REQ, PacketType.GRAB_JOB_UNIQ), 0.0)
         session.from_upstream(session.current, build_packet(
             RES, PacketType.JOB_ASSIGN_UNIQ, handle=handle, function=b"f", unique=b"u%d" % n, data=b""), 0.0)
         commands = session.from_downstream(build_packet(REQ, PacketType.WORK_FAIL, handle=handle), 0.0)
-    assert any(type(command) is Eject for command in commands)  # (its timer: not set yet)
+    assert CallLater(Timer.EJECTION, EJECTS.eject_for) in commands  # (its timer: not set yet)
     snapshot = proxy.metrics.snapshot()
     assert proxy.metrics.registry.get_sample_value("gproxy_worker_ejections_total", {"function": "f"}) == 1
     assert snapshot.ejected == {b"f": 1} and posted == []
@@ -93,7 +94,7 @@ def test_a_sick_worker_is_ejected_the_healthy_one_takes_the_jobs_and_the_sick_on
     def sick_runs() -> int:
         return len(runs.read_text().splitlines()) if runs.exists() else 0
 
-    caplog.set_level(logging.WARNING, logger="gproxy.proxy")
+    caplog.set_level(logging.WARNING, logger="gproxy.pair")
     with ProxyThread.to(gearmand.address, policy, frozen=True) as sick_side, ProxyThread.to(
         gearmand.address, policy
     ) as healthy_side, PeerSet() as peers:

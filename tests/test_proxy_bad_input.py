@@ -19,7 +19,8 @@ from gproxy.config import Address, Config, Route
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.dataplane import DataPlane
 from gproxy.core.metrics import Metrics
-from gproxy.pair import HALF_CLOSE_LINGER, CallLater, Pair, PairSet, PairTimer
+from gproxy.core.lifecycle import HALF_CLOSE_LINGER, Timer
+from gproxy.pair import Pair, PairSet, PairTimer
 from gproxy.control import Proxy
 from gproxy.core.retry import Policies, Retrier
 from gproxy.core.session import Session, UpstreamLink
@@ -65,7 +66,7 @@ async def echo_through(address: Address) -> None:
 
 
 def pair_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "gproxy.proxy" and "closed:" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "gproxy.pair" and "closed:" in r.getMessage()]
 
 
 @pytest.mark.parametrize(
@@ -247,15 +248,12 @@ async def test_a_refusal_keeps_its_reason_when_the_other_side_closes_right_after
         metrics = Metrics()
         retrier: Retrier[UpstreamLink, Route] = Retrier(Policies(), metrics=metrics)
         session = Session("up", route=ROUTE, retrier=retrier, metrics=metrics)
-        posted: list[object] = []
-        control = SimpleNamespace(post=posted.append)
-        pair = Pair("p", session, DataPlane(), control, PairSet(), retrier, metrics)  # type: ignore[arg-type]
         for event in (first, second):
             if event == "refuse":
-                pair.fail("protocol error from peer: bad magic")
+                session.refuse("bad_magic", "protocol error from peer: bad magic")
             else:
-                pair.closing("gearmand closed the connection")
-        assert (pair.reason, pair.level) == ("protocol error from peer: bad magic", logging.WARNING)
+                session.link_ended(session.current, None)  # gearmand closed the connection
+        assert (session.reason, session.level) == ("protocol error from peer: bad magic", logging.WARNING)
 
 
 def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None:
@@ -265,7 +263,7 @@ def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None
     retrier: Retrier[UpstreamLink, Route] = Retrier(Policies(), metrics=metrics)
     plane = DataPlane()
     pair = Pair("p", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
-                SimpleNamespace(post=lambda item: None), PairSet(), retrier, metrics)  # type: ignore[arg-type]
+                SimpleNamespace(post=lambda item: None), PairSet())  # type: ignore[arg-type]
     worker, worker_peer = socket.socketpair()
     upstream, upstream_peer = socket.socketpair()
     pair.start(worker, "w", upstream)
@@ -277,11 +275,11 @@ def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None
                 seen.append(pair.worker is not None and pair.worker.closed)
 
     handler = Watch()
-    logging.getLogger("gproxy.proxy").addHandler(handler)
+    logging.getLogger("gproxy.pair").addHandler(handler)
     try:
-        pair.fail("protocol error from peer: bad magic")
+        pair.execute(pair.session.refuse("bad_magic", "protocol error from peer: bad magic"))
     finally:
-        logging.getLogger("gproxy.proxy").removeHandler(handler)
+        logging.getLogger("gproxy.pair").removeHandler(handler)
         plane.close()
         worker_peer.close()
         upstream_peer.close()
@@ -294,7 +292,7 @@ def test_a_side_that_lingers_after_the_other_closed_is_cut_when_its_grace_period
     plane = DataPlane()
     posted: list[object] = []
     pair = Pair("p", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
-                SimpleNamespace(post=posted.append), PairSet(), retrier, metrics)  # type: ignore[arg-type]
+                SimpleNamespace(post=posted.append), PairSet())  # type: ignore[arg-type]
     worker, worker_peer = socket.socketpair()
     upstream, upstream_peer = socket.socketpair()
     pair.start(worker, "w", upstream)
@@ -302,11 +300,11 @@ def test_a_side_that_lingers_after_the_other_closed_is_cut_when_its_grace_period
         worker_peer.shutdown(socket.SHUT_WR)  # the worker is done; gearmand's side stays open
         plane.poll(1.0)
         assert upstream_peer.recv(10) == b""  # passed on as a half-close
-        (later,) = [item for item in posted if type(item) is CallLater]
-        assert (later.pair, later.timer, later.delay) == (pair, PairTimer.LINGER, HALF_CLOSE_LINGER)
+        (later,) = [item for item in posted if type(item) is PairTimer]
+        assert (later.pair, later.timer, later.delay) == (pair, Timer.LINGER, HALF_CLOSE_LINGER)
         assert not pair.done
-        pair.timer_fired(PairTimer.LINGER)
-        assert pair.done and pair.reason == "peer closed the connection"
+        pair.timer_fired(Timer.LINGER)
+        assert pair.done and pair.session.reason == "peer closed the connection"
         assert worker_peer.recv(10) == b""  # cut
     finally:
         plane.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -10,14 +11,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
+from gproxy.core.lifecycle import CallLater, Close, LinkState, Timer
 from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.core.retry import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, Released, Retrier, RetryPolicy, SendUpstream, Submit, Wakeup
+from gproxy.core.retry import (
+    DISCONNECTED,
+    TIMED_OUT,
+    FinalException,
+    Mode,
+    OnDisconnect,
+    Policies,
+    Released,
+    Retrier,
+    RetryPolicy,
+    SendUpstream,
+    Submit,
+    Wakeup,
+)
 from gproxy.core.session import (
     MAX_SILENCED,
-    ArmTimeout,
-    CloseUpstream,
     Command,
-    Eject,
     OpenUpstream,
     SendDownstream,
     ServerTraits,
@@ -202,9 +214,9 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
         upstream_registration + req(P.GRAB_JOB_UNIQ) * 2
     )
     session.from_upstream(old, assign_uniq(b"H:1", function=b"f") + assign_uniq(b"H:2", function=b"g"), now=0.0)
-    assert session.actions == [ArmTimeout(5.0)]
+    assert session.actions == [CallLater(Timer.TIMEOUTS, 5.0)]
     assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0) == b""
-    assert session.actions == [ArmTimeout(5.0), Wakeup(1, 1.0, 1)]
+    assert session.actions == [CallLater(Timer.TIMEOUTS, 5.0), Wakeup(1, 1.0, 1)]
     session.actions.clear()
 
     # CANT_DO f on `old` would make gearmand requeue the held H:1: not sent there.
@@ -218,7 +230,10 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
         OpenUpstream(new, req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"g")),
     ]
-    assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
+    assert sent == b""  # the grab waits for the fresh connection, after its replay
+    assert session.link_opened(new) == [
+        SendUpstream(new, req(P.SET_CLIENT_ID, client_id=b"w1") + req(P.CAN_DO, function=b"g") + req(P.GRAB_JOB_UNIQ))
+    ]
     session.actions.clear()
 
     # H:2 still runs on `old`: its result goes there, and `old`, holding H:1, stays.
@@ -421,13 +436,14 @@ def test_updates_after_a_cant_do_in_the_same_read_go_to_the_connection_that_owns
     session.actions.clear()
     updates = req(P.WORK_DATA, handle=b"H:2", data=b"d") + req(P.WORK_STATUS, handle=b"H:2", numerator=b"1", denominator=b"2")
     sent = session.from_downstream(req(P.CANT_DO, function=b"f") + updates + req(P.GRAB_JOB_UNIQ), now=0.0)
-    assert sent == req(P.GRAB_JOB_UNIQ)  # for the fresh connection
+    assert sent == b""  # the grab waits for the fresh connection
     new = session.current
     assert session.actions == [
         OpenUpstream(new, b""),  # it can do nothing now
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
         SendUpstream(old, req(P.WORK_STATUS, handle=b"H:2", numerator=b"1", denominator=b"2")),
     ]
+    assert session.link_opened(new) == [SendUpstream(new, req(P.GRAB_JOB_UNIQ))]
 
 
 def test_a_retired_connection_closes_once_its_last_grab_is_answered() -> None:
@@ -443,10 +459,10 @@ def test_a_retired_connection_closes_once_its_last_grab_is_answered() -> None:
     retrier.retry_created(1, b"H:9")
     finished = retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)
     assert finished[-1] == Released(old)
-    assert not session.released(old)  # still owed the answer to that grab
+    assert session.deliver(Released(old)) == [] and session.retired == [old]  # still owed the answer to that grab
     session.actions.clear()
     assert session.from_upstream(old, res(P.NO_JOB), now=3.0) == res(P.NO_JOB)
-    assert session.actions == [CloseUpstream(old)] and session.retired == []
+    assert session.actions == [Close(old)] and session.retired == [] and old.state is LinkState.CLOSED
 
 
 def test_the_replies_to_a_replayed_registration_never_reach_the_worker() -> None:
@@ -539,7 +555,7 @@ def test_a_held_handle_assigned_again_is_held_afresh_when_it_fails_again() -> No
     session.actions.clear()
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=1.0)
     session.from_upstream(link, assign_uniq(b"H:1"), now=1.0)
-    assert session.actions == [Released(link)] and session.retrier.held == {}
+    assert session.actions == [] and session.retrier.held == {}  # (its hold is over: nothing to settle)
     session.actions.clear()
     assert session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=2.0) == b""
     assert [job.key for job in session.retrier.held.values()] == [2]
@@ -653,9 +669,9 @@ def test_every_event_answers_with_one_ordered_list_of_commands() -> None:
     new = session.current
     assert commands == [
         SendUpstream(old, req(P.WORK_DATA, handle=b"H:2", data=b"d")),
-        OpenUpstream(new, b""),
-        SendUpstream(new, req(P.GRAB_JOB_UNIQ)),
+        OpenUpstream(new, b""),  # (the grab waits in it until it is open)
     ]
+    assert session.link_opened(new) == [SendUpstream(new, req(P.GRAB_JOB_UNIQ))]
     session.draining = True
     assert session.from_downstream(req(P.GRAB_JOB) + req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"), now=1.0) == [
         SendDownstream(res(P.NO_JOB)),  # the grab's answer, as it came first
@@ -757,13 +773,17 @@ def test_a_job_too_large_to_hand_over_is_failed_as_final_exception_says() -> Non
 EJECTS = replace(FAST, eject_after=2, eject_for=5.0)
 
 
-def test_a_worker_failing_eject_after_jobs_in_a_row_is_ejected_and_woken_when_it_is_over() -> None:
+def test_a_worker_failing_eject_after_jobs_in_a_row_is_ejected_and_woken_when_it_is_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     session = retrying(EJECTS)
     give(session, b"H:1", b"H:2")
     session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=1.0)  # held: counts
-    assert not any(type(a) is Eject for a in session.actions)
-    session.from_downstream(req(P.WORK_FAIL, handle=b"H:2"), now=1.0)
-    assert [a for a in session.actions if type(a) is Eject] == [Eject(5.0, b"f", 2)]
+    assert not any(type(a) is CallLater for a in session.actions)
+    with caplog.at_level(logging.WARNING, "gproxy.pair"):
+        session.from_downstream(req(P.WORK_FAIL, handle=b"H:2"), now=1.0)
+    assert [a for a in session.actions if type(a) is CallLater] == [CallLater(Timer.EJECTION, 5.0)]
+    assert "worker ejected for 5s: 2 failed jobs in a row (the last of f)" in caplog.text
     assert session.metrics.registry.get_sample_value("gproxy_worker_ejections_total", {"function": "f"}) == 1
     # Ejected: its grabs get NO_JOB from gproxy, its sleep is not passed on (gearmand would wake it).
     assert not session.passes_downstream(req(P.GRAB_JOB_UNIQ))
@@ -784,7 +804,7 @@ def test_a_completion_resets_the_count_and_ejection_is_off_by_default() -> None:
     give(plain, *[b"H:%d" % n for n in range(20)])
     for n in range(20):
         plain.from_downstream(req(P.WORK_FAIL, handle=b"H:%d" % n), now=0.0)
-    assert not plain.ejection.active and not any(type(a) is Eject for a in plain.actions)
+    assert not plain.ejection.active and not any(type(a) is CallLater for a in plain.actions)
 
 
 def test_a_worker_that_left_while_ejected_is_not_woken() -> None:
@@ -814,9 +834,9 @@ def test_can_do_timeout_goes_to_gearmand_as_can_do_and_gproxy_times_the_attempt_
     assert session.registration.replay() == req(P.CAN_DO, function=b"g")  # a move says CAN_DO too
     assert not session.passes_upstream(session.current, assign_uniq(b"H:1", function=b"g"))
     assign_g(session, b"H:1", now=10.0)
-    assert session.actions == [ArmTimeout(1.0)]  # gearmand's reading: milliseconds, at least a second
+    assert session.actions == [CallLater(Timer.TIMEOUTS, 1.0)]  # gearmand's reading: milliseconds, at least a second
     session.actions.clear()
-    assert session.timeouts_due(now=10.5) == [ArmTimeout(0.5)]  # not yet: the timer again
+    assert session.timeouts_due(now=10.5) == [CallLater(Timer.TIMEOUTS, 0.5)]  # not yet: the timer again
     (wakeup,) = session.timeouts_due(now=11.0)
     assert wakeup == Wakeup(1, 1.0, 1) and session.retrier.held[1].handle == b"H:1"  # retried
     assert not session.current.jobs  # not the worker's any more
@@ -830,12 +850,12 @@ def test_can_do_timeout_goes_to_gearmand_as_can_do_and_gproxy_times_the_attempt_
 def test_a_function_timeout_applies_to_workers_that_register_none_and_a_completion_disarms_it() -> None:
     session = Driven("up", retrier=Retrier(Policies(FAST, {b"g": TIMED})), route=ROUTE)
     assign_g(session, b"H:1", now=0.0)
-    assert session.actions == [ArmTimeout(2.0)]
+    assert session.actions == [CallLater(Timer.TIMEOUTS, 2.0)]
     session.actions.clear()
     session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok"), now=1.0)
     assign_g(session, b"H:2", now=1.5)  # deadline 3.5, after the timer set for 2.0
     assert session.actions == []
-    assert session.timeouts_due(now=2.0) == [ArmTimeout(1.5)]  # H:1's deadline is gone: H:2's next
+    assert session.timeouts_due(now=2.0) == [CallLater(Timer.TIMEOUTS, 1.5)]  # H:1's deadline is gone: H:2's next
     assert session.timeouts_due(now=3.5)[0] == Wakeup(1, 1.0, 1)
 
 
@@ -868,7 +888,7 @@ def test_an_earlier_deadline_sets_the_timer_earlier_and_ended_jobs_leave_no_dead
     assign_g(session, b"H:1", now=0.0)
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=1.0)
     session.from_upstream(session.current, assign_uniq(b"H:2", function=b"h"), now=1.0)
-    assert session.actions == [ArmTimeout(10.0), ArmTimeout(2.0)]  # h's deadline, 3.0, comes first
+    assert session.actions == [CallLater(Timer.TIMEOUTS, 10.0), CallLater(Timer.TIMEOUTS, 2.0)]  # h's deadline, 3.0, comes first
     for n in range(3, 1000):  # a fast worker: no deadline outlives its job
         assign_g(session, b"H:%d" % n, now=2.0)
         session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:%d" % n, data=b"ok"), now=2.0)

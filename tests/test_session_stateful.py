@@ -3,10 +3,14 @@
 A model world, every byte of it built and read with the real codec: one Retrier shared by one
 or two Sessions (workers behind gproxy, each with its gearmand connections), a model gearmand,
 gproxy's retry client (the real Submitter), an outside worker that is not behind gproxy, and a
-clock. Every command the Sessions and the Retrier emit is executed in the world, as
-gproxy.pair executes it: SendUpstream reaches gearmand on that connection, OpenUpstream opens
-one, CloseUpstream and Released close one (gearmand then requeues what it still owns), Wakeup,
-RecheckBudget, ArmTimeout and Eject become timers, Submit goes to the retry client. Every
+clock. The Sessions' own lifecycle decides, as in gproxy: what the sockets do is told to the
+Session (a worker leaves, a gearmand connection is lost or closes, a fresh one opens, a
+timer fires), and every command the Sessions and the Retrier emit is carried out in the world
+as gproxy.pair carries it out: SendUpstream reaches gearmand on that connection (another
+pair's goes to that pair, as the control plane hands it over), Released goes to the pair
+whose connection it names, OpenUpstream opens one, Shut makes gearmand close one (it does on
+EOF), Close closes one (gearmand then requeues what it still owns), Finish closes the whole
+pair, Wakeup, RecheckBudget and CallLater become timers, Submit goes to the retry client. Every
 worker registers g with CAN_DO_TIMEOUT (so its attempts time out as the clock moves on) and
 is ejected after failing two g jobs in a row; d retries a worker that vanishes mid-job.
 
@@ -57,7 +61,8 @@ from gproxy.core.retry import (
     Wakeup,
     parse_retry_unique,
 )
-from gproxy.core.session import ArmTimeout, CloseUpstream, Eject, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from gproxy.core.lifecycle import CallLater, Close, Finish, LinkState, Shut, Timer
+from gproxy.core.session import OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -297,6 +302,8 @@ class Worker:
     """The jobs it runs: handle -> function."""
     options_owed: int = 0
     gone: bool = False
+    shut: bool = False
+    """gproxy half-closed its connection (gearmand closed its current one): it leaves."""
     timed_out: set[bytes] = field(default_factory=set)
     """Jobs it still runs that gproxy timed out (retried): what it sends for them is dropped."""
 
@@ -309,11 +316,10 @@ class StillHeld(AssertionError):
 
 
 @dataclass
-class Timer:
+class Due:
     due: float
-    action: Wakeup | RecheckBudget | Worker | Eject
-    """A Retrier timer, a worker's timeouts (ArmTimeout: Session.timeouts_due), or the end
-    of its ejection (Eject: Session.ejection_over), with the worker in `worker`."""
+    action: Wakeup | RecheckBudget | Timer
+    """A Retrier timer, or one a Session asked for (CallLater), with its worker in `worker`."""
     worker: Worker | None = None
 
 
@@ -329,7 +335,7 @@ class SessionWorld(RuleBasedStateMachine):
         self.worker_of: dict[UpstreamLink, Worker] = {}
         self.links: list[UpstreamLink] = []
         """Every session connection ever opened, oldest first."""
-        self.timers: list[Timer] = []
+        self.timers: list[Due] = []
         self.next_job = 0
         # The retry client (gproxy.retry_client.RetryClient, without its trio task).
         self.rc_generation = 0
@@ -343,41 +349,47 @@ class SessionWorld(RuleBasedStateMachine):
         self.passed = 0
         """Packets sent on before their Session saw them (passes_downstream/_upstream)."""
 
-    # -- executing what gproxy asks for, as gproxy.proxy does
+    # -- carrying out what gproxy asks for, as gproxy.pair and the control plane do
 
     def run(self, commands: list, worker: Worker | None = None) -> None:
-        """In order; `worker`: the one whose event they answer, if any."""
+        """In order; `worker`: the one whose Session gave them, if any."""
         for command in commands:
             kind = type(command)
             if kind is SendDownstream:
                 assert worker is not None, f"{command!r} with no worker to send it to"
-                if not worker.gone:
-                    self.to_worker(worker, command.data)
+                assert not worker.gone, f"{command!r} for {worker!r}, which has left"
+                self.to_worker(worker, command.data)
             elif kind is Wakeup or kind is RecheckBudget:
-                self.timers.append(Timer(self.now + command.delay, command))
+                self.timers.append(Due(self.now + command.delay, command))
             elif kind is Submit:
                 self.rc_pending.append(command)
-            elif kind is SendUpstream:
-                self.gearmand.receive(command.owner, command.data)
-            elif kind is Released:
-                assert not self.retrier.holds(command.owner)
-                worker = self.worker_of[command.owner]
-                if worker.session.released(command.owner):
-                    self.close(command.owner, by_gproxy=True)
-                self.settle(worker)
+            elif kind is SendUpstream or kind is Released:
+                owner = self.worker_of[command.owner]
+                if owner is not worker:  # another pair's connection: handed to that pair
+                    self.run(owner.session.deliver(command), owner)
+                else:
+                    assert kind is SendUpstream, f"{command!r}: a Session settles its own connections"
+                    self.gearmand.receive(command.owner, command.data)
             elif kind is OpenUpstream:
                 assert worker is not None
                 self.open(worker, command.link)
-                self.gearmand.receive(command.link, command.replay)
-            elif kind is CloseUpstream:
+                self.run(worker.session.link_opened(command.link), worker)  # (connected at once)
+            elif kind is Shut:
+                assert worker is not None
+                if command.link is None:
+                    worker.shut = True  # its library closes the connection (the rule makes it leave)
+                else:
+                    self.close(command.link, closed_by_gearmand=True)  # gearmand closes on EOF
+            elif kind is Close:
                 self.close(command.link, by_gproxy=True)
-            elif kind is Eject:
+            elif kind is Finish:
                 assert worker is not None
-                self.timers.append(Timer(self.now + command.delay, command, worker))
-            elif kind is ArmTimeout:
+                self.finished(worker)
+            elif kind is CallLater:
                 assert worker is not None
-                self.timers = [t for t in self.timers if t.action is not worker]  # it replaces any earlier one
-                self.timers.append(Timer(self.now + command.delay, worker))
+                # (it replaces any earlier one)
+                self.timers = [t for t in self.timers if (t.action, t.worker) != (command.timer, worker)]
+                self.timers.append(Due(self.now + command.delay, command.timer, worker))
             else:
                 raise AssertionError(f"unknown command {command!r}")
 
@@ -386,8 +398,11 @@ class SessionWorld(RuleBasedStateMachine):
         self.worker_of[link] = worker
         self.links.append(link)
 
-    def close(self, link: UpstreamLink, by_gproxy: bool = False, lost: bool = False) -> None:
-        """`link`'s connection closes: gearmand requeues what it owns, the Session is told."""
+    def close(
+        self, link: UpstreamLink, by_gproxy: bool = False, lost: bool = False, closed_by_gearmand: bool = False,
+    ) -> None:
+        """`link`'s connection closes: gearmand requeues what it owns; unless gproxy closed it,
+        the Session is told (the connection was `lost`, or gearmand closed it)."""
         if not self.gearmand.conns[link].open:
             return
         worker = self.worker_of[link]
@@ -396,23 +411,26 @@ class SessionWorld(RuleBasedStateMachine):
             assert not owned, f"gproxy closed {link!r}, which still owns {owned}: gearmand requeues them"
         for job in self.gearmand.close(link):
             worker.running.pop(job.handle, None)  # a worker's result there would only earn an ERROR
-        # Grabs open on a connection the worker was moved off are answered NO_JOB by gproxy;
-        # on its current one, the pair ends (the caller makes the worker leave).
-        self.run(worker.session.link_closed(link), worker)
-        self.settle(worker)
+        if lost or closed_by_gearmand:
+            error = ConnectionResetError(104, "Connection reset by peer") if lost else None
+            self.run(worker.session.link_ended(link, error), worker)
 
-    def settle(self, worker: Worker) -> None:
-        """A departed worker's connections stay open while they hold retries; then they close."""
-        session = worker.session
-        if worker.gone and not any(self.retrier.holds(link) for link in session.links):
-            for link in list(session.links):
+    def finished(self, worker: Worker) -> None:
+        """gproxy ended the pair: every connection of it closes, the worker's too."""
+        for link in self.links:
+            if self.worker_of[link] is worker:
                 self.close(link)
+        if not worker.gone:
+            worker.gone = True
+            worker.running.clear()
+            worker.grabs.clear()
 
     def send(self, worker: Worker, data: bytes) -> None:
         """The worker's bytes through its Session, and its commands carried out in order
         (a packet that passes goes first, and the Session sees it after, as in a Pair)."""
         session = worker.session
-        sent = session.passes_downstream(data)
+        assert not worker.gone
+        sent = session.current.state is LinkState.OPEN and session.passes_downstream(data)
         if sent:
             self.passed += 1
             self.gearmand.receive(session.current, data)
@@ -473,13 +491,13 @@ class SessionWorld(RuleBasedStateMachine):
         worker.gone = True
         worker.running.clear()
         worker.grabs.clear()
-        # What the Session asks for goes out first: it holds what must stay (held retries,
-        # jobs of functions that retry disconnects) and fails retry jobs back.
-        self.run(session.worker_left(self.now), worker)
-        for link in list(session.links):
-            if not self.retrier.holds(link):
-                self.close(link)  # EOF: gearmand requeues its jobs
-        self.settle(worker)
+        # The Session keeps what must stay (held retries, jobs of functions that retry
+        # disconnects), fails retry jobs back, and half-closes the rest.
+        self.run(session.worker_ended(None, self.now), worker)
+        kept = [link for link in session.links if self.gearmand.conns[link].open]
+        assert all(self.retrier.holds(link) for link in kept), (
+            f"{worker!r} left: {kept} stay open, but only those that hold retries may"
+        )
 
     def connect(self) -> None:
         name = b"w%d" % (len(self.workers) + 1)
@@ -519,20 +537,19 @@ class SessionWorld(RuleBasedStateMachine):
                 if event.submit.key is not None:
                     self.run(self.retrier.retry_rejected(event.submit.key, event.error, self.now))
 
-    def fire(self, timer: Timer) -> None:
+    def fire(self, timer: Due) -> None:
         self.timers.remove(timer)
         self.now = max(self.now, timer.due)
-        action = timer.action
+        action, worker = timer.action, timer.worker
         if type(action) is Wakeup:
             self.run(self.retrier.timer_fired(action.key, action.wait, self.now))
-        elif type(action) is Eject:
-            assert timer.worker is not None
-            self.run(timer.worker.session.ejection_over(), timer.worker)
-        elif type(action) is Worker:
-            tracked = {job.handle for link in action.session.links for job in link.jobs}
-            self.run(action.session.timeouts_due(self.now), action)
-            still = {job.handle for link in action.session.links for job in link.jobs}
-            action.timed_out |= (tracked - still) & set(action.running)
+        elif type(action) is Timer:
+            assert worker is not None
+            tracked = {job.handle for link in worker.session.links for job in link.jobs}
+            self.run(worker.session.timer_fired(action, self.now), worker)
+            still = {job.handle for link in worker.session.links for job in link.jobs}
+            if action is Timer.TIMEOUTS:
+                worker.timed_out |= (tracked - still) & set(worker.running)
         else:
             self.run(self.retrier.budget_recheck(action.function, self.now))
 
@@ -547,7 +564,10 @@ class SessionWorld(RuleBasedStateMachine):
     # -- what may happen next
 
     def live(self) -> list[Worker]:
-        return [worker for worker in self.workers if not worker.gone]
+        return [worker for worker in self.workers if not worker.gone and not worker.shut]
+
+    def cut_off(self) -> list[Worker]:
+        return [worker for worker in self.workers if worker.shut and not worker.gone]
 
     def open_links(self) -> list[UpstreamLink]:
         return [link for link in self.links if self.gearmand.conns[link].open]
@@ -696,10 +716,12 @@ class SessionWorld(RuleBasedStateMachine):
         if holding and any(self.retrier.holds(link) for link in links):
             links = [link for link in links if self.retrier.holds(link)]
         link = data.draw(st.sampled_from(links))
-        worker = self.worker_of[link]
-        self.close(link, lost=True)
-        if link is worker.session.current and not worker.gone:
-            self.leave(worker)  # gproxy ends the pair: the worker is disconnected
+        self.close(link, lost=True)  # (the current one's loss ends the pair)
+
+    @precondition(lambda self: self.cut_off())
+    @rule(data=st.data())
+    def a_cut_off_worker_leaves(self, data: st.DataObject) -> None:
+        self.leave(data.draw(st.sampled_from(self.cut_off())))
 
     @precondition(lambda self: self.crash_candidates())
     @rule(data=st.data(), answered_first=st.booleans())
@@ -826,6 +848,9 @@ class SessionWorld(RuleBasedStateMachine):
                 assert not [link for link in worker.session.links if self.gearmand.conns[link].open]
 
     def one_step_towards_quiet(self) -> bool:
+        for worker in self.cut_off():
+            self.leave(worker)
+            return True
         for link in self.links:
             if self.gearmand.conns[link].outbox:
                 self.deliver(link)

@@ -34,6 +34,8 @@ from ..config import Route
 from .deadlines import Deadlines
 from .ejection import Ejection
 from .jobs import JobTable, TrackedJob
+from .lifecycle import HALF_CLOSE_LINGER, CallLater, Close, Finish, LinkState, Shut, Timer, cause, mid_packet
+from .lifecycle import log as pair_log
 from .metrics import Metrics
 from .protocol import (
     DEFAULT_MAX_PACKET_SIZE,
@@ -51,7 +53,19 @@ from .protocol import (
     split_head,
     text,
 )
-from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
+from .retry import (
+    DISCONNECTED,
+    TIMED_OUT,
+    Action,
+    Mode,
+    RecheckBudget,
+    Released,
+    Retrier,
+    SendUpstream,
+    Submit,
+    Wakeup,
+    parse_retry_unique,
+)
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
@@ -69,6 +83,7 @@ _REGISTRATION: Final = frozenset(
 _WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _UPDATES | _REGISTRATION
 _WATCHED_DRAINING: Final = _WATCHED_DOWNSTREAM | {P.PRE_SLEEP}
 _WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB, P.ERROR, P.OPTION_RES}
+_OPEN: Final = LinkState.OPEN
 MAX_SILENCED: Final = 4096
 """Ended handles remembered per connection; a held one is recognised beyond that too."""
 
@@ -87,8 +102,15 @@ class UpstreamLink:
     """One gearmand connection of a session: the jobs assigned through it (only it can
     finish them) and the grabs it has yet to answer. The Retrier's owner of held jobs."""
 
-    def __init__(self, name: str, max_packet_size: int, metrics: Metrics) -> None:
+    def __init__(self, name: str, max_packet_size: int, metrics: Metrics, session: Session | None = None) -> None:
         self.name = name
+        self.session = session
+        """The Session whose connection this is, while it is open (None in tests)."""
+        self.state = LinkState.OPEN
+        self.pending: list[bytes] = []
+        """What is to be sent once the connection is open (while CONNECTING)."""
+        self.shut = False
+        """gproxy has half-closed it: a close mid-frame after that answers gproxy's."""
         self.jobs = JobTable(name, metrics.running)
         self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"], skip_oversized=_ASSIGNS)
         """A job too large to hand the worker is failed instead (see Session._too_large)."""
@@ -172,7 +194,10 @@ class CloseUpstream:
     link: UpstreamLink
 
 
-Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream | Eject | ArmTimeout
+Command = (
+    Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUpstream | Eject | ArmTimeout
+    | Shut | Close | CallLater | Finish
+)
 """What a Session asks of its caller, in the order it must happen. (SendUpstream may name
 another worker's connection: the retry outcome of a job that connection holds.)"""
 
@@ -190,10 +215,13 @@ class Session:
         retrier: Retrier[UpstreamLink, Route] | None = None,
         metrics: Metrics | None = None,
         traits: ServerTraits | None = None,
+        name: str | None = None,
     ) -> None:
+        self.name = upstream_name if name is None else name
+        """The pair's name in log lines (its worker's address and route)."""
         self.max_packet_size = max_packet_size
         self.metrics = metrics if metrics is not None else Metrics()
-        self.current = UpstreamLink(upstream_name, max_packet_size, self.metrics)
+        self.current = UpstreamLink(upstream_name, max_packet_size, self.metrics, self)
         """The connection new requests go to."""
         self.retired: list[UpstreamLink] = []
         """Older connections, kept open only for the jobs they still own."""
@@ -218,6 +246,21 @@ class Session:
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
         self.deadlines: Deadlines[UpstreamLink] = Deadlines()
+        # The pair's lifecycle (see "the connections" below).
+        self.reason: str | None = None
+        """Why the pair ends: the first reason, unless a graver one follows."""
+        self.level = logging.DEBUG
+        self.done = False
+        self._closings = 0
+        """Sides that closed (an EOF): the first starts the other's grace period."""
+        self._worker_ended = False
+        self._worker_shut = False
+        self._worker_lost: str | None = None
+        """Why the worker's connection broke (a reset, a failed send), if it did."""
+        self._kept_for_retries = False
+        """The worker has left, and its connections that hold retries are kept for them."""
+        self._finish_sent = False
+        """Finish is in the commands given out: nothing of the pair's own follows it."""
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -329,7 +372,7 @@ class Session:
         EOF, non-zero means that side left in the middle of a packet."""
         return self.downstream.buffered if link is None else link.framer.buffered
 
-    def released(self, link: UpstreamLink) -> bool:
+    def _retire_if_idle(self, link: UpstreamLink) -> bool:
         """The Retrier holds nothing more on `link`: True if it is a retired link that may
         close now (it is forgotten here)."""
         if link in self.retired and self.idle(link):
@@ -346,10 +389,13 @@ class Session:
         (gearmand requeues their jobs), once the retry jobs of functions that retry
         disconnects are failed back from them too: the loop's owner counts that attempt.
         The caller carries out the commands before it closes anything."""
+        self._worker_left(now)
+        return self._done()
+
+    def _worker_left(self, now: float) -> None:
         self.worker_gone = True
         for link in self.links:
             self._command(*self._orphaned(link, now))
-        return self._done()
 
     def _orphaned(self, link: UpstreamLink, now: float, assigned_late: bool = False) -> list[Command]:
         """The jobs running on `link` whose worker has left: if `link` stays open, retry
@@ -381,6 +427,10 @@ class Session:
         """`link`'s connection is gone: gearmand requeues whatever it still held. The worker
         is owed what will not come now: NO_JOB for each grab still open on a connection it
         was moved off."""
+        self._link_closed(link)
+        return self._done()
+
+    def _link_closed(self, link: UpstreamLink) -> None:
         if link in self.retired:
             self.retired.remove(link)
             if not self.worker_gone and link.grabs_pending:
@@ -389,7 +439,6 @@ class Session:
         link.jobs.released_all()
         if self.retrier is not None:
             self._command(*self.retrier.owner_lost(link))
-        return self._done()
 
     def idle(self, link: UpstreamLink) -> bool:
         """A retired link that owns nothing and is owed nothing: it may close."""
@@ -399,6 +448,247 @@ class Session:
             and not link.grabs_pending
             and not (self.retrier is not None and self.retrier.holds(link))
         )
+
+    # -- the connections: what their sockets did, and what becomes of them
+
+    def worker_ended(self, error: OSError | None, now: float) -> list[Command]:
+        """The worker's connection ended: closed, or broken (`error`: it has left as if it had
+        closed). Closing its gearmand connections would requeue the jobs gproxy holds, and
+        the jobs it was running of functions that retry disconnects: worker_left holds those,
+        and the connections that hold retries stay open until they hold nothing."""
+        self._worker_ended = True
+        if self.done:
+            return []
+        if error is not None:
+            self._worker_lost = f"peer connection lost: {error}"
+        elif not self._worker_shut and (unfinished := self.downstream.buffered):
+            return self.refuse("mid_packet", mid_packet("peer", unfinished))
+        out = self.worker_left(now)  # (carried out first: what it releases settles now)
+        if self.done:
+            return out
+        if self._holds_retries():
+            pair_log.info("%s: worker left while retries are held; keeping their gearmand connections", self.name)
+            self._kept_for_retries = True
+            for link in self.links:
+                if link.state is _OPEN and not self._holds(link):
+                    self._shut(link)  # its running jobs requeue natively
+            self._nothing_held_check()
+        else:
+            self._left()
+        return out + self._done()
+
+    def link_ended(self, link: UpstreamLink, error: OSError | None) -> list[Command]:
+        """Gearmand connection `link` ended: closed, or broken (`error`)."""
+        if self.done or link.state is LinkState.CLOSED:
+            return []
+        current = link is self.current and not self.worker_gone
+        if error is not None:
+            if current:
+                self._fail(f"gearmand connection lost: {cause(error)}", logging.INFO)
+            else:  # a connection that only holds jobs (the worker moved off it, or left): the
+                # pair goes on, so the cause is told here
+                pair_log.info("%s: gearmand connection %s lost: %s", self.name, link.name, cause(error))
+        elif not link.shut and (unfinished := link.framer.buffered):
+            return self.refuse("mid_packet", mid_packet("gearmand", unfinished))
+        elif current:
+            self._closing("gearmand closed the connection")
+            if not self._worker_ended:
+                self._shut(None)
+        # The connection is gone, so is everything gearmand had assigned through it (it
+        # requeues those jobs): their holds end now, not when the pair is done lingering.
+        self._detach(link)
+        return self._done()
+
+    def link_opened(self, link: UpstreamLink) -> list[Command]:
+        """The connection a move asked for (OpenUpstream) is open."""
+        if self.done or link.state is not LinkState.CONNECTING:
+            return [Close(link)]  # (wanted no more)
+        link.state = _OPEN
+        pending, link.pending = link.pending, []
+        pair_log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self.name)
+        return [SendUpstream(link, b"".join(pending))]
+
+    def link_failed(self, link: UpstreamLink, why: str) -> list[Command]:
+        """No connection for a move: `why` says whose fault (gearmand's, or gproxy's own limit)."""
+        if not self.done:
+            self._fail(why)
+        return self._done()
+
+    def deliver(self, action: Released[UpstreamLink] | SendUpstream[UpstreamLink]) -> list[Command]:
+        """A Retrier's action for one of this pair's connections, from outside its own events
+        (a retry's outcome, a timer, another pair's event)."""
+        self._command(action)
+        return self._done()
+
+    def timer_fired(self, timer: Timer, now: float) -> list[Command]:
+        if self.done:
+            return []
+        if timer is Timer.LINGER:
+            self._finish()
+            return self._done()
+        if timer is Timer.EJECTION:
+            pair_log.warning("%s: worker back from its ejection; it is given jobs again", self.name)
+            return self.ejection_over()
+        return self.timeouts_due(now)
+
+    def refuse(self, reason: str, message: str) -> list[Command]:
+        """Bad input: counted by reason, and the pair ends with one warning. (What the event
+        had asked for before the bad bytes is dropped with them.)"""
+        self._commands, self._out, self._back = [], [], []
+        self.metrics.protocol_errors.labels(reason).inc()
+        self._fail(message)
+        return self._done()
+
+    def internal_error(self, reason: str = "internal error", logged: bool = False) -> list[Command]:
+        """Handling an event of the pair failed: it ends, and gearmand requeues its jobs
+        (`logged`: the caller has logged its close line, with the traceback)."""
+        self._commands, self._out, self._back = [], [], []
+        if self.reason is None or self.level < logging.ERROR:
+            self.reason, self.level = reason, logging.ERROR
+        self._finish(logged)
+        return self._done()
+
+    def stop(self) -> list[Command]:
+        """gproxy is stopping: the pair ends now (gearmand requeues what is left)."""
+        if self.reason is None:
+            self.reason = "gproxy stopped"
+        self._finish()
+        return self._done()
+
+    def _resolve(self, commands: list[Command]) -> list[Command]:
+        """The commands for the caller, in order, with what the connections' lifecycle makes
+        of them: bytes for a connection being opened wait in it; a retired connection that
+        owns nothing closes; a Released for one of this pair's connections settles it; the
+        pair's own commands end with its Finish."""
+        out: list[Command] = []
+        for command in commands:
+            if type(command) is SendUpstream:
+                link = command.owner
+                if link.session is not self and link is not self.current:
+                    out.append(command)  # another pair's connection: the caller hands it over
+                elif self._finish_sent:
+                    pass
+                elif link.state is _OPEN:
+                    out.append(command)
+                elif link.state is LinkState.CONNECTING:
+                    link.pending.append(command.data)
+                elif link is self.current and not self.worker_gone:
+                    self._fail("gearmand connection lost: closed", logging.INFO)
+                    out += self._done()
+                # else: a connection that is gone already; its loss was reported
+            elif type(command) is SendDownstream:
+                if not self._finish_sent and not self.worker_gone:
+                    out.append(command)
+            elif type(command) is Released:
+                if command.owner.session is not self:
+                    out.append(command)
+                else:
+                    self._settle(command.owner)
+                    out += self._done()
+            elif type(command) is CloseUpstream:
+                self._detach(command.link)
+                out += self._done()
+            elif self._finish_sent:
+                if type(command) is Submit or type(command) is Wakeup or type(command) is RecheckBudget:
+                    out.append(command)  # (the Retrier's: for the process, not for this pair)
+            elif type(command) is OpenUpstream:
+                command.link.state = LinkState.CONNECTING
+                command.link.pending = [command.replay]
+                out.append(command)
+            elif type(command) is ArmTimeout:
+                out.append(CallLater(Timer.TIMEOUTS, command.delay))
+            elif type(command) is Eject:
+                pair_log.warning(
+                    "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
+                    self.name, command.delay, command.failures, text(command.function),
+                )
+                out.append(CallLater(Timer.EJECTION, command.delay))
+            else:
+                if type(command) is Finish:
+                    self._finish_sent = True
+                elif type(command) is Shut and command.link is not None and command.link.state is not _OPEN:
+                    continue  # (a connection being opened, or gone, has nothing to half-close)
+                out.append(command)
+        return out
+
+    def _holds(self, link: UpstreamLink) -> bool:
+        return self.retrier is not None and self.retrier.holds(link)
+
+    def _holds_retries(self) -> bool:
+        return any(self._holds(link) for link in self.links)
+
+    def _shut(self, link: UpstreamLink | None) -> None:
+        if link is None:
+            self._worker_shut = True
+        else:
+            link.shut = True
+        self._command(Shut(link))
+
+    def _settle(self, link: UpstreamLink) -> None:
+        """`link` holds nothing more: a retired link may close; a departed worker's pair may end."""
+        if self._retire_if_idle(link) and link.state is not LinkState.CLOSED:
+            self._detach(link)
+        self._nothing_held_check()
+
+    def _detach(self, link: UpstreamLink) -> None:
+        """`link`'s connection closes: gearmand requeues whatever it still owns."""
+        if link.state is LinkState.CLOSED:
+            return
+        link.state, link.pending = LinkState.CLOSED, []
+        link.session = None  # (it is nobody's now; and the Session is freed with its pair, no cycle)
+        if not self.done:
+            self._command(Close(link))
+        self._link_closed(link)
+        if not self.done:
+            self._nothing_held_check()
+            self._maybe_finished()
+
+    def _nothing_held_check(self) -> None:
+        if self._kept_for_retries and not self.done and not self._holds_retries():
+            self._kept_for_retries = False
+            self._left()
+
+    def _left(self) -> None:
+        """The worker has gone and nothing is held for it."""
+        if self._worker_lost is not None:
+            return self._fail(self._worker_lost, logging.INFO)
+        self._closing("peer closed the connection")
+        for link in self.links:
+            if link.state is _OPEN:
+                self._shut(link)
+        self._maybe_finished()
+
+    def _closing(self, reason: str) -> None:
+        """One side closed: the other gets a grace period to finish, then the pair is cut."""
+        self._closings += 1
+        if self._closings == 1:
+            if self.reason is None:  # a refusal that came first keeps its reason
+                self.reason = reason
+            self._command(CallLater(Timer.LINGER, HALF_CLOSE_LINGER))
+
+    def _maybe_finished(self) -> None:
+        if (
+            self._worker_ended and not self._kept_for_retries and self._closings
+            and all(link.state is LinkState.CLOSED for link in self.links)
+        ):
+            self._finish()
+
+    def _fail(self, reason: str, level: int = logging.WARNING) -> None:
+        """End the pair. The first reason is the one logged, unless a graver one follows
+        (bad input after the other side closed is still a WARNING, like its metric)."""
+        if self.reason is None or level > self.level:
+            self.reason, self.level = reason, level
+        self._finish()
+
+    def _finish(self, logged: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        # The line first: a peer that sees its connection close, and connects again from
+        # the same port, comes after it in the log.
+        self._command(Finish(self.reason or "both sides finished", self.level, logged))
+        for link in self.links:
+            self._detach(link)  # (gearmand requeues what they own; Finish closes them)
 
     # -- from the worker
 
@@ -562,7 +852,7 @@ class Session:
         self._flush()  # what came before the move was meant for the old connection
         self._moves += 1
         self.retired.append(old)
-        self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics)
+        self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics, self)
         self.current.replies_to_swallow = self.registration.options
         self._command(OpenUpstream(self.current, self.registration.replay()))
 
@@ -675,15 +965,15 @@ class Session:
     def _done(self) -> list[Command]:
         """The event's commands, in order; the next event starts afresh."""
         if not self._commands:  # the usual event: bytes to forward one way, nothing else
-            if self._out and not self._back:
+            if self._out and not self._back and self.current.state is _OPEN:
                 out, self._out = self._out, []
                 return [SendUpstream(self.current, out[0] if len(out) == 1 else b"".join(out))]
-            if self._back and not self._out:
+            if self._back and not self._out and not self.worker_gone:
                 back, self._back = self._back, []
                 return [SendDownstream(back[0] if len(back) == 1 else b"".join(back))]
         self._flush()
         commands, self._commands = self._commands, []
-        return commands
+        return self._resolve(commands)
 
     def _is_silenced(self, handle: bytes) -> bool:
         if handle in self._silenced:
@@ -728,7 +1018,7 @@ class Session:
         return b""
 
     def _close_if_idle(self, link: UpstreamLink) -> None:
-        if self.released(link):
+        if self._retire_if_idle(link):
             self._command(CloseUpstream(link))
 
 

@@ -20,7 +20,7 @@ from tests.fuzz.wire import reason_of
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _CLOSE = re.compile(
-    r"^(?P<time>\S+ \S+) (?P<level>[A-Z]+) gproxy\.proxy: peer (?P<peer>\S+) \(via (?P<via>\S+) to gearmand "
+    r"^(?P<time>\S+ \S+) (?P<level>[A-Z]+) gproxy\.pair: peer (?P<peer>\S+) \(via (?P<via>\S+) to gearmand "
     r"(?P<upstream>\S+)\): closed: (?P<reason>.*)$"
 )
 _EXCEPTION = re.compile(r"^[\s|+]*((?:\w+\.)*\w*(?:Error|Exception|Interrupt|Exit)\b.*)$")
