@@ -19,7 +19,7 @@ test: system-deps $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: system-deps $(VENV)/.installed
-	$(VENV)/bin/python -m gproxy.demo
+	$(VENV)/bin/python examples/demo.py
 
 bench: system-deps bench-deps $(VENV)/.installed
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)

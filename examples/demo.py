@@ -1,9 +1,11 @@
-"""`make demo`: a real gearmand, gproxy in front of it, libgearman workers behind gproxy, jobs.
+"""`make demo` (or `python examples/demo.py`): a real gearmand, gproxy in front of it,
+libgearman workers behind gproxy, jobs.
 
 First plain jobs flow through the proxy; then a flaky worker, whose first attempt at every
 job fails, runs the same jobs directly against gearmand (they all fail) and behind gproxy
 (they all succeed on their second attempt). Everything runs on loopback ports chosen at
-start and is stopped at the end.
+start and is stopped at the end. gproxy runs from the checkout this file belongs to, installed
+or not.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The repository's root: `python -m gproxy` finds the package there, whatever the cwd."""
 
 
 def free_port() -> int:
@@ -138,7 +143,10 @@ def main() -> int:
         config = os.path.join(tmp, "gproxy.toml")
         with open(config, "w") as f:
             f.write(GPROXY_CONFIG.format(listen=f"{HOST}:{proxy_port}", upstream=f"{HOST}:{gearmand_port}"))
-        stack.enter_context(process([sys.executable, "-m", "gproxy", "--config", config]))
+        pythonpath = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+        stack.enter_context(process(
+            [sys.executable, "-m", "gproxy", "--config", config], env={**os.environ, "PYTHONPATH": pythonpath},
+        ))
         wait_for_port(proxy_port, "gproxy")
         print(f"gproxy        listening on {HOST}:{proxy_port}, proxying to gearmand")
         stack.enter_context(process(
