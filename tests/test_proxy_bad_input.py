@@ -21,7 +21,8 @@ from gproxy.dataplane import DataPlane
 from gproxy.core.metrics import Metrics
 from gproxy.pair import HALF_CLOSE_LINGER, CallLater, Pair, PairSet, PairTimer
 from gproxy.control import Proxy
-from gproxy.core.retry import Policies, Retrier
+from gproxy.core.policy import Policies
+from gproxy.core.retry import Retrier
 from gproxy.core.session import Session, UpstreamLink
 
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))

@@ -12,31 +12,21 @@ from hypothesis import strategies as st
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.protocol import REQ, PacketType, build_packet
 from gproxy.core.dead_letter import envelope, parse
-from gproxy.core.retry import (
+from gproxy.core.policy import (
     DISCONNECTED,
     TIMED_OUT,
-    MAX_UNIQUE,
-    Decision,
     FinalException,
     Mode,
     OnDisconnect,
     Policies,
     Priority,
     Reason,
-    RecheckBudget,
-    Released,
-    Retrier,
     RetryPolicy,
-    SendUpstream,
-    Submit,
     Verdict,
-    Wakeup,
     classify,
-    dead_letter_unique,
-    parse_retry_unique,
-    retry_tag,
-    retry_unique,
 )
+from gproxy.core.retry import Decision, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from gproxy.core.uniques import MAX_UNIQUE, dead_letter_unique, parse_retry_unique, retry_tag, retry_unique
 
 P = PacketType
 POLICY = RetryPolicy(jitter=False)

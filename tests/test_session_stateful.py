@@ -43,20 +43,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from gproxy.config import Address, Route
 from gproxy.core.metrics import Metrics
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.core.retry import (
-    DISCONNECTED,
-    OnDisconnect,
-    Policies,
-    RecheckBudget,
-    Released,
-    Retrier,
-    RetryPolicy,
-    SendUpstream,
-    State,
-    Submit,
-    Wakeup,
-    parse_retry_unique,
-)
+from gproxy.core.policy import DISCONNECTED, OnDisconnect, Policies, RetryPolicy
+from gproxy.core.retry import RecheckBudget, Released, Retrier, SendUpstream, State, Submit, Wakeup
+from gproxy.core.uniques import parse_retry_unique
 from gproxy.core.session import ArmTimeout, CloseUpstream, Eject, OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
 from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 

@@ -1,4 +1,4 @@
-"""Retry policy and the retry state machine: events in, actions out.
+"""The retry state machine: events in, actions out (the policy it follows is in policy.py).
 
 Pure: no sockets, no clock (every event that needs the time carries `now`), randomness
 injected. The trio layer feeds events (a worker's failure, a timer, a reply on a
@@ -19,10 +19,8 @@ Every wait is bounded by `max_hold_time`, and a function never holds more than `
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import random
-import re
 from collections import Counter, deque
 from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -30,9 +28,25 @@ from typing import Final, Generic, TypeVar
 
 from .budget import RetryBudget
 from .dead_letter import envelope
+from .deadlines import deadline_passed
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
+from .policy import (
+    DISCONNECTED,
+    TIMED_OUT,
+    FinalException,
+    GiveUp,
+    Mode,
+    OnDisconnect,
+    Policies,
+    Reason,
+    RetryPolicy,
+    Verdict,
+    classify,
+    exception_text,
+)
 from .protocol import REQ, PacketType, build_packet, text
+from .uniques import dead_letter_unique, retry_tag, retry_unique
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 """Who owns a held job: in gproxy the upstream connection (session.UpstreamLink) it came on."""
@@ -43,225 +57,6 @@ log = logging.getLogger("gproxy.retry")
 P = PacketType
 BUDGETS_SWEPT_FROM: Final = 256
 """Idle retry budgets are dropped once there are this many (see Retrier._budget)."""
-MAX_UNIQUE: Final = 63
-"""gearmand truncates a 64-byte unique to 63 and then fails to coalesce; longer is refused."""
-DISCONNECTED: Final = b"gproxy: the worker running this retry disconnected"
-"""The failure a gproxy reports for a retry job whose worker left on a connection that it
-keeps open for held jobs: every gproxy retries it with reason `disconnect`, as gearmand
-would have requeued it."""
-TIMED_OUT: Final = b"gproxy: the worker running this retry ran past its timeout"
-"""The failure a gproxy reports for a retry job that ran past its function's timeout
-behind it: the gproxy that owns the loop retries it with reason `timeout`."""
-
-
-class Mode(enum.Enum):
-    ENFORCE = "enforce"
-    OBSERVE = "observe"
-
-
-class OnDisconnect(enum.Enum):
-    """What happens to a job whose worker vanishes in the middle of it."""
-
-    REQUEUE = "requeue"  # gearmand's own way: at once, with no limit
-    RETRY = "retry"  # a retryable failure: backoff, attempts, dead letter
-
-
-class FinalException(enum.Enum):
-    """How a client hears of a WORK_EXCEPTION that ends its job (not retried, or the last).
-    gearmand sends an exception only to clients that asked for exceptions (OPTION_REQ);
-    the others (the libgearman CLI, node clients) hear nothing and wait forever."""
-
-    EXCEPTION = "exception"  # as the worker sent it
-    FAIL = "fail"  # a WORK_FAIL instead, which every client understands
-    BOTH = "both"  # WORK_WARNING with the text, then WORK_FAIL
-
-
-class Reason(enum.Enum):
-    """Why a failure is retried (a metrics label, so the values are stable)."""
-
-    EXCEPTION = "exception"
-    FAIL = "fail"
-    WORKER_HINT = "worker_hint"
-    DISCONNECT = "disconnect"
-    TIMEOUT = "timeout"
-
-
-class Priority(enum.Enum):
-    """The priority retries are submitted with: gproxy cannot see the original's."""
-
-    NORMAL = "normal"
-    HIGH = "high"
-    LOW = "low"
-
-    @property
-    def submit_type(self) -> PacketType:
-        return _SUBMIT_TYPES[self]
-
-
-_SUBMIT_TYPES: Final = {
-    Priority.NORMAL: P.SUBMIT_JOB, Priority.HIGH: P.SUBMIT_JOB_HIGH, Priority.LOW: P.SUBMIT_JOB_LOW,
-}
-
-
-class GiveUp(enum.Enum):
-    """Why a held job's last failure is forwarded after all."""
-
-    EXHAUSTED = "exhausted"
-    FINAL = "final"  # a retry failed in a way that is not retryable
-    REFUSED = "refused"  # gearmand answered the retry's submission with ERROR
-    MAX_HELD = "max_held"
-    MAX_HOLD_TIME = "max_hold_time"
-    OPERATOR = "operator"  # given up by hand (the admin endpoint)
-
-
-CAPS: Final = (GiveUp.MAX_HELD, GiveUp.MAX_HOLD_TIME)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    exception_marker: bytes = b"RETRY"
-    fatal_marker: bytes = b"FATAL"
-    on_fail: bool = False
-    max_attempts: int = 5
-    backoff_initial: float = 1.0
-    backoff_multiplier: float = 2.0
-    backoff_max: float = 60.0
-    jitter: bool = True
-    dead_letter: str = ""
-    budget_ratio: float = 0.2
-    budget_min_per_second: float = 10.0
-    budget_ttl: float = 10.0
-    max_held: int = 1000
-    max_hold_time: float = 600.0
-    retry_priority: Priority = Priority.NORMAL
-    mode: Mode = Mode.ENFORCE
-    on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
-    final_exception: FinalException = FinalException.EXCEPTION
-    timeout: float = 0.0
-    eject_after: int = 0
-    eject_for: float = 30.0
-    eject_for_max: float = 600.0
-
-    def backoff(self, failed_attempt: int, rng: random.Random) -> float:
-        """Delay before attempt `failed_attempt + 1`: exponential, capped; with jitter, a
-        uniform draw from the upper half, so retries of a burst spread but never bunch at 0."""
-        delay = min(
-            self.backoff_max, self.backoff_initial * self.backoff_multiplier ** (failed_attempt - 1)
-        )
-        return rng.uniform(delay / 2, delay) if self.jitter else delay
-
-    def delay(self, verdict: Verdict, failed_attempt: int, rng: random.Random) -> float:
-        """The wait before the next attempt. A worker's `after=` hint is a minimum: jitter
-        goes above it (up to half again), never below."""
-        if verdict.delay is None:
-            return self.backoff(failed_attempt, rng)
-        return rng.uniform(verdict.delay, verdict.delay * 1.5) if self.jitter else verdict.delay
-
-    def dead_letter_function(self, function: bytes) -> bytes | None:
-        if not self.dead_letter:
-            return None
-        return self.dead_letter.replace("{function}", function.decode("utf-8", "replace")).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Policies:
-    """The `[retry]` defaults and the `[functions."NAME"]` overrides, resolved per function."""
-
-    default: RetryPolicy = RetryPolicy()
-    functions: dict[bytes, RetryPolicy] = field(default_factory=dict)
-
-    def for_function(self, function: bytes) -> RetryPolicy:
-        return self.functions.get(function, self.default)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A failure the worker marked retryable; `delay` is the worker's own hint, if any."""
-
-    reason: Reason
-    delay: float | None = None
-
-
-_HINT: Final = re.compile(rb"\s*after=(\d+(?:\.\d+)?)")
-
-
-def classify(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> Verdict | None:
-    """Is this WORK_EXCEPTION / WORK_FAIL retryable? None means: forward it as it is."""
-    if ptype is P.WORK_FAIL:
-        return Verdict(Reason.FAIL) if policy.on_fail else None
-    text = exception_text(payload)
-    if policy.fatal_marker and text.startswith(policy.fatal_marker):
-        return None
-    if not text.startswith(policy.exception_marker):
-        return None
-    hint = _HINT.match(text, len(policy.exception_marker))
-    if hint is None:
-        return Verdict(Reason.EXCEPTION)
-    return Verdict(Reason.WORKER_HINT, min(float(hint.group(1)), policy.backoff_max))
-
-
-def exception_text(payload: bytes) -> bytes:
-    """The text of an exception payload. Perl's Gearman::Worker sends `die` messages frozen
-    with Storable (network order): a scalar is unwrapped so its marker can be read."""
-    if len(payload) < 4 or payload[0] != 0x05:
-        return payload
-    kind, rest = payload[2], payload[3:]
-    if kind in (0x0A, 0x17):  # SX_SCALAR, SX_UTF8STR: one length byte
-        return rest[1 : 1 + rest[0]]
-    if kind in (0x01, 0x18) and len(rest) >= 4:  # SX_LSCALAR, SX_LUTF8STR: four length bytes
-        return rest[4 : 4 + int.from_bytes(rest[:4], "big")]
-    return payload
-
-
-# Unique ids ---------------------------------------------------------------------------------
-# Retries: `gpr:<n>.<tag>:<original unique>`, <n> the attempt, <tag> five characters drawn
-# when the Retrier starts, so that two gproxies (or two runs of one) never submit the same
-# retry unique: gearmand would attach the second submission to the first one's job, which
-# it drops unrun if that one's client left (a killed gproxy's). For an empty original,
-# `gpr:<n>.<tag>@<hash of the handle>` (empty uniques never coalesce, so each retry needs
-# its own); for an original too long to fit, `gpr:<n>.<tag>#<hash of the original>`. A
-# gproxy in front of the worker that runs a retry strips the marking, so the worker sees
-# the original unique on every attempt (except in the `#` case, where the worker sees the
-# retry unique itself). Dead letters: `gpr:dl:<hash of the job>`, which never matches.
-_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d{1,9})(?:\.[0-9a-z]{1,16})?([:@#])(.*)", re.DOTALL)
-"""At most 9 digits: a unique from the network is parsed, and int() of thousands of digits
-raises (servers other than gearmand may not cap uniques at 64 bytes)."""
-_TAG_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def retry_tag(rng: random.Random) -> bytes:
-    return "".join(rng.choice(_TAG_ALPHABET) for _ in range(5)).encode()
-
-
-def retry_unique(unique: bytes, handle: bytes, attempt: int, tag: bytes = b"") -> bytes:
-    prefix = b"gpr:%d" % attempt + (b"." + tag if tag else b"")
-    if not unique:
-        return prefix + b"@" + hashlib.sha1(handle).hexdigest()[:32].encode()
-    if len(prefix) + 1 + len(unique) <= MAX_UNIQUE:
-        return prefix + b":" + unique
-    return prefix + b"#" + hashlib.sha1(unique).hexdigest().encode()
-
-
-def parse_retry_unique(unique: bytes) -> tuple[int, bytes] | None:
-    """(attempt, the unique to show the worker) for a retry's unique, None for any other."""
-    match = _RETRY_UNIQUE.fullmatch(unique)
-    if match is None:
-        return None
-    attempt, kind, rest = match.groups()
-    shown = rest if kind == b":" else b"" if kind == b"@" else unique
-    return int(attempt), shown
-
-
-def dead_letter_unique(function: bytes, unique: bytes, handle: bytes, payload: Payload) -> bytes:
-    """A unique id of the dead letter's own: persistent queues key their rows on it, so an
-    empty one would keep one dead letter per function across a gearmand restart. Derived from
-    the job (a dead letter submitted again after a crash coalesces with the first), and from
-    its payload too, since handles repeat after a gearmand restart."""
-    digest = hashlib.sha1(b"\0".join((function, unique, handle, b"")))
-    digest.update(payload)
-    return b"gpr:dl:" + digest.hexdigest().encode()
-
-
 # The state machine --------------------------------------------------------------------------
 
 
@@ -992,11 +787,6 @@ class Retrier(Generic[OwnerT, RouteT]):
         self._held_per_function[job.function] -= 1
         if not self._held_per_function[job.function]:
             del self._held_per_function[job.function]
-
-
-def deadline_passed(deadline: float, now: float) -> bool:
-    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
-    return now >= deadline - 1e-6
 
 
 def _for_handle(ptype: PacketType, handle: bytes, args: dict[str, bytes]) -> bytes:

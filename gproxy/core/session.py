@@ -35,6 +35,7 @@ from .deadlines import Deadlines
 from .ejection import Ejection
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
+from .policy import DISCONNECTED, TIMED_OUT, Mode
 from .protocol import (
     DEFAULT_MAX_PACKET_SIZE,
     HEADER_SIZE,
@@ -51,7 +52,8 @@ from .protocol import (
     split_head,
     text,
 )
-from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
+from .retry import Action, Retrier, SendUpstream
+from .uniques import parse_retry_unique
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
