@@ -71,7 +71,7 @@ def test_a_paused_function_waits_for_resume_and_still_gives_up_at_max_hold_time(
 
 def test_jobs_deferred_by_the_budget_wait_for_resume_too_when_their_function_is_paused() -> None:
     retrier = held_one(replace(POLICY, budget_ratio=0.0, budget_min_per_second=0.001, budget_ttl=1.0))
-    retrier._budget(b"f", 0.0).try_withdraw(0.0)  # (the one retry the floor allows: spent)
+    retrier.budgets.budget(b"f", 0.0).try_withdraw(0.0)  # (the one retry the floor allows: spent)
     actions = retrier.timer_fired(1, 1, now=1.0)
     assert retrier.held[1].state is State.DEFERRED and any(type(a).__name__ == "RecheckBudget" for a in actions)
     retrier.pause(b"f")

@@ -459,7 +459,7 @@ def test_idle_budgets_are_dropped_so_new_function_names_cost_no_memory_for_ever(
     t = Transcript(replace(POLICY, budget_ttl=1.0))
     for n in range(5000):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=float(n))
-    assert len(t.retrier._budgets) < 600
+    assert len(t.retrier.budgets) < 600
     # A dropped budget comes back as new, which is what it was: its window was empty.
     assert t.retrier.budget_balances(6000.0, [b"f1"]) == {b"f1": 10.0}
 
@@ -469,7 +469,7 @@ def test_a_budget_in_use_is_kept() -> None:
     t.retrier.job_assigned("route", b"H:0", b"busy", False, now=0.0)
     for n in range(1, 3000):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=0.0)
-    assert hash(b"busy") in t.retrier._budgets  # its deposit is still in the window
+    assert b"busy" in t.retrier.budgets  # its deposit is still in the window
 
 
 # -- on_disconnect = "retry": a worker that vanishes mid-job is a failure ---------------------

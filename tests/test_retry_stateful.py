@@ -216,12 +216,12 @@ class RetrierMachine(RuleBasedStateMachine):
         r = self.retrier
         wakeups = {(t.action.key, t.action.wait) for t in self.timers if type(t.action) is Wakeup}
         rechecks = {t.action.function for t in self.timers if type(t.action) is RecheckBudget}
-        assert set(r._deferred) == rechecks
+        assert set(r.budgets.lines) == rechecks
         for job in r.held.values():
             if job.state in (State.WAITING, State.DEFERRED):
                 assert (job.key, job.wait) in wakeups, f"job {job.key} waits with no timer"
             if job.state is State.DEFERRED:
-                assert job.key in r._deferred[job.function]
+                assert job.key in r.budgets.deferred(job.function)
 
     @invariant()
     def retries_stay_within_the_budget(self) -> None:

@@ -909,7 +909,7 @@ class SessionWorld(RuleBasedStateMachine):
             if job.state in (State.WAITING, State.DEFERRED):
                 assert (job.key, job.wait) in wakeups, f"job {job.key} waits with no timer"
             if job.state is State.DEFERRED:
-                assert job.function in rechecks and job.key in r._deferred[job.function]
+                assert job.function in rechecks and job.key in r.budgets.deferred(job.function)
             if job.state is State.SUBMITTING:
                 assert job.key in submissions, f"job {job.key} is being submitted, but nothing is sent"
             if job.state is State.RUNNING:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import enum
 import logging
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
-from .budget import RetryBudget
+from .budget import Budgets
 from .dead_letter import envelope
 from .deadlines import deadline_passed
 from .jobs import Payload, TrackedJob
@@ -55,8 +55,6 @@ RouteT = TypeVar("RouteT", bound=Hashable)
 
 log = logging.getLogger("gproxy.retry")
 P = PacketType
-BUDGETS_SWEPT_FROM: Final = 256
-"""Idle retry budgets are dropped once there are this many (see Retrier._budget)."""
 # The state machine --------------------------------------------------------------------------
 
 
@@ -187,12 +185,8 @@ class Retrier(Generic[OwnerT, RouteT]):
         self._by_retry_handle: dict[tuple[RouteT, bytes], int] = {}
         self._by_owner: dict[OwnerT, set[int]] = {}
         self._held_per_function: Counter[bytes] = Counter()
-        self._budgets: dict[int, RetryBudget] = {}
-        """By hash(function name): see _budget."""
-        self._sweep_budgets_at = BUDGETS_SWEPT_FROM
-        self._deferred: dict[bytes, deque[int]] = {}
-        """Per function, the deferred jobs' keys, oldest first; a function is here exactly
-        while a RecheckBudget for it is outstanding."""
+        self.budgets = Budgets(policies)
+        """The retry budgets, and the jobs deferred for them."""
         self._next_key = 0
         self.paused: set[bytes] = set()
         """Functions whose retries an operator paused."""
@@ -215,7 +209,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         """Who a timer concerns: the owner of held job `key`, or of the jobs deferred for
         `function`'s budget. (Should handling it fail, these are the connections to close:
         gearmand requeues what they own.)"""
-        keys = [key] if key is not None else list(self._deferred.get(function or b"", ()))
+        keys = [key] if key is not None else list(self.budgets.deferred(function or b""))
         return list(dict.fromkeys(self.held[k].owner for k in keys if k in self.held))
 
     @property
@@ -240,7 +234,7 @@ class Retrier(Generic[OwnerT, RouteT]):
 
     def budget_balances(self, now: float, functions: Iterable[bytes]) -> dict[bytes, float]:
         """The balance of each of `functions` (a gauge): what its budget allows now."""
-        return {function: self._budget(function, now).balance(now) for function in functions}
+        return self.budgets.balances(now, functions)
 
     # -- events
 
@@ -260,7 +254,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 text(job.function), text(handle),
             )
             actions = self._release(job)
-        budget = self._budget(function, now)
+        budget = self.budgets.budget(function, now)
         if not is_retry:
             budget.deposit(now)
         return actions
@@ -477,33 +471,28 @@ class Retrier(Generic[OwnerT, RouteT]):
 
     def budget_recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """Submit the deferred retries of `function` that its budget allows now, oldest first."""
-        queue = self._deferred.get(function)
-        if queue is None:
+        if not self.budgets.deferred(function):
             return []
         if function in self.paused:  # they wait for resume() instead (their deadlines stand)
-            for key in queue:
+            for key in self.budgets.drop(function):
                 if (job := self.held.get(key)) is not None and job.state is State.DEFERRED:
                     job.state = State.PAUSED
-            del self._deferred[function]
             return []
-        budget = self._budget(function, now)
         actions: list[Action[OwnerT, RouteT]] = []
-        while queue:
-            job = self.held.get(queue[0])
+
+        def waits(key: int) -> bool:
+            """Is job `key` still deferred? (One past its deadline is given up.)"""
+            job = self.held.get(key)
             if job is None or job.state is not State.DEFERRED:
-                queue.popleft()  # ended meanwhile
-            elif deadline_passed(job.deadline, now):
-                queue.popleft()
-                actions += self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
-            elif budget.try_withdraw(now):
-                queue.popleft()
-                actions.append(self._submit(job))
-            else:
-                break
-        if queue:
-            actions.append(RecheckBudget(function, budget.slice))
-        else:
-            del self._deferred[function]
+                return False  # ended meanwhile
+            if deadline_passed(job.deadline, now):
+                actions.extend(self._give_up(job, now, GiveUp.MAX_HOLD_TIME))
+                return False
+            return True
+
+        delay = self.budgets.recheck(function, now, waits, lambda key: actions.append(self._submit(self.held[key])))
+        if delay is not None:
+            actions.append(RecheckBudget(function, delay))
         return actions
 
     def retry_created(self, key: int, retry_handle: bytes) -> list[Action[OwnerT, RouteT]]:
@@ -627,26 +616,6 @@ class Retrier(Generic[OwnerT, RouteT]):
 
     # -- internals
 
-    def _budget(self, function: bytes, now: float) -> RetryBudget:
-        """The function's budget. Function names come from the network (any client may
-        submit under any name): budgets are keyed by the name's hash, not the name, and
-        those with nothing in their window are dropped (a new one would be the same), swept
-        whenever their number doubles, so that each new name costs O(1) on average."""
-        key = hash(function)
-        budget = self._budgets.get(key)
-        if budget is None:
-            if len(self._budgets) >= self._sweep_budgets_at:
-                deferred = {hash(name) for name in self._deferred}
-                for other, idle in list(self._budgets.items()):
-                    if other not in deferred and idle.idle(now):
-                        del self._budgets[other]
-                self._sweep_budgets_at = max(BUDGETS_SWEPT_FROM, 2 * len(self._budgets))
-            policy = self.policies.for_function(function)
-            budget = self._budgets[key] = RetryBudget(
-                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
-            )
-        return budget
-
     def _hold(
         self,
         owner: OwnerT,
@@ -693,9 +662,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         if job.function in self.paused:
             job.state = State.PAUSED  # until resume(), or max_hold_time
             return [Wakeup(job.key, job.deadline - now, job.wait)]
-        queue = self._deferred.get(job.function)
-        budget = self._budget(job.function, now)
-        if queue is None and budget.try_withdraw(now):
+        if self.budgets.withdraw(job.function, now):
             return [self._submit(job)]
         job.state = State.DEFERRED
         self.metrics.count(self.metrics.deferred, job.function)
@@ -704,10 +671,8 @@ class Retrier(Generic[OwnerT, RouteT]):
             text(job.function), text(job.handle), text(job.function),
         )
         actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
-        if queue is None:
-            queue = self._deferred[job.function] = deque()
-            actions.append(RecheckBudget(job.function, budget.slice))
-        queue.append(job.key)
+        if (delay := self.budgets.defer(job.function, job.key, now)) is not None:
+            actions.append(RecheckBudget(job.function, delay))
         return actions
 
     def _submit(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
