@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 from .budget import Budgets
-from .dead_letter import envelope
 from .deadlines import deadline_passed
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
+from .outcomes import Job, Outcomes, final_exception, instead
 from .policy import (
     DISCONNECTED,
     TIMED_OUT,
@@ -43,10 +43,9 @@ from .policy import (
     RetryPolicy,
     Verdict,
     classify,
-    exception_text,
 )
 from .protocol import REQ, PacketType, build_packet, text
-from .uniques import dead_letter_unique, retry_tag, retry_unique
+from .uniques import retry_tag, retry_unique
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 """Who owns a held job: in gproxy the upstream connection (session.UpstreamLink) it came on."""
@@ -180,6 +179,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         """In every retry unique this Retrier submits (see retry_unique)."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.held = lambda: self._held_per_function
+        self.outcomes = Outcomes(self.metrics)
         self.held: dict[int, HeldJob[OwnerT, RouteT]] = {}
         self._by_handle: dict[tuple[RouteT, bytes], int] = {}
         self._by_retry_handle: dict[tuple[RouteT, bytes], int] = {}
@@ -278,7 +278,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         def forwarded(actions: list[Action[OwnerT, RouteT]]) -> Decision[OwnerT, RouteT]:
             if ptype is not P.WORK_EXCEPTION or policy.final_exception is FinalException.EXCEPTION:
                 return Decision(False, actions)
-            return Decision(False, actions, self._final_exception(policy, function, handle, failure))
+            return Decision(False, actions, instead(policy, function, handle, failure))
 
         if verdict is None:
             return forwarded([])
@@ -304,26 +304,7 @@ class Retrier(Generic[OwnerT, RouteT]):
     def final_exception(self, function: bytes, handle: bytes, failure: bytes, exception_ends_job: bool) -> bytes:
         """What ends a job of `function` with the exception `failure` (gproxy's own: a job
         too large to hand over), as the function's final_exception says."""
-        policy = self.policies.for_function(function)
-        if policy.final_exception is FinalException.EXCEPTION:
-            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=failure)
-            return packet if exception_ends_job else packet + build_packet(REQ, P.WORK_FAIL, handle=handle)
-        return self._final_exception(policy, function, handle, failure)
-
-    def _final_exception(self, policy: RetryPolicy, function: bytes, handle: bytes, failure: bytes) -> bytes:
-        """WORK_FAIL (after a WORK_WARNING with the text, for "both") in place of a final
-        exception: every client understands it, and it ends the job on any server. The
-        text is logged, as the client of "fail" never sees it."""
-        log.info(
-            "%s %s ended by an exception, sent to its client as %s: %s",
-            text(function), text(handle),
-            "WORK_FAIL" if policy.final_exception is FinalException.FAIL else "WORK_WARNING and WORK_FAIL",
-            text(exception_text(failure)),
-        )
-        fail = build_packet(REQ, P.WORK_FAIL, handle=handle)
-        if policy.final_exception is FinalException.BOTH:
-            return build_packet(REQ, P.WORK_WARNING, handle=handle, data=failure) + fail
-        return fail
+        return final_exception(self.policies.for_function(function), function, handle, failure, exception_ends_job)
 
     def retries_disconnects(self, function: bytes) -> bool:
         """Is a job of `function` whose worker vanishes retried as a failure (on_disconnect
@@ -689,48 +670,18 @@ class Retrier(Generic[OwnerT, RouteT]):
         )
 
     def _give_up(self, job: HeldJob[OwnerT, RouteT], now: float, why: GiveUp) -> list[Action[OwnerT, RouteT]]:
-        ptype, failure = job.last_failure
-        self.metrics.job_ended(job.function, "exception" if ptype is P.WORK_EXCEPTION else "fail", now - job.started_at)
-        if why is GiveUp.EXHAUSTED:
-            self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning(
-                "retry exhausted: %s %s failed %d attempts, last failure forwarded",
-                text(job.function), text(job.handle), job.attempt,
-            )
-        elif why is GiveUp.MAX_HOLD_TIME:
-            self.metrics.count(self.metrics.cap_rejections, job.function, why.value)
-            log.warning(
-                "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
-                text(job.function), text(job.handle), job.policy.max_hold_time,
-            )
-        if ptype is not P.WORK_EXCEPTION:
-            packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        elif job.policy.final_exception is not FinalException.EXCEPTION:
-            packet = self._final_exception(job.policy, job.function, job.handle, failure)
-        else:
-            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=job.handle, data=failure)
-            if not job.exception_ends_job:
-                packet += build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
+        packet = self.outcomes.given_up(job, now, why)
+        dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job, job.last_failure, job.attempt)
         return dead_letter + self._finish(job, packet)
 
     def _dead_letter(
-        self, route: RouteT, policy: RetryPolicy, job: TrackedJob | HeldJob[OwnerT, RouteT],
-        failure: tuple[PacketType, bytes] | None = None,
+        self, route: RouteT, policy: RetryPolicy, job: Job, failure: tuple[PacketType, bytes], attempts: int = 1
     ) -> list[Action[OwnerT, RouteT]]:
-        """The job, in the dead-letter envelope, to the function's dead letter (if any).
-        `failure`: the last one, when it is not the held job's own."""
-        function = policy.dead_letter_function(job.function)
-        if function is None:
+        """The job, in the dead-letter envelope, to the function's dead letter (if any)."""
+        letter = self.outcomes.dead_letter(policy, job, attempts, failure)
+        if letter is None:
             return []
-        self.metrics.job_outcome(job.function, "dead_lettered")
-        unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
-        attempts = job.attempt if isinstance(job, HeldJob) else 1
-        ptype, text = failure or (job.last_failure if isinstance(job, HeldJob) else (P.WORK_FAIL, b""))
-        if ptype is P.WORK_EXCEPTION:
-            text = exception_text(text)
-        letter = envelope(job.function, job.unique, job.handle, attempts, ptype.name, text, job.payload)
-        return [Submit(route, None, function, unique, letter, P.SUBMIT_JOB_BG)]
+        return [Submit(route, None, letter.function, letter.unique, letter.payload, P.SUBMIT_JOB_BG)]
 
     def _finish(self, job: HeldJob[OwnerT, RouteT], packet: bytes) -> list[Action[OwnerT, RouteT]]:
         return [SendUpstream(job.owner, packet), *self._release(job)]
