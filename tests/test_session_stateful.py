@@ -845,11 +845,11 @@ class SessionWorld(RuleBasedStateMachine):
         handles = [(job.route, job.handle) for job in held]
         assert len(set(handles)) == len(handles), f"a handle held twice: {Counter(handles)}"
         assert r.metrics.held() == Counter(job.function for job in held)
-        assert r._by_handle == {(job.route, job.handle): job.key for job in held}
-        assert r._by_retry_handle == {
+        assert r.jobs.by_handle == {(job.route, job.handle): job.key for job in held}
+        assert r.jobs.by_retry_handle == {
             (job.route, job.retry_handle): job.key for job in held if job.retry_handle is not None
         }
-        assert {owner: keys for owner, keys in r._by_owner.items()} == {
+        assert {owner: keys for owner, keys in r.jobs.by_owner.items()} == {
             owner: {job.key for job in held if job.owner is owner} for owner in {job.owner for job in held}
         }
         for job in held:

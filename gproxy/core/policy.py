@@ -175,6 +175,20 @@ def classify(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> Verdict 
     return Verdict(Reason.WORKER_HINT, min(float(hint.group(1)), policy.backoff_max))
 
 
+def classify_retry(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> tuple[Verdict | None, tuple[PacketType, bytes]]:
+    """Is a retry job's WORK_EXCEPTION / WORK_FAIL retryable (None: no), and the failure it
+    leaves its held job with. A gproxy in front of the retry's worker reports a vanished
+    worker (DISCONNECTED) and a timeout (TIMED_OUT): both leave a WORK_FAIL, as gearmand's
+    --job-retries would end the job. A vanished worker's job is retried at once, as
+    gearmand would requeue it, unless the function retries disconnects as failures."""
+    if ptype is P.WORK_EXCEPTION and payload == DISCONNECTED:
+        retried = policy.on_disconnect is OnDisconnect.RETRY
+        return Verdict(Reason.DISCONNECT, None if retried else 0.0), (P.WORK_FAIL, b"")
+    if ptype is P.WORK_EXCEPTION and payload == TIMED_OUT:
+        return Verdict(Reason.TIMEOUT), (P.WORK_FAIL, b"")  # it ran past its timeout behind a gproxy
+    return classify(policy, ptype, payload), (ptype, payload)
+
+
 def exception_text(payload: bytes) -> bytes:
     """The text of an exception payload. Perl's Gearman::Worker sends `die` messages frozen
     with Storable (network order): a scalar is unwrapped so its marker can be read."""
