@@ -4,7 +4,8 @@ A model world drives it: workers fail jobs, timers fire when due, gearmand creat
 refuses and reassigns retry jobs, connections break. After every step the Retrier's own
 bookkeeping must agree with itself, no job may be stuck (every waiting job has a timer that
 will wake it, every deferred one a budget look that will reach it), no job may end twice,
-and the retries submitted must stay within the budget.
+the retries submitted must stay within the budget, and every state change of a held job
+must be a move of the table (TRANSITIONS), made through HeldJobs.move.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from gproxy.core.budget import SLICES
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.protocol import PacketType
 from gproxy.core.policy import DISCONNECTED, Policies, RetryPolicy
-from gproxy.core.retry import RecheckBudget, Released, Retrier, SendUpstream, State, Submit, Wakeup
+from gproxy.core.retry import (
+    TRANSITIONS,
+    Event,
+    HeldJob,
+    RecheckBudget,
+    Released,
+    Retrier,
+    SendUpstream,
+    State,
+    Submit,
+    Wakeup,
+)
 
 P = PacketType
 POLICY = RetryPolicy(
@@ -51,6 +63,16 @@ class RetrierMachine(RuleBasedStateMachine):
         self.finals: Counter[bytes] = Counter()  # final packets sent per original handle
         self.deposits: list[tuple[float, bytes]] = []
         self.withdrawals: list[tuple[float, bytes]] = []
+        self.states: dict[int, State] = {}  # every held job's state, as the last step left it
+        self.moves: list[tuple[int, State | None, Event, State | None]] = []  # made since
+        jobs, move = self.retrier.jobs, self.retrier.jobs.move
+
+        def recorded(job: HeldJob, event: Event, retry_handle: bytes | None = None) -> None:
+            source = job.state if jobs.by_key.get(job.key) is job else None
+            move(job, event, retry_handle)
+            self.moves.append((job.key, source, event, job.state if jobs.by_key.get(job.key) is job else None))
+
+        jobs.move = recorded  # type: ignore[method-assign]  # the one way a job changes state, watched
 
     # -- executing what the Retrier asks for
 
@@ -209,7 +231,22 @@ class RetrierMachine(RuleBasedStateMachine):
         for job in held:
             assert 1 <= job.attempt <= POLICY.max_attempts
             assert (job.retry_handle is not None) == (job.state is State.RUNNING)
+            assert job.state is not State.PAUSED or job.function in r.paused  # (none is, here)
             assert r.metrics.held()[job.function] <= POLICY.max_held
+
+    @invariant()
+    def every_state_change_is_a_move_of_the_table(self) -> None:
+        """Replayed from where the last step left them, the moves recorded in this step
+        are the table's and lead to the states the jobs are in now: no state changed
+        without a move, and no move went elsewhere than the table says."""
+        expected: dict[int, State | None] = dict(self.states)
+        for key, source, event, target in self.moves:
+            assert expected.get(key) == source, f"job {key} moved from {source}, but was {expected.get(key)}"
+            assert (source, event) in TRANSITIONS and TRANSITIONS[source, event] == target, (key, source, event, target)
+            expected[key] = target
+        now = {key: job.state for key, job in self.retrier.held.items()}
+        assert {key: state for key, state in expected.items() if state is not None} == now
+        self.states, self.moves = now, []
 
     @invariant()
     def no_job_is_stuck(self) -> None:
