@@ -18,8 +18,8 @@ import pytest
 from gproxy.config import Address
 from gproxy.core.held import held_view, table
 from gproxy.core.jobs import TrackedJob
-from gproxy.core.protocol import REQ, PacketType, build_packet
 from gproxy.core.policy import Policies, RetryPolicy
+from gproxy.core.protocol import REQ, PacketType, build_packet
 from gproxy.core.retry import Released, Retrier, SendUpstream, State, Submit, Wakeup
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_pyclient, start_pyclient, start_pyworker

@@ -20,8 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from gproxy.core.budget import SLICES
 from gproxy.core.jobs import TrackedJob
-from gproxy.core.protocol import PacketType
 from gproxy.core.policy import DISCONNECTED, Policies, RetryPolicy
+from gproxy.core.protocol import PacketType
 from gproxy.core.retry import (
     TRANSITIONS,
     Event,

@@ -18,8 +18,8 @@ from gproxy.config import Address, Route
 from gproxy.connection import Connection
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.metrics import Metrics
-from gproxy.core.protocol import REQ, RES, PacketType, build_packet
 from gproxy.core.policy import Policies, RetryPolicy
+from gproxy.core.protocol import REQ, RES, PacketType, build_packet
 from gproxy.core.retry import Retrier, Submit
 from gproxy.retry_client import RetryClient
 from tests.gearmand import Gearmand
