@@ -26,7 +26,8 @@ from gproxy.dataplane import DataPlane  # noqa: E402
 from gproxy.core.metrics import Metrics  # noqa: E402
 from gproxy.pair import Pair, PairSet  # noqa: E402
 from gproxy.core.protocol import REQ, RES, PacketType, build_packet  # noqa: E402
-from gproxy.core.retry import Policies, Retrier  # noqa: E402
+from gproxy.core.policy import Policies  # noqa: E402
+from gproxy.core.retry import Retrier  # noqa: E402
 from gproxy.core.session import Session  # noqa: E402
 
 P = PacketType

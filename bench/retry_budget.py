@@ -23,15 +23,8 @@ from dataclasses import dataclass, field, replace
 
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.protocol import PacketType
-from gproxy.core.retry import (
-    Policies,
-    RecheckBudget,
-    Retrier,
-    RetryPolicy,
-    SendUpstream,
-    Submit,
-    Wakeup,
-)
+from gproxy.core.policy import Policies, RetryPolicy
+from gproxy.core.retry import RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
 
 P = PacketType
 OWNER, ROUTE, FUNCTION = "worker-connection", "route", b"job"

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .core.metrics import DEFAULT_MAX_FUNCTIONS
+from .core.policy import FinalException, Mode, OnDisconnect, Policies, Priority, RetryPolicy
 from .core.protocol import DEFAULT_MAX_PACKET_SIZE
-from .core.retry import FinalException, Mode, OnDisconnect, Policies, Priority, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -17,7 +17,8 @@ import trio.testing
 from gproxy.config import Address, Config, Route
 from gproxy.core.jobs import TrackedJob
 from gproxy.control import Proxy
-from gproxy.core.retry import HeldJob, Policies, RetryPolicy
+from gproxy.core.policy import Policies, RetryPolicy
+from gproxy.core.retry import HeldJob
 
 R = TypeVar("R")
 

@@ -1,4 +1,5 @@
-"""The retry budget, pure: the floor, the ratio, the window, and the bound it keeps."""
+"""The retry budget, pure: the floor, the ratio, the window, and the bound it keeps; and the
+budgets of every function with their lines of deferred retries."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gproxy.core.budget import SLICES, RetryBudget
+from gproxy.core.budget import BUDGETS_SWEPT_FROM, SLICES, Budgets, RetryBudget
+from gproxy.core.policy import Policies, RetryPolicy
 
 
 def test_the_floor_allows_min_per_second_times_ttl_in_every_window() -> None:
@@ -97,3 +99,64 @@ def test_with_no_traffic_the_floor_is_reached_exactly(min_per_second: float, ttl
     while budget.try_withdraw(0.0):
         allowed += 1
     assert allowed == int(min_per_second * ttl + 1e-9)
+
+
+# -- Budgets: every function's budget, and the line of retries waiting for it ----------------------
+
+SPENT = Policies(RetryPolicy(budget_ratio=1.0, budget_min_per_second=0.0, budget_ttl=10.0))
+"""No floor: a retry goes only on what first attempts earned."""
+
+
+def test_idle_budgets_are_swept_when_their_number_doubles_and_a_line_keeps_its_own() -> None:
+    budgets = Budgets(SPENT)
+    budgets.budget(b"busy", 0.0).deposit(0.0)
+    assert budgets.defer(b"waiting", 1, 0.0) == 1.0  # idle, but a retry waits for it
+    for n in range(BUDGETS_SWEPT_FROM - 2):
+        budgets.budget(b"f%d" % n, 0.0)
+    assert len(budgets) == BUDGETS_SWEPT_FROM
+    budgets.budget(b"new", 1.0)  # one more: the idle ones go
+    assert len(budgets) == 3 and b"busy" in budgets and b"waiting" in budgets and b"f0" not in budgets
+    for n in range(BUDGETS_SWEPT_FROM - 4):
+        budgets.budget(b"g%d" % n, 1.0)
+    assert len(budgets) == BUDGETS_SWEPT_FROM - 1  # no sweep below the floor of the threshold
+    assert budgets.balances(1.0, [b"busy", b"f0"]) == {b"busy": 1.0, b"f0": 0.0}  # f0 came back as new
+
+
+def test_a_retry_goes_only_if_no_older_one_is_in_line() -> None:
+    budgets = Budgets(SPENT)
+    assert not budgets.withdraw(b"f", 0.0)
+    assert budgets.defer(b"f", 1, 0.0) == 1.0  # a new line: look again after a slice
+    assert budgets.defer(b"f", 2, 0.5) is None  # a look is outstanding already
+    budgets.budget(b"f", 0.5).deposit(0.5)
+    assert not budgets.withdraw(b"f", 0.5)  # budget to spare, but two wait before it
+    assert list(budgets.lines) == [b"f"] and list(budgets.deferred(b"f")) == [1, 2]
+    assert budgets.withdraw(b"g", 0.5) is False and not budgets.deferred(b"g")
+
+
+def test_a_look_lets_the_line_go_oldest_first_as_the_budget_allows() -> None:
+    budgets = Budgets(SPENT)
+    for key in (1, 2, 3, 4):
+        budgets.defer(b"f", key, 0.0)
+    for _ in range(2):
+        budgets.budget(b"f", 0.0).deposit(0.0)
+    asked, went = [], []
+
+    def waits(key: int) -> bool:
+        asked.append(key)
+        return key != 2  # job 2 ended meanwhile
+
+    assert budgets.recheck(b"f", 1.0, waits, went.append) == 1.0  # job 4 is left: look again
+    assert (asked, went, list(budgets.deferred(b"f"))) == ([1, 2, 3, 4], [1, 3], [4])
+    budgets.budget(b"f", 1.0).deposit(1.0)
+    assert budgets.recheck(b"f", 2.0, waits, went.append) is None  # the line is empty, and gone
+    assert went == [1, 3, 4] and not budgets.lines
+    assert budgets.recheck(b"f", 3.0, waits, went.append) is None and went == [1, 3, 4]  # no line: nothing
+
+
+def test_a_dropped_line_hands_back_its_keys_in_order() -> None:
+    budgets = Budgets(SPENT)
+    for key in (3, 1, 2):
+        budgets.defer(b"f", key, 0.0)
+    assert list(budgets.drop(b"f")) == [3, 1, 2]
+    assert not budgets.lines and list(budgets.drop(b"f")) == []
+    assert budgets.defer(b"f", 5, 1.0) == 1.0  # a new line asks for a look again

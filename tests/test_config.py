@@ -9,7 +9,7 @@ import pytest
 
 from gproxy.cli import main
 from gproxy.config import Address, ConfigError, Keepalive, Route, load_config
-from gproxy.core.retry import FinalException, Mode, OnDisconnect, Priority, RetryPolicy
+from gproxy.core.policy import FinalException, Mode, OnDisconnect, Priority, RetryPolicy
 
 
 def write(tmp_path: Path, text: str) -> str:

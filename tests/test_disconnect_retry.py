@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from gproxy.core.retry import OnDisconnect, RetryPolicy
+from gproxy.core.policy import OnDisconnect, RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerProcess, attempts_log, run_pyclient, start_pyclient, start_pyworker, stop_peer
 from tests.proxy_thread import ProxyThread

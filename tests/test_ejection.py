@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from gproxy.core.ejection import Ejection
-from gproxy.core.retry import RetryPolicy
+from gproxy.core.policy import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_cli_client, start_cli_worker
 from tests.proxy_thread import ProxyThread
@@ -60,8 +60,8 @@ async def test_an_ejection_is_counted_and_shown_in_the_same_step() -> None:
     from gproxy.pair import Pair
     from gproxy.core.protocol import REQ, RES, PacketType, build_packet
     from gproxy.control import Proxy
-    from gproxy.core.retry import Policies
     from gproxy.core.lifecycle import CallLater, Timer
+    from gproxy.core.policy import Policies
     from gproxy.core.session import Session
 
     route = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gproxy.core.retry import FinalException, RetryPolicy
+from gproxy.core.policy import FinalException, RetryPolicy
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, run_cli_client, run_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread

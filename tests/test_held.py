@@ -18,8 +18,9 @@ import pytest
 from gproxy.config import Address
 from gproxy.core.held import held_view, table
 from gproxy.core.jobs import TrackedJob
+from gproxy.core.policy import Policies, RetryPolicy
 from gproxy.core.protocol import REQ, PacketType, build_packet
-from gproxy.core.retry import Policies, Released, Retrier, RetryPolicy, SendUpstream, State, Submit, Wakeup
+from gproxy.core.retry import Released, Retrier, SendUpstream, State, Submit, Wakeup
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_pyclient, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
@@ -70,7 +71,7 @@ def test_a_paused_function_waits_for_resume_and_still_gives_up_at_max_hold_time(
 
 def test_jobs_deferred_by_the_budget_wait_for_resume_too_when_their_function_is_paused() -> None:
     retrier = held_one(replace(POLICY, budget_ratio=0.0, budget_min_per_second=0.001, budget_ttl=1.0))
-    retrier._budget(b"f", 0.0).try_withdraw(0.0)  # (the one retry the floor allows: spent)
+    retrier.budgets.budget(b"f", 0.0).try_withdraw(0.0)  # (the one retry the floor allows: spent)
     actions = retrier.timer_fired(1, 1, now=1.0)
     assert retrier.held[1].state is State.DEFERRED and any(type(a).__name__ == "RecheckBudget" for a in actions)
     retrier.pause(b"f")

@@ -29,7 +29,7 @@ import trio
 
 from gproxy.config import Address, Config, Keepalive, Route
 from gproxy.control import Proxy
-from gproxy.core.retry import Policies, RetryPolicy
+from gproxy.core.policy import Policies, RetryPolicy
 from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (

@@ -14,7 +14,7 @@ from gproxy.config import Address, Config, Route
 from prometheus_client import generate_latest
 
 from gproxy.core.metrics import OTHER, Metrics
-from gproxy.core.retry import Mode, Policies, RetryPolicy
+from gproxy.core.policy import Mode, Policies, RetryPolicy
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, run_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread

@@ -33,7 +33,7 @@ import pytest
 
 from gproxy.config import Address, Config, Route
 from gproxy.core.protocol import REQ, RES, PacketType, build_packet
-from gproxy.core.retry import Mode, Policies, RetryPolicy
+from gproxy.core.policy import Mode, Policies, RetryPolicy
 from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, find_free_port, wait_for
 from tests.peer_procs import (

@@ -22,7 +22,8 @@ from gproxy.core.metrics import Metrics
 from gproxy.core.lifecycle import HALF_CLOSE_LINGER, Timer
 from gproxy.pair import Pair, PairSet, PairTimer
 from gproxy.control import Proxy
-from gproxy.core.retry import Policies, Retrier
+from gproxy.core.policy import Policies
+from gproxy.core.retry import Retrier
 from gproxy.core.session import Session, UpstreamLink
 
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))

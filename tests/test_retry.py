@@ -12,31 +12,21 @@ from hypothesis import strategies as st
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.protocol import REQ, PacketType, build_packet
 from gproxy.core.dead_letter import envelope, parse
-from gproxy.core.retry import (
+from gproxy.core.policy import (
     DISCONNECTED,
     TIMED_OUT,
-    MAX_UNIQUE,
-    Decision,
     FinalException,
     Mode,
     OnDisconnect,
     Policies,
     Priority,
     Reason,
-    RecheckBudget,
-    Released,
-    Retrier,
     RetryPolicy,
-    SendUpstream,
-    Submit,
     Verdict,
-    Wakeup,
     classify,
-    dead_letter_unique,
-    parse_retry_unique,
-    retry_tag,
-    retry_unique,
 )
+from gproxy.core.retry import Decision, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from gproxy.core.uniques import MAX_UNIQUE, dead_letter_unique, parse_retry_unique, retry_tag, retry_unique
 
 P = PacketType
 POLICY = RetryPolicy(jitter=False)
@@ -469,7 +459,7 @@ def test_idle_budgets_are_dropped_so_new_function_names_cost_no_memory_for_ever(
     t = Transcript(replace(POLICY, budget_ttl=1.0))
     for n in range(5000):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=float(n))
-    assert len(t.retrier._budgets) < 600
+    assert len(t.retrier.budgets) < 600
     # A dropped budget comes back as new, which is what it was: its window was empty.
     assert t.retrier.budget_balances(6000.0, [b"f1"]) == {b"f1": 10.0}
 
@@ -479,7 +469,7 @@ def test_a_budget_in_use_is_kept() -> None:
     t.retrier.job_assigned("route", b"H:0", b"busy", False, now=0.0)
     for n in range(1, 3000):
         t.retrier.job_assigned("route", b"H:%d" % n, b"f%d" % n, False, now=0.0)
-    assert hash(b"busy") in t.retrier._budgets  # its deposit is still in the window
+    assert b"busy" in t.retrier.budgets  # its deposit is still in the window
 
 
 # -- on_disconnect = "retry": a worker that vanishes mid-job is a failure ---------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gproxy.core.budget import SLICES
-from gproxy.core.retry import RetryPolicy
+from gproxy.core.policy import RetryPolicy
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, attempts_log, run_pyburst, start_pyburst, start_pyworker
 from tests.proxy_thread import ProxyThread

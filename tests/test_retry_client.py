@@ -19,7 +19,8 @@ from gproxy.connection import Connection
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.metrics import Metrics
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.core.retry import Action, Policies, Retrier, RetryPolicy, SendUpstream, Submit
+from gproxy.core.policy import Policies, RetryPolicy
+from gproxy.core.retry import Action, Retrier, SendUpstream, Submit
 from gproxy.core.reconnect import MAXIMUM as RECONNECT_MAX
 from gproxy.core.reconnect import PROVEN_AFTER
 from gproxy.retry_client import ANSWER_WAIT, ECHO_WAIT, RetryClient

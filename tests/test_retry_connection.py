@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gproxy.config import Keepalive
+from gproxy.core.policy import RetryPolicy
 from gproxy.core.protocol import REQ, PacketType
 from gproxy.core.reconnect import INITIAL
-from gproxy.core.retry import RetryPolicy
 from tests.fault_relay import FaultRelay, RelayedConnection
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_pyclient, seen_uniques, start_pyclient, start_pyworker

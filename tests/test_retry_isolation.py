@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gproxy.core.retry import RetryPolicy
+from gproxy.core.policy import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
     PeerSet,

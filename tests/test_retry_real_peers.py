@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from gproxy.core.policy import RetryPolicy
 from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
-from gproxy.core.retry import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import (
     PeerSet,

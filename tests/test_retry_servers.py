@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gproxy.core.retry import Priority, RetryPolicy
+from gproxy.core.policy import Priority, RetryPolicy
 from tests.gearmand import Gearmand, PerlGearmanServer, wait_for
 from tests.peer_procs import (
     PeerSet,

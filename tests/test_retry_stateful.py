@@ -4,7 +4,8 @@ A model world drives it: workers fail jobs, timers fire when due, gearmand creat
 refuses and reassigns retry jobs, connections break. After every step the Retrier's own
 bookkeeping must agree with itself, no job may be stuck (every waiting job has a timer that
 will wake it, every deferred one a budget look that will reach it), no job may end twice,
-and the retries submitted must stay within the budget.
+the retries submitted must stay within the budget, and every state change of a held job
+must be a move of the table (TRANSITIONS), made through HeldJobs.move.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from gproxy.core.budget import SLICES
 from gproxy.core.jobs import TrackedJob
+from gproxy.core.policy import DISCONNECTED, Policies, RetryPolicy
 from gproxy.core.protocol import PacketType
 from gproxy.core.retry import (
-    DISCONNECTED,
-    Policies,
+    TRANSITIONS,
+    Event,
+    HeldJob,
     RecheckBudget,
     Released,
     Retrier,
-    RetryPolicy,
     SendUpstream,
     State,
     Submit,
@@ -61,6 +63,16 @@ class RetrierMachine(RuleBasedStateMachine):
         self.finals: Counter[bytes] = Counter()  # final packets sent per original handle
         self.deposits: list[tuple[float, bytes]] = []
         self.withdrawals: list[tuple[float, bytes]] = []
+        self.states: dict[int, State] = {}  # every held job's state, as the last step left it
+        self.moves: list[tuple[int, State | None, Event, State | None]] = []  # made since
+        jobs, move = self.retrier.jobs, self.retrier.jobs.move
+
+        def recorded(job: HeldJob, event: Event, retry_handle: bytes | None = None) -> None:
+            source = job.state if jobs.by_key.get(job.key) is job else None
+            move(job, event, retry_handle)
+            self.moves.append((job.key, source, event, job.state if jobs.by_key.get(job.key) is job else None))
+
+        jobs.move = recorded  # type: ignore[method-assign]  # the one way a job changes state, watched
 
     # -- executing what the Retrier asks for
 
@@ -209,29 +221,44 @@ class RetrierMachine(RuleBasedStateMachine):
         r = self.retrier
         held = r.held.values()
         assert r.metrics.held() == Counter(job.function for job in held)
-        assert {owner: keys for owner, keys in r._by_owner.items()} == {
+        assert {owner: keys for owner, keys in r.jobs.by_owner.items()} == {
             owner: {job.key for job in held if job.owner == owner} for owner in {job.owner for job in held}
         }
-        assert r._by_handle == {(job.route, job.handle): job.key for job in held}
-        assert r._by_retry_handle == {
+        assert r.jobs.by_handle == {(job.route, job.handle): job.key for job in held}
+        assert r.jobs.by_retry_handle == {
             (job.route, job.retry_handle): job.key for job in held if job.retry_handle is not None
         }
         for job in held:
             assert 1 <= job.attempt <= POLICY.max_attempts
             assert (job.retry_handle is not None) == (job.state is State.RUNNING)
+            assert job.state is not State.PAUSED or job.function in r.paused  # (none is, here)
             assert r.metrics.held()[job.function] <= POLICY.max_held
+
+    @invariant()
+    def every_state_change_is_a_move_of_the_table(self) -> None:
+        """Replayed from where the last step left them, the moves recorded in this step
+        are the table's and lead to the states the jobs are in now: no state changed
+        without a move, and no move went elsewhere than the table says."""
+        expected: dict[int, State | None] = dict(self.states)
+        for key, source, event, target in self.moves:
+            assert expected.get(key) == source, f"job {key} moved from {source}, but was {expected.get(key)}"
+            assert (source, event) in TRANSITIONS and TRANSITIONS[source, event] == target, (key, source, event, target)
+            expected[key] = target
+        now = {key: job.state for key, job in self.retrier.held.items()}
+        assert {key: state for key, state in expected.items() if state is not None} == now
+        self.states, self.moves = now, []
 
     @invariant()
     def no_job_is_stuck(self) -> None:
         r = self.retrier
         wakeups = {(t.action.key, t.action.wait) for t in self.timers if type(t.action) is Wakeup}
         rechecks = {t.action.function for t in self.timers if type(t.action) is RecheckBudget}
-        assert set(r._deferred) == rechecks
+        assert set(r.budgets.lines) == rechecks
         for job in r.held.values():
             if job.state in (State.WAITING, State.DEFERRED):
                 assert (job.key, job.wait) in wakeups, f"job {job.key} waits with no timer"
             if job.state is State.DEFERRED:
-                assert job.key in r._deferred[job.function]
+                assert job.key in r.budgets.deferred(job.function)
 
     @invariant()
     def retries_stay_within_the_budget(self) -> None:

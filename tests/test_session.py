@@ -13,20 +13,8 @@ from hypothesis import strategies as st
 from gproxy.config import Address, Route
 from gproxy.core.lifecycle import CallLater, Close, LinkState, Timer
 from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.core.retry import (
-    DISCONNECTED,
-    TIMED_OUT,
-    FinalException,
-    Mode,
-    OnDisconnect,
-    Policies,
-    Released,
-    Retrier,
-    RetryPolicy,
-    SendUpstream,
-    Submit,
-    Wakeup,
-)
+from gproxy.core.policy import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, RetryPolicy
+from gproxy.core.retry import Released, Retrier, SendUpstream, Submit, Wakeup
 from gproxy.core.session import (
     MAX_SILENCED,
     Command,

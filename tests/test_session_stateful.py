@@ -47,22 +47,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from gproxy.config import Address, Route
 from gproxy.core.metrics import Metrics
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.core.retry import (
-    DISCONNECTED,
-    OnDisconnect,
-    Policies,
-    RecheckBudget,
-    Released,
-    Retrier,
-    RetryPolicy,
-    SendUpstream,
-    State,
-    Submit,
-    Wakeup,
-    parse_retry_unique,
-)
 from gproxy.core.lifecycle import CallLater, Close, Finish, LinkState, Shut, Timer
+from gproxy.core.policy import DISCONNECTED, OnDisconnect, Policies, RetryPolicy
+from gproxy.core.retry import RecheckBudget, Released, Retrier, SendUpstream, State, Submit, Wakeup
 from gproxy.core.session import OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
+from gproxy.core.uniques import parse_retry_unique
 from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 
 P = PacketType
@@ -881,11 +870,11 @@ class SessionWorld(RuleBasedStateMachine):
         handles = [(job.route, job.handle) for job in held]
         assert len(set(handles)) == len(handles), f"a handle held twice: {Counter(handles)}"
         assert r.metrics.held() == Counter(job.function for job in held)
-        assert r._by_handle == {(job.route, job.handle): job.key for job in held}
-        assert r._by_retry_handle == {
+        assert r.jobs.by_handle == {(job.route, job.handle): job.key for job in held}
+        assert r.jobs.by_retry_handle == {
             (job.route, job.retry_handle): job.key for job in held if job.retry_handle is not None
         }
-        assert {owner: keys for owner, keys in r._by_owner.items()} == {
+        assert {owner: keys for owner, keys in r.jobs.by_owner.items()} == {
             owner: {job.key for job in held if job.owner is owner} for owner in {job.owner for job in held}
         }
         for job in held:
@@ -945,7 +934,7 @@ class SessionWorld(RuleBasedStateMachine):
             if job.state in (State.WAITING, State.DEFERRED):
                 assert (job.key, job.wait) in wakeups, f"job {job.key} waits with no timer"
             if job.state is State.DEFERRED:
-                assert job.function in rechecks and job.key in r._deferred[job.function]
+                assert job.function in rechecks and job.key in r.budgets.deferred(job.function)
             if job.state is State.SUBMITTING:
                 assert job.key in submissions, f"job {job.key} is being submitted, but nothing is sent"
             if job.state is State.RUNNING:

@@ -18,8 +18,9 @@ from gproxy.config import Address, Route
 from gproxy.connection import Connection
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.metrics import Metrics
+from gproxy.core.policy import Policies, RetryPolicy
 from gproxy.core.protocol import REQ, RES, PacketType, build_packet
-from gproxy.core.retry import Policies, Retrier, RetryPolicy, Submit
+from gproxy.core.retry import Retrier, Submit
 from gproxy.retry_client import RetryClient
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_pyworker

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gproxy.core.retry import RetryPolicy
+from gproxy.core.policy import RetryPolicy
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, attempts_log, run_pyclient, start_perlworker, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread

@@ -5,7 +5,11 @@ window of `ttl` seconds, retries may number at most `ratio` times the first atte
 that window, plus a floor of `min_per_second * ttl` so that a function with little traffic
 can still retry. Each first attempt deposits `ratio`, each retry withdraws 1 when it is
 about to be submitted, and both expire from the window after `ttl`. A budget that says no
-does not fail anything: the Retrier defers the retry until the budget allows it.
+does not fail anything: the retry waits in its function's line until the budget allows it.
+
+`RetryBudget` is one function's window; `Budgets` is every function's, with the lines of
+retries deferred for them (the Retrier decides what happens to a job, Budgets only which
+key's turn it is).
 
 Pure: the caller passes `now` (any monotonic clock). The window is kept in ten slices, as
 Finagle's WindowedAdder does, so an entry expires between `ttl` and `ttl * 1.1` after it
@@ -15,9 +19,15 @@ was made, and each call costs a few float operations.
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Final
 
+from .policy import Policies
+
 SLICES: Final = 10
+BUDGETS_SWEPT_FROM: Final = 256
+"""Idle retry budgets are dropped once there are this many (see Budgets.budget)."""
 _EPSILON: Final = 1e-9
 """Deposits of 0.2 summed in floats fall a hair short of whole numbers."""
 
@@ -72,3 +82,109 @@ class RetryBudget:
             last = self._epoch = epoch
         # A clock that stepped back (it should not) writes to the newest slice, not an old one.
         return last % SLICES
+
+
+class Budgets:
+    """The retry budget of every function, and per function the line of retries that wait
+    for it: a retry whose backoff is over takes from the budget (`withdraw`), or, if the
+    budget says no or older retries of the function are in line, joins the line (`defer`).
+    A function has a line exactly while a look at its budget (the caller's RecheckBudget,
+    after the delay `defer` returned) is outstanding; each look (`recheck`) lets go as many
+    as the budget allows, oldest first. A line holds keys only: whether a key still waits
+    is the caller's to say."""
+
+    def __init__(self, policies: Policies) -> None:
+        self.policies = policies
+        self._budgets: dict[int, RetryBudget] = {}
+        """By hash(function name): see budget()."""
+        self._sweep_at = BUDGETS_SWEPT_FROM
+        self._lines: dict[bytes, deque[int]] = {}
+        """Per function, the deferred keys, oldest first; a function is here exactly
+        while a RecheckBudget for it is outstanding."""
+
+    def __len__(self) -> int:
+        """Budgets kept."""
+        return len(self._budgets)
+
+    def __contains__(self, function: bytes) -> bool:
+        """Is a budget kept for `function` (one not idle since the last sweep)?"""
+        return hash(function) in self._budgets
+
+    def budget(self, function: bytes, now: float) -> RetryBudget:
+        """The function's budget. Function names come from the network (any client may
+        submit under any name): budgets are keyed by the name's hash, not the name, and
+        those with nothing in their window are dropped (a new one would be the same), swept
+        whenever their number doubles, so that each new name costs O(1) on average. A
+        function with a line keeps its budget."""
+        key = hash(function)
+        budget = self._budgets.get(key)
+        if budget is None:
+            if len(self._budgets) >= self._sweep_at:
+                deferred = {hash(name) for name in self._lines}
+                for other, idle in list(self._budgets.items()):
+                    if other not in deferred and idle.idle(now):
+                        del self._budgets[other]
+                self._sweep_at = max(BUDGETS_SWEPT_FROM, 2 * len(self._budgets))
+            policy = self.policies.for_function(function)
+            budget = self._budgets[key] = RetryBudget(
+                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
+            )
+        return budget
+
+    def balances(self, now: float, functions: Iterable[bytes]) -> dict[bytes, float]:
+        """The balance of each of `functions` (a gauge): what its budget allows now."""
+        return {function: self.budget(function, now).balance(now) for function in functions}
+
+    def withdraw(self, function: bytes, now: float) -> bool:
+        """May a retry of `function` go now? Only if no older one is in line and the budget
+        allows it; if so, it is counted against the budget."""
+        budget = self.budget(function, now)
+        return function not in self._lines and budget.try_withdraw(now)
+
+    def defer(self, function: bytes, key: int, now: float) -> float | None:
+        """`key` joins the end of `function`'s line. If the line is new: the delay after
+        which to look at the budget (`recheck`); else None (a look is outstanding)."""
+        line = self._lines.get(function)
+        if line is not None:
+            line.append(key)
+            return None
+        self._lines[function] = deque([key])
+        return self.budget(function, now).slice
+
+    @property
+    def lines(self) -> Collection[bytes]:
+        """The functions with a line (each with a look at its budget outstanding)."""
+        return self._lines.keys()
+
+    def deferred(self, function: bytes) -> Sequence[int]:
+        """The keys in `function`'s line, oldest first (a key may be there after its job
+        stopped waiting: it is dropped when its turn comes)."""
+        return self._lines.get(function, ())
+
+    def drop(self, function: bytes) -> Sequence[int]:
+        """`function`'s line is given up (its retries wait elsewhere): its keys, oldest first."""
+        return self._lines.pop(function, ())
+
+    def recheck(
+        self, function: bytes, now: float, waits: Callable[[int], bool], go: Callable[[int], None]
+    ) -> float | None:
+        """The look at `function`'s budget: walk its line, oldest first. A key leaves the
+        line when `waits(key)` says it waits no more (the caller may end its job there), or
+        when the budget grants it a retry: `go(key)`. The walk stops at the first key the
+        budget cannot grant. The delay after which to look again, or None: the line is
+        empty, and gone (the callbacks must not touch the lines)."""
+        line = self._lines.get(function)
+        if line is None:
+            return None
+        budget = self.budget(function, now)
+        while line:
+            if not waits(line[0]):
+                line.popleft()
+            elif budget.try_withdraw(now):
+                go(line.popleft())
+            else:
+                break
+        if line:
+            return budget.slice
+        del self._lines[function]
+        return None

@@ -15,9 +15,13 @@ from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 from .jobs import TrackedJob
-from .retry import deadline_passed
 
 LinkT = TypeVar("LinkT", bound=Hashable)
+
+
+def deadline_passed(deadline: float, now: float) -> bool:
+    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
+    return now >= deadline - 1e-6
 
 
 class Deadlines(Generic[LinkT]):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .retry import RetryPolicy
+from .policy import RetryPolicy
 
 
 @dataclass(slots=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .policy import exception_text
 from .protocol import PacketType
-from .retry import Retrier, State, exception_text
+from .retry import Retrier, State
 
 FAILURE_SHOWN = 200
 """Bytes of a job's last failure shown (the rest may be megabytes of a worker's dump)."""

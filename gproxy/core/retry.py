@@ -1,4 +1,4 @@
-"""Retry policy and the retry state machine: events in, actions out.
+"""The retry state machine: events in, actions out (the policy it follows is in policy.py).
 
 Pure: no sockets, no clock (every event that needs the time carries `now`), randomness
 injected. The trio layer feeds events (a worker's failure, a timer, a reply on a
@@ -14,25 +14,39 @@ a non-retryable one, reaches gearmand as H1's failure.
 A held job moves through WAITING (its backoff) -> [DEFERRED (the function's retry budget
 is spent)] -> SUBMITTING -> RUNNING, and back to WAITING when the retry fails retryably.
 Every wait is bounded by `max_hold_time`, and a function never holds more than `max_held`.
+Every move is in TRANSITIONS, and HeldJobs.move, the only way a held job changes state,
+refuses any other. The table, by state (`-`: not held, before the hold and after it;
+`any`: every held state; the events are Event's):
+
+    -           failed -> WAITING
+    WAITING     budget granted, operator retry -> SUBMITTING | budget spent -> DEFERRED | paused -> PAUSED | deadline passed -> -
+    DEFERRED    budget granted, operator retry -> SUBMITTING | paused -> PAUSED | deadline passed -> -
+    PAUSED      budget granted, operator retry -> SUBMITTING | budget spent -> DEFERRED | deadline passed -> -
+    SUBMITTING  created -> RUNNING | connection lost -> SUBMITTING | refused -> -
+    RUNNING     failed -> WAITING | connection lost -> SUBMITTING | succeeded, failed for good, exhausted -> -
+    any         operator give-up, owner lost, reassigned -> -
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import random
-import re
-from collections import Counter, deque
-from collections.abc import Collection, Hashable, Iterable
+from collections import Counter
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final, Generic, TypeVar
 
-from .budget import RetryBudget
-from .dead_letter import envelope
+from .budget import Budgets
+from .deadlines import deadline_passed
+from .intake import Ending, Intake
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
+from .outcomes import Letter, Outcomes, final_exception
+from .policy import GiveUp, Policies, RetryPolicy, Verdict, classify_retry
 from .protocol import REQ, PacketType, build_packet, text
+from .uniques import retry_tag, retry_unique
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 """Who owns a held job: in gproxy the upstream connection (session.UpstreamLink) it came on."""
@@ -41,228 +55,9 @@ RouteT = TypeVar("RouteT", bound=Hashable)
 
 log = logging.getLogger("gproxy.retry")
 P = PacketType
-BUDGETS_SWEPT_FROM: Final = 256
-"""Idle retry budgets are dropped once there are this many (see Retrier._budget)."""
-MAX_UNIQUE: Final = 63
-"""gearmand truncates a 64-byte unique to 63 and then fails to coalesce; longer is refused."""
-DISCONNECTED: Final = b"gproxy: the worker running this retry disconnected"
-"""The failure a gproxy reports for a retry job whose worker left on a connection that it
-keeps open for held jobs: every gproxy retries it with reason `disconnect`, as gearmand
-would have requeued it."""
-TIMED_OUT: Final = b"gproxy: the worker running this retry ran past its timeout"
-"""The failure a gproxy reports for a retry job that ran past its function's timeout
-behind it: the gproxy that owns the loop retries it with reason `timeout`."""
 
 
-class Mode(enum.Enum):
-    ENFORCE = "enforce"
-    OBSERVE = "observe"
-
-
-class OnDisconnect(enum.Enum):
-    """What happens to a job whose worker vanishes in the middle of it."""
-
-    REQUEUE = "requeue"  # gearmand's own way: at once, with no limit
-    RETRY = "retry"  # a retryable failure: backoff, attempts, dead letter
-
-
-class FinalException(enum.Enum):
-    """How a client hears of a WORK_EXCEPTION that ends its job (not retried, or the last).
-    gearmand sends an exception only to clients that asked for exceptions (OPTION_REQ);
-    the others (the libgearman CLI, node clients) hear nothing and wait forever."""
-
-    EXCEPTION = "exception"  # as the worker sent it
-    FAIL = "fail"  # a WORK_FAIL instead, which every client understands
-    BOTH = "both"  # WORK_WARNING with the text, then WORK_FAIL
-
-
-class Reason(enum.Enum):
-    """Why a failure is retried (a metrics label, so the values are stable)."""
-
-    EXCEPTION = "exception"
-    FAIL = "fail"
-    WORKER_HINT = "worker_hint"
-    DISCONNECT = "disconnect"
-    TIMEOUT = "timeout"
-
-
-class Priority(enum.Enum):
-    """The priority retries are submitted with: gproxy cannot see the original's."""
-
-    NORMAL = "normal"
-    HIGH = "high"
-    LOW = "low"
-
-    @property
-    def submit_type(self) -> PacketType:
-        return _SUBMIT_TYPES[self]
-
-
-_SUBMIT_TYPES: Final = {
-    Priority.NORMAL: P.SUBMIT_JOB, Priority.HIGH: P.SUBMIT_JOB_HIGH, Priority.LOW: P.SUBMIT_JOB_LOW,
-}
-
-
-class GiveUp(enum.Enum):
-    """Why a held job's last failure is forwarded after all."""
-
-    EXHAUSTED = "exhausted"
-    FINAL = "final"  # a retry failed in a way that is not retryable
-    REFUSED = "refused"  # gearmand answered the retry's submission with ERROR
-    MAX_HELD = "max_held"
-    MAX_HOLD_TIME = "max_hold_time"
-    OPERATOR = "operator"  # given up by hand (the admin endpoint)
-
-
-CAPS: Final = (GiveUp.MAX_HELD, GiveUp.MAX_HOLD_TIME)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    exception_marker: bytes = b"RETRY"
-    fatal_marker: bytes = b"FATAL"
-    on_fail: bool = False
-    max_attempts: int = 5
-    backoff_initial: float = 1.0
-    backoff_multiplier: float = 2.0
-    backoff_max: float = 60.0
-    jitter: bool = True
-    dead_letter: str = ""
-    budget_ratio: float = 0.2
-    budget_min_per_second: float = 10.0
-    budget_ttl: float = 10.0
-    max_held: int = 1000
-    max_hold_time: float = 600.0
-    retry_priority: Priority = Priority.NORMAL
-    mode: Mode = Mode.ENFORCE
-    on_disconnect: OnDisconnect = OnDisconnect.REQUEUE
-    final_exception: FinalException = FinalException.EXCEPTION
-    timeout: float = 0.0
-    eject_after: int = 0
-    eject_for: float = 30.0
-    eject_for_max: float = 600.0
-
-    def backoff(self, failed_attempt: int, rng: random.Random) -> float:
-        """Delay before attempt `failed_attempt + 1`: exponential, capped; with jitter, a
-        uniform draw from the upper half, so retries of a burst spread but never bunch at 0."""
-        delay = min(
-            self.backoff_max, self.backoff_initial * self.backoff_multiplier ** (failed_attempt - 1)
-        )
-        return rng.uniform(delay / 2, delay) if self.jitter else delay
-
-    def delay(self, verdict: Verdict, failed_attempt: int, rng: random.Random) -> float:
-        """The wait before the next attempt. A worker's `after=` hint is a minimum: jitter
-        goes above it (up to half again), never below."""
-        if verdict.delay is None:
-            return self.backoff(failed_attempt, rng)
-        return rng.uniform(verdict.delay, verdict.delay * 1.5) if self.jitter else verdict.delay
-
-    def dead_letter_function(self, function: bytes) -> bytes | None:
-        if not self.dead_letter:
-            return None
-        return self.dead_letter.replace("{function}", function.decode("utf-8", "replace")).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Policies:
-    """The `[retry]` defaults and the `[functions."NAME"]` overrides, resolved per function."""
-
-    default: RetryPolicy = RetryPolicy()
-    functions: dict[bytes, RetryPolicy] = field(default_factory=dict)
-
-    def for_function(self, function: bytes) -> RetryPolicy:
-        return self.functions.get(function, self.default)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A failure the worker marked retryable; `delay` is the worker's own hint, if any."""
-
-    reason: Reason
-    delay: float | None = None
-
-
-_HINT: Final = re.compile(rb"\s*after=(\d+(?:\.\d+)?)")
-
-
-def classify(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> Verdict | None:
-    """Is this WORK_EXCEPTION / WORK_FAIL retryable? None means: forward it as it is."""
-    if ptype is P.WORK_FAIL:
-        return Verdict(Reason.FAIL) if policy.on_fail else None
-    text = exception_text(payload)
-    if policy.fatal_marker and text.startswith(policy.fatal_marker):
-        return None
-    if not text.startswith(policy.exception_marker):
-        return None
-    hint = _HINT.match(text, len(policy.exception_marker))
-    if hint is None:
-        return Verdict(Reason.EXCEPTION)
-    return Verdict(Reason.WORKER_HINT, min(float(hint.group(1)), policy.backoff_max))
-
-
-def exception_text(payload: bytes) -> bytes:
-    """The text of an exception payload. Perl's Gearman::Worker sends `die` messages frozen
-    with Storable (network order): a scalar is unwrapped so its marker can be read."""
-    if len(payload) < 4 or payload[0] != 0x05:
-        return payload
-    kind, rest = payload[2], payload[3:]
-    if kind in (0x0A, 0x17):  # SX_SCALAR, SX_UTF8STR: one length byte
-        return rest[1 : 1 + rest[0]]
-    if kind in (0x01, 0x18) and len(rest) >= 4:  # SX_LSCALAR, SX_LUTF8STR: four length bytes
-        return rest[4 : 4 + int.from_bytes(rest[:4], "big")]
-    return payload
-
-
-# Unique ids ---------------------------------------------------------------------------------
-# Retries: `gpr:<n>.<tag>:<original unique>`, <n> the attempt, <tag> five characters drawn
-# when the Retrier starts, so that two gproxies (or two runs of one) never submit the same
-# retry unique: gearmand would attach the second submission to the first one's job, which
-# it drops unrun if that one's client left (a killed gproxy's). For an empty original,
-# `gpr:<n>.<tag>@<hash of the handle>` (empty uniques never coalesce, so each retry needs
-# its own); for an original too long to fit, `gpr:<n>.<tag>#<hash of the original>`. A
-# gproxy in front of the worker that runs a retry strips the marking, so the worker sees
-# the original unique on every attempt (except in the `#` case, where the worker sees the
-# retry unique itself). Dead letters: `gpr:dl:<hash of the job>`, which never matches.
-_RETRY_UNIQUE: Final = re.compile(rb"gpr:(\d{1,9})(?:\.[0-9a-z]{1,16})?([:@#])(.*)", re.DOTALL)
-"""At most 9 digits: a unique from the network is parsed, and int() of thousands of digits
-raises (servers other than gearmand may not cap uniques at 64 bytes)."""
-_TAG_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def retry_tag(rng: random.Random) -> bytes:
-    return "".join(rng.choice(_TAG_ALPHABET) for _ in range(5)).encode()
-
-
-def retry_unique(unique: bytes, handle: bytes, attempt: int, tag: bytes = b"") -> bytes:
-    prefix = b"gpr:%d" % attempt + (b"." + tag if tag else b"")
-    if not unique:
-        return prefix + b"@" + hashlib.sha1(handle).hexdigest()[:32].encode()
-    if len(prefix) + 1 + len(unique) <= MAX_UNIQUE:
-        return prefix + b":" + unique
-    return prefix + b"#" + hashlib.sha1(unique).hexdigest().encode()
-
-
-def parse_retry_unique(unique: bytes) -> tuple[int, bytes] | None:
-    """(attempt, the unique to show the worker) for a retry's unique, None for any other."""
-    match = _RETRY_UNIQUE.fullmatch(unique)
-    if match is None:
-        return None
-    attempt, kind, rest = match.groups()
-    shown = rest if kind == b":" else b"" if kind == b"@" else unique
-    return int(attempt), shown
-
-
-def dead_letter_unique(function: bytes, unique: bytes, handle: bytes, payload: Payload) -> bytes:
-    """A unique id of the dead letter's own: persistent queues key their rows on it, so an
-    empty one would keep one dead letter per function across a gearmand restart. Derived from
-    the job (a dead letter submitted again after a crash coalesces with the first), and from
-    its payload too, since handles repeat after a gearmand restart."""
-    digest = hashlib.sha1(b"\0".join((function, unique, handle, b"")))
-    digest.update(payload)
-    return b"gpr:dl:" + digest.hexdigest().encode()
-
-
-# The state machine --------------------------------------------------------------------------
+# The state machine: its states, what happens to a held job, the table -------------------------
 
 
 class State(enum.Enum):
@@ -271,6 +66,72 @@ class State(enum.Enum):
     SUBMITTING = "submitting"  # SUBMIT_JOB queued or sent, JOB_CREATED not yet seen
     RUNNING = "running"  # retry job H2 exists in gearmand
     PAUSED = "paused"  # backoff over, its function's retries paused by an operator
+
+
+class Event(enum.Enum):
+    """What happens to a held job, as far as its state goes: see TRANSITIONS."""
+
+    FAILED = "failed"  # an attempt failed retryably, with attempts left: (another) backoff
+    PAUSED = "paused"  # its turn came (backoff over, or first in line) while its function is paused
+    BUDGET_GRANTED = "budget granted"  # its turn came (backoff over, resumed, first in line): the budget allows it
+    BUDGET_SPENT = "budget spent"  # its turn came, but the budget is spent or older retries wait: in line
+    CREATED = "created"  # gearmand acknowledged the retry's submission (JOB_CREATED)
+    REFUSED = "refused"  # gearmand refused the submission (ERROR): its last failure
+    CONNECTION_LOST = "connection lost"  # the retry connection broke: submitted again
+    SUCCEEDED = "succeeded"  # the retry completed: its result is H1's
+    FAILED_FOR_GOOD = "failed for good"  # the retry failed in a way no retry mends: its last failure
+    EXHAUSTED = "exhausted"  # the retry failed, or was lost, with no attempt left: its last failure
+    DEADLINE_PASSED = "deadline passed"  # it waited max_hold_time: its last failure
+    OPERATOR_RETRY = "operator retry"  # retried by hand, whatever its backoff, budget or pause
+    OPERATOR_GIVE_UP = "operator give-up"  # given up by hand: its last failure
+    OWNER_LOST = "owner lost"  # H1's connection is gone: gearmand requeued H1
+    REASSIGNED = "reassigned"  # gearmand assigned H1 again (it took the job back)
+
+
+TRANSITIONS: Final[Mapping[tuple[State | None, Event], State | None]] = MappingProxyType({
+    (None, Event.FAILED): State.WAITING,
+    (State.WAITING, Event.BUDGET_GRANTED): State.SUBMITTING,
+    (State.WAITING, Event.OPERATOR_RETRY): State.SUBMITTING,
+    (State.WAITING, Event.BUDGET_SPENT): State.DEFERRED,
+    (State.WAITING, Event.PAUSED): State.PAUSED,
+    (State.WAITING, Event.DEADLINE_PASSED): None,
+
+    (State.DEFERRED, Event.BUDGET_GRANTED): State.SUBMITTING,
+    (State.DEFERRED, Event.OPERATOR_RETRY): State.SUBMITTING,
+    (State.DEFERRED, Event.PAUSED): State.PAUSED,
+    (State.DEFERRED, Event.DEADLINE_PASSED): None,
+
+    (State.PAUSED, Event.BUDGET_GRANTED): State.SUBMITTING,  # resumed
+    (State.PAUSED, Event.OPERATOR_RETRY): State.SUBMITTING,
+    (State.PAUSED, Event.BUDGET_SPENT): State.DEFERRED,  # resumed
+    (State.PAUSED, Event.DEADLINE_PASSED): None,
+
+    (State.SUBMITTING, Event.CREATED): State.RUNNING,
+    (State.SUBMITTING, Event.CONNECTION_LOST): State.SUBMITTING,  # sent again, under a new unique id
+    (State.SUBMITTING, Event.REFUSED): None,
+
+    (State.RUNNING, Event.FAILED): State.WAITING,
+    (State.RUNNING, Event.CONNECTION_LOST): State.SUBMITTING,  # the next attempt
+    (State.RUNNING, Event.SUCCEEDED): None,
+    (State.RUNNING, Event.FAILED_FOR_GOOD): None,
+    (State.RUNNING, Event.EXHAUSTED): None,
+
+    # In any state a held job may be given up by hand, or lose what it holds.
+    **{(state, event): None for state in State for event in (Event.OPERATOR_GIVE_UP, Event.OWNER_LOST, Event.REASSIGNED)},
+})
+"""(The state a held job is in, or None if it is not held; what happens) -> the state it is
+in then, None: held no more. The module docstring shows it by state; the README points here."""
+_GIVEN_UP: Final = {
+    GiveUp.EXHAUSTED: Event.EXHAUSTED, GiveUp.FINAL: Event.FAILED_FOR_GOOD, GiveUp.REFUSED: Event.REFUSED,
+    GiveUp.MAX_HOLD_TIME: Event.DEADLINE_PASSED, GiveUp.OPERATOR: Event.OPERATOR_GIVE_UP,
+}
+"""The move of a held job given up, by why it is."""
+_WAITS: Final = (State.WAITING, State.DEFERRED, State.PAUSED)
+
+
+class TransitionError(RuntimeError):
+    """A move TRANSITIONS does not have: a bug in gproxy, not the network's doing (an event
+    that does not fit a job's state is ignored before it gets here)."""
 
 
 @dataclass(slots=True)
@@ -295,7 +156,9 @@ class HeldJob(Generic[OwnerT, RouteT]):
     """Submissions lost with a connection before gearmand acknowledged them: each is sent
     again under a new unique id, without counting as an attempt."""
     state: State = State.WAITING
+    """Changed by HeldJobs.move alone, as TRANSITIONS says."""
     retry_handle: bytes | None = None
+    """Its retry job H2's handle, while RUNNING."""
     last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b"")
     wait: int = 0
     """Which wait this is (one per failure), so a timer of an earlier wait does nothing."""
@@ -303,6 +166,9 @@ class HeldJob(Generic[OwnerT, RouteT]):
     """When the current wait runs out of max_hold_time."""
     next_attempt_at: float | None = None
     """When the backoff ends (while WAITING)."""
+
+
+# What the caller of a Retrier executes --------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,59 +234,208 @@ class Decision(Generic[OwnerT, RouteT]):
 
 
 _RELAYED: Final = {P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS}
-_LOST: Final = {Reason.DISCONNECT: "its worker vanished", Reason.TIMEOUT: "it ran past its timeout"}
+
+
+# The held jobs and their moves; the events that move them -------------------------------------
+
+
+class HeldJobs(Generic[OwnerT, RouteT]):
+    """Every held job, indexed, and its moves. move() is the one way a held job changes
+    state, as TRANSITIONS says; the other methods are moves with what they do besides (a
+    backoff's timer, a turn at the budget, a submission, a give-up's last failure and dead
+    letter). Which move an event makes is the Retrier's to decide. A job is in the indexes
+    exactly while it is held, and in `by_retry_handle` exactly while it is RUNNING."""
+
+    def __init__(self, policies: Policies, rng: random.Random, tag: bytes, outcomes: Outcomes, budgets: Budgets) -> None:
+        self.policies, self.rng, self.tag = policies, rng, tag
+        self.outcomes, self.metrics, self.budgets = outcomes, outcomes.metrics, budgets
+        self.by_key: dict[int, HeldJob[OwnerT, RouteT]] = {}
+        self.by_handle: dict[tuple[RouteT, bytes], int] = {}
+        """H1's key by its (route, handle)."""
+        self.by_retry_handle: dict[tuple[RouteT, bytes], int] = {}
+        """A RUNNING job's key by the (route, handle) of its retry job H2."""
+        self.by_owner: dict[OwnerT, set[int]] = {}
+        self.per_function: Counter[bytes] = Counter()
+        self._next_key = 0
+
+    def move(self, job: HeldJob[OwnerT, RouteT], event: Event, retry_handle: bytes | None = None) -> None:
+        """`event` happened to `job` (not held yet, or held): it takes the state TRANSITIONS
+        says, and is forgotten if that is None. A move that is not in the table (or that
+        starts RUNNING without its retry's `retry_handle`) raises TransitionError and
+        changes nothing. A job that leaves RUNNING loses its retry's handle."""
+        source = job.state if self.by_key.get(job.key) is job else None
+        move = (source, event)
+        if move not in TRANSITIONS or (TRANSITIONS[move] is State.RUNNING) != (retry_handle is not None):
+            where = "not held" if source is None else source.name
+            raise TransitionError(f"held job {job.key}: {where}, and {event.value}: no such move")
+        target = TRANSITIONS[move]
+        if job.retry_handle is not None:  # (no move stays RUNNING)
+            self.by_retry_handle.pop((job.route, job.retry_handle), None)
+            job.retry_handle = None
+        if target is None:
+            self._forget(job)
+            return
+        if source is None:
+            self.by_key[job.key] = job
+            self.by_handle[(job.route, job.handle)] = job.key
+            self.by_owner.setdefault(job.owner, set()).add(job.key)
+            self.per_function[job.function] += 1
+        if retry_handle is not None:
+            job.retry_handle = retry_handle
+            self.by_retry_handle[(job.route, retry_handle)] = job.key
+        job.state = target
+
+    def _forget(self, job: HeldJob[OwnerT, RouteT]) -> None:
+        del self.by_key[job.key]
+        if self.by_handle.get((job.route, job.handle)) == job.key:
+            del self.by_handle[(job.route, job.handle)]
+        owned = self.by_owner[job.owner]
+        owned.discard(job.key)
+        if not owned:
+            del self.by_owner[job.owner]
+        self.per_function[job.function] -= 1
+        if not self.per_function[job.function]:
+            del self.per_function[job.function]
+
+    def hold(
+        self, owner: OwnerT, route: RouteT, tracked: TrackedJob, verdict: Verdict, now: float,
+        last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b""), exception_ends_job: bool = True,
+    ) -> list[Action[OwnerT, RouteT]]:
+        """An original's failure is held: a new held job, in its first backoff."""
+        self._next_key += 1
+        job = HeldJob(
+            key=self._next_key, owner=owner, route=route, handle=tracked.handle,
+            function=tracked.function, unique=tracked.unique, payload=tracked.payload,
+            policy=self.policies.for_function(tracked.function), started_at=tracked.started_at,
+            exception_ends_job=exception_ends_job, last_failure=last_failure,
+        )
+        self.metrics.job_outcome(job.function, "retried")
+        return self.backoff(job, verdict, now)
+
+    def backoff(self, job: HeldJob[OwnerT, RouteT], verdict: Verdict, now: float) -> list[Action[OwnerT, RouteT]]:
+        """(failed) The job is held, or held again: a wait for its next attempt starts."""
+        self.move(job, Event.FAILED)
+        delay = job.policy.delay(verdict, job.attempt, self.rng)
+        job.wait += 1
+        job.deadline = now + job.policy.max_hold_time
+        job.next_attempt_at = now + delay
+        self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
+        log.info(
+            "retrying %s %s: attempt %d of %d in %.2fs (%s)",
+            text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
+            delay, verdict.reason.value,
+        )
+        # A backoff that ends after the deadline wakes at the deadline, to give up.
+        return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]
+
+    def turn(self, job: HeldJob[OwnerT, RouteT], now: float, paused: bool) -> list[Action[OwnerT, RouteT]]:
+        """Its turn came (its backoff is over, or it is resumed): it waits for resume() if
+        its function is `paused`; else its retry is submitted if the budget allows it and no
+        older retry of the function waits for the budget; else it waits for the budget, in line."""
+        job.next_attempt_at = None
+        if paused:
+            self.move(job, Event.PAUSED)  # until resume(), or max_hold_time
+            return [Wakeup(job.key, job.deadline - now, job.wait)]
+        if self.budgets.withdraw(job.function, now):
+            return [self.submit(job, Event.BUDGET_GRANTED)]
+        self.move(job, Event.BUDGET_SPENT)
+        self.metrics.count(self.metrics.deferred, job.function)
+        log.info(
+            "retry of %s %s deferred: the retry budget of %s is spent",
+            text(job.function), text(job.handle), text(job.function),
+        )
+        actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
+        if (delay := self.budgets.defer(job.function, job.key, now)) is not None:
+            actions.append(RecheckBudget(job.function, delay))
+        return actions
+
+    def submit(self, job: HeldJob[OwnerT, RouteT], event: Event) -> Submit[RouteT]:
+        """The job's next attempt: its submission."""
+        self.move(job, event)
+        job.attempt += 1
+        return self._submission(job)
+
+    def resubmit(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
+        """(connection lost) Its submission, lost unanswered: sent again, not an attempt."""
+        self.move(job, Event.CONNECTION_LOST)
+        job.resubmitted += 1
+        return self._submission(job)
+
+    def _submission(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
+        """The retry's SUBMIT_JOB. Its unique id is never used twice: gearmand would attach
+        a new submission to an abandoned retry job, which it drops unrun."""
+        unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted, self.tag)
+        return Submit(
+            job.route, job.key, job.function, unique, job.payload, job.policy.retry_priority.submit_type
+        )
+
+    def give_up(self, job: HeldJob[OwnerT, RouteT], now: float, why: GiveUp) -> list[Action[OwnerT, RouteT]]:
+        """The job is given up: its last failure goes to its owner, and (unless a retry
+        failed for good) the job to its dead letter."""
+        self.move(job, _GIVEN_UP[why])
+        packet = self.outcomes.given_up(job, now, why)
+        letter = None if why is GiveUp.FINAL else self.outcomes.dead_letter(job.policy, job, job.attempt, job.last_failure)
+        return [*_letter(job.route, letter), SendUpstream(job.owner, packet), *self.released(job.owner)]
+
+    def released(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
+        """Released(owner) if it holds nothing more."""
+        return [] if self.by_owner.get(owner) else [Released(owner)]
 
 
 class Retrier(Generic[OwnerT, RouteT]):
-    """Every held job of the process. Each method takes an event and returns the actions."""
+    """Every held job of the process. Each method takes an event and returns the actions.
+    Which job an event concerns, and which move it makes of it, is decided here; the moves
+    themselves are HeldJobs'."""
 
     def __init__(
-        self,
-        policies: Policies,
-        rng: random.Random | None = None,
-        metrics: Metrics | None = None,
+        self, policies: Policies, rng: random.Random | None = None, metrics: Metrics | None = None,
         tag: bytes | None = None,
     ) -> None:
         self.policies = policies
-        self.rng = rng or random.Random()
-        self.tag = retry_tag(self.rng) if tag is None else tag
+        rng = rng or random.Random()
+        self.tag = retry_tag(rng) if tag is None else tag
         """In every retry unique this Retrier submits (see retry_unique)."""
         self.metrics = metrics if metrics is not None else Metrics()
-        self.metrics.held = lambda: self._held_per_function
-        self.held: dict[int, HeldJob[OwnerT, RouteT]] = {}
-        self._by_handle: dict[tuple[RouteT, bytes], int] = {}
-        self._by_retry_handle: dict[tuple[RouteT, bytes], int] = {}
-        self._by_owner: dict[OwnerT, set[int]] = {}
-        self._held_per_function: Counter[bytes] = Counter()
-        self._budgets: dict[int, RetryBudget] = {}
-        """By hash(function name): see _budget."""
-        self._sweep_budgets_at = BUDGETS_SWEPT_FROM
-        self._deferred: dict[bytes, deque[int]] = {}
-        """Per function, the deferred jobs' keys, oldest first; a function is here exactly
-        while a RecheckBudget for it is outstanding."""
-        self._next_key = 0
+        self.metrics.held = lambda: self.held_per_function
+        self.outcomes = Outcomes(self.metrics)
+        self.intake = Intake(policies, self.outcomes)
+        """Which failures of originals are held."""
+        self.budgets = Budgets(policies)
+        """The retry budgets, and the jobs deferred for them."""
+        self.jobs: HeldJobs[OwnerT, RouteT] = HeldJobs(policies, rng, self.tag, self.outcomes, self.budgets)
+        """The held jobs, their indexes, their states and their moves."""
         self.paused: set[bytes] = set()
         """Functions whose retries an operator paused."""
 
     # -- queries
 
+    @property
+    def held(self) -> Mapping[int, HeldJob[OwnerT, RouteT]]:
+        """Every held job, by key."""
+        return self.jobs.by_key
+
+    @property
+    def held_per_function(self) -> Mapping[bytes, int]:
+        """How many jobs each function holds now."""
+        return self.jobs.per_function
+
     def holds(self, owner: OwnerT, function: bytes | None = None) -> bool:
         """Does `owner` hold jobs for us (of `function`, if given)?"""
-        keys = self._by_owner.get(owner)
+        keys = self.jobs.by_owner.get(owner)
         if not keys:
             return False
         return function is None or any(self.held[key].function == function for key in keys)
 
     def holder(self, route: RouteT, handle: bytes) -> OwnerT | None:
         """The connection that holds `handle` for a retry, if we hold it."""
-        key = self._by_handle.get((route, handle))
+        key = self.jobs.by_handle.get((route, handle))
         return None if key is None else self.held[key].owner
 
     def owners(self, key: int | None = None, function: bytes | None = None) -> list[OwnerT]:
         """Who a timer concerns: the owner of held job `key`, or of the jobs deferred for
         `function`'s budget. (Should handling it fail, these are the connections to close:
         gearmand requeues what they own.)"""
-        keys = [key] if key is not None else list(self._deferred.get(function or b"", ()))
+        keys = [key] if key is not None else list(self.budgets.deferred(function or b""))
         return list(dict.fromkeys(self.held[k].owner for k in keys if k in self.held))
 
     @property
@@ -436,7 +451,7 @@ class Retrier(Generic[OwnerT, RouteT]):
     def is_retry_handle(self, route: RouteT, handle: bytes) -> bool:
         """Is `handle` a retry job this process submitted? (How retries are recognised on a
         server that cannot tell a worker the unique id.)"""
-        return (route, handle) in self._by_retry_handle
+        return (route, handle) in self.jobs.by_retry_handle
 
     def submitting(self, key: int) -> bool:
         """Is a submission for `key` still wanted? (Not if the job ended meanwhile.)"""
@@ -445,7 +460,7 @@ class Retrier(Generic[OwnerT, RouteT]):
 
     def budget_balances(self, now: float, functions: Iterable[bytes]) -> dict[bytes, float]:
         """The balance of each of `functions` (a gauge): what its budget allows now."""
-        return {function: self._budget(function, now).balance(now) for function in functions}
+        return self.budgets.balances(now, functions)
 
     # -- events
 
@@ -456,7 +471,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         retries. A handle we hold means gearmand took the job back behind our back (a
         CAN_DO_TIMEOUT fired): that hold is over; its retry, if one runs, finishes nothing."""
         actions: list[Action[OwnerT, RouteT]] = []
-        key = self._by_handle.get((route, handle))
+        key = self.jobs.by_handle.get((route, handle))
         if key is not None:
             job = self.held[key]
             log.warning(
@@ -464,92 +479,37 @@ class Retrier(Generic[OwnerT, RouteT]):
                 "CAN_DO_TIMEOUT fired): the hold ends, the job runs as gearmand decided",
                 text(job.function), text(handle),
             )
-            actions = self._release(job)
-        budget = self._budget(function, now)
+            self.jobs.move(job, Event.REASSIGNED)
+            actions = self.jobs.released(job.owner)
+        budget = self.budgets.budget(function, now)
         if not is_retry:
             budget.deposit(now)
         return actions
 
     def worker_failed(
-        self,
-        *,
-        owner: OwnerT,
-        route: RouteT,
-        job: TrackedJob,
-        ptype: PacketType,
-        failure: bytes,
-        now: float,
+        self, *, owner: OwnerT, route: RouteT, job: TrackedJob, ptype: PacketType, failure: bytes, now: float,
         exception_ends_job: bool = True,
     ) -> Decision[OwnerT, RouteT]:
         """A worker failed an original job: hold it for a retry, or let the failure pass."""
-        function, handle = job.function, job.handle
-        policy = self.policies.for_function(function)
-        verdict = classify(policy, ptype, failure)
-
-        def forwarded(actions: list[Action[OwnerT, RouteT]]) -> Decision[OwnerT, RouteT]:
-            if ptype is not P.WORK_EXCEPTION or policy.final_exception is FinalException.EXCEPTION:
-                return Decision(False, actions)
-            return Decision(False, actions, self._final_exception(policy, function, handle, failure))
-
-        if verdict is None:
-            return forwarded([])
-        name = text(function)
-        if policy.mode is Mode.OBSERVE:
-            log.info("observe: would retry %s %s (%s)", name, text(handle), verdict.reason.value)
-            self.metrics.count(self.metrics.observed, function)
-            return forwarded([])
-        if policy.max_attempts <= 1:
-            log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, text(handle))
-            self.metrics.count(self.metrics.exhausted, function)
-            return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
-        if self._held_per_function[function] >= policy.max_held:
-            self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
-            log.warning(
-                "%s already holds %d jobs (max_held): %s failure forwarded",
-                name, policy.max_held, text(handle),
-            )
-            return forwarded(self._dead_letter(route, policy, job, (ptype, failure)))
-        held = self._hold(owner, route, job, verdict, now, (ptype, failure), exception_ends_job)
-        return Decision(True, held)
+        taken = self.intake.failed(job, ptype, failure, self.jobs.per_function[job.function])
+        if isinstance(taken, Verdict):
+            return Decision(True, self.jobs.hold(owner, route, job, taken, now, (ptype, failure), exception_ends_job))
+        return Decision(False, _ended(owner, route, taken), taken.instead)
 
     def final_exception(self, function: bytes, handle: bytes, failure: bytes, exception_ends_job: bool) -> bytes:
         """What ends a job of `function` with the exception `failure` (gproxy's own: a job
         too large to hand over), as the function's final_exception says."""
-        policy = self.policies.for_function(function)
-        if policy.final_exception is FinalException.EXCEPTION:
-            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=failure)
-            return packet if exception_ends_job else packet + build_packet(REQ, P.WORK_FAIL, handle=handle)
-        return self._final_exception(policy, function, handle, failure)
-
-    def _final_exception(self, policy: RetryPolicy, function: bytes, handle: bytes, failure: bytes) -> bytes:
-        """WORK_FAIL (after a WORK_WARNING with the text, for "both") in place of a final
-        exception: every client understands it, and it ends the job on any server. The
-        text is logged, as the client of "fail" never sees it."""
-        log.info(
-            "%s %s ended by an exception, sent to its client as %s: %s",
-            text(function), text(handle),
-            "WORK_FAIL" if policy.final_exception is FinalException.FAIL else "WORK_WARNING and WORK_FAIL",
-            text(exception_text(failure)),
-        )
-        fail = build_packet(REQ, P.WORK_FAIL, handle=handle)
-        if policy.final_exception is FinalException.BOTH:
-            return build_packet(REQ, P.WORK_WARNING, handle=handle, data=failure) + fail
-        return fail
+        return final_exception(self.policies.for_function(function), function, handle, failure, exception_ends_job)
 
     def retries_disconnects(self, function: bytes) -> bool:
         """Is a job of `function` whose worker vanishes retried as a failure (on_disconnect
         = "retry", enforced), rather than requeued by gearmand?"""
-        policy = self.policies.for_function(function)
-        return policy.on_disconnect is OnDisconnect.RETRY and policy.mode is Mode.ENFORCE
+        return self.intake.retries_disconnects(function)
 
     def disconnects_observed(self, running: Iterable[TrackedJob]) -> None:
         """The worker left jobs running that gearmand requeues: counted as observed where
         on_disconnect = "retry" is only observed."""
-        for job in running:
-            policy = self.policies.for_function(job.function)
-            if policy.on_disconnect is OnDisconnect.RETRY and policy.mode is Mode.OBSERVE and not job.is_retry:
-                log.info("observe: would retry %s %s (disconnect)", text(job.function), text(job.handle))
-                self.metrics.count(self.metrics.observed, job.function)
+        self.intake.disconnects_observed(running)
 
     def worker_left(
         self, owner: OwnerT, route: RouteT, running: list[TrackedJob], now: float, ran: bool = True
@@ -562,21 +522,11 @@ class Retrier(Generic[OwnerT, RouteT]):
         job if `ran` is False: assigned after the worker left, it never ran)."""
         actions: list[Action[OwnerT, RouteT]] = []
         for job in running:
-            policy = self.policies.for_function(job.function)
-            if ran and self.retries_disconnects(job.function):
-                actions += self._disconnected(owner, route, job, policy, now)
-                continue
-            if self._held_per_function[job.function] < policy.max_held:
-                actions += self._hold(owner, route, job, Verdict(Reason.DISCONNECT, 0.0), now)
-                continue
-            self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
-            self.metrics.job_ended(job.function, "fail", now - job.started_at)
-            log.warning(
-                "%s already holds %d jobs (max_held): %s, whose worker left, fails",
-                text(job.function), policy.max_held, text(job.handle),
-            )
-            actions += self._dead_letter(route, policy, job, (P.WORK_FAIL, b"gproxy: its worker left"))
-            actions.append(SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle)))
+            taken = self.intake.left(job, now, ran, self.jobs.per_function[job.function])
+            if isinstance(taken, Verdict):
+                actions += self.jobs.hold(owner, route, job, taken, now)
+            else:
+                actions += _ended(owner, route, taken)
         return actions
 
     def worker_timed_out(
@@ -585,53 +535,49 @@ class Retrier(Generic[OwnerT, RouteT]):
         """An original ran past its function's timeout: a retryable failure (reason
         timeout; the worker's late result is the caller's to drop). None in observe mode:
         only counted, and the attempt runs on."""
-        policy = self.policies.for_function(job.function)
-        if policy.mode is Mode.OBSERVE:
-            log.info("observe: would retry %s %s (timeout)", text(job.function), text(job.handle))
-            self.metrics.count(self.metrics.observed, job.function)
-            return None
-        return self._attempt_lost(owner, route, job, policy, now, Reason.TIMEOUT)
-
-    def _disconnected(
-        self, owner: OwnerT, route: RouteT, job: TrackedJob, policy: RetryPolicy, now: float
-    ) -> list[Action[OwnerT, RouteT]]:
-        """An original whose worker vanished, of a function that retries disconnects: a
-        failure like a retryable WORK_FAIL (a poison job that kills its workers runs
-        max_attempts times with backoff, then goes to the dead letter)."""
-        return self._attempt_lost(owner, route, job, policy, now, Reason.DISCONNECT)
-
-    def _attempt_lost(
-        self, owner: OwnerT, route: RouteT, job: TrackedJob, policy: RetryPolicy, now: float, reason: Reason
-    ) -> list[Action[OwnerT, RouteT]]:
-        """An attempt that ended with no result of the worker's (it vanished, or ran out of
-        time): held for a retry with backoff; with no attempt or room left, failed (a
-        WORK_FAIL, as gearmand's --job-retries would end it) and dead-lettered."""
-        name, why = text(job.function), _LOST[reason]
-        if policy.max_attempts > 1 and self._held_per_function[job.function] < policy.max_held:
-            return self._hold(owner, route, job, Verdict(reason), now)
-        if policy.max_attempts <= 1:
-            self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning("retry exhausted: %s %s after 1 attempt (%s), failed", name, text(job.handle), why)
-        else:
-            self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
-            log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, text(job.handle), why)
-        self.metrics.job_ended(job.function, "fail", now - job.started_at)
-        lost = (P.WORK_FAIL, b"gproxy: " + why.encode())
-        return [*self._dead_letter(route, policy, job, lost), SendUpstream(owner, build_packet(REQ, P.WORK_FAIL, handle=job.handle))]
+        taken = self.intake.timed_out(job, now, self.jobs.per_function[job.function])
+        if isinstance(taken, Verdict):
+            return self.jobs.hold(owner, route, job, taken, now)
+        return None if taken is None else _ended(owner, route, taken)
 
     def timer_fired(self, key: int, wait: int, now: float) -> list[Action[OwnerT, RouteT]]:
+        """A Wakeup came: a backoff is over, or a wait has run out of max_hold_time."""
         job = self.held.get(key)
-        if job is None or job.wait != wait:
+        if job is None or job.wait != wait or job.state not in _WAITS:
             return []
+        if deadline_passed(job.deadline, now):
+            return self.jobs.give_up(job, now, GiveUp.MAX_HOLD_TIME)
         if job.state is State.WAITING:
+            return self.jobs.turn(job, now, job.function in self.paused)
+        return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
+
+    def budget_recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
+        """Submit the deferred retries of `function` that its budget allows now, oldest first."""
+        if not self.budgets.deferred(function):
+            return []
+        if function in self.paused:  # they wait for resume() instead (their deadlines stand)
+            for key in self.budgets.drop(function):
+                if (job := self.held.get(key)) is not None and job.state is State.DEFERRED:
+                    self.jobs.move(job, Event.PAUSED)
+            return []
+        actions: list[Action[OwnerT, RouteT]] = []
+
+        def waits(key: int) -> bool:
+            """Is job `key` still deferred? (One past its deadline is given up.)"""
+            job = self.held.get(key)
+            if job is None or job.state is not State.DEFERRED:
+                return False  # ended meanwhile
             if deadline_passed(job.deadline, now):
-                return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
-            return self._submit_or_defer(job, now)
-        if job.state is State.DEFERRED or job.state is State.PAUSED:
-            if deadline_passed(job.deadline, now):
-                return self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
-            return [Wakeup(job.key, job.deadline - now, job.wait)]  # woken early: again
-        return []
+                actions.extend(self.jobs.give_up(job, now, GiveUp.MAX_HOLD_TIME))
+                return False
+            return True
+
+        def go(key: int) -> None:
+            actions.append(self.jobs.submit(self.held[key], Event.BUDGET_GRANTED))
+
+        if (delay := self.budgets.recheck(function, now, waits, go)) is not None:
+            actions.append(RecheckBudget(function, delay))
+        return actions
 
     # -- an operator's hand (the admin endpoint)
 
@@ -639,14 +585,15 @@ class Retrier(Generic[OwnerT, RouteT]):
         """Held job `key` is retried now, whatever its backoff, budget or pause; None if it
         is not waiting (unknown, or its retry is under way already)."""
         job = self.held.get(key)
-        if job is None or job.state not in (State.WAITING, State.DEFERRED, State.PAUSED):
+        if job is None or job.state not in _WAITS:
             return None
         job.next_attempt_at = None  # (its timers find it under way, and do nothing)
         log.warning(
             "operator: retrying %s %s now, attempt %d of %d",
             text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
         )
-        return [self._submit(job)]  # (a deferred queue skips a job that is no longer DEFERRED)
+        # (A deferred job keeps its place in line, which skips it: it is no longer DEFERRED.)
+        return [self.jobs.submit(job, Event.OPERATOR_RETRY)]
 
     def give_up_now(self, key: int, now: float) -> list[Action[OwnerT, RouteT]] | None:
         """Held job `key` gets its last failure now (and is dead-lettered, if configured);
@@ -658,7 +605,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             "operator: giving up %s %s after %d attempts; its last failure is forwarded",
             text(job.function), text(job.handle), job.attempt,
         )
-        return self._give_up(job, now, GiveUp.OPERATOR)
+        return self.jobs.give_up(job, now, GiveUp.OPERATOR)
 
     def pause(self, function: bytes) -> None:
         """No retry of `function` starts until resume() (held jobs wait, up to max_hold_time)."""
@@ -677,46 +624,16 @@ class Retrier(Generic[OwnerT, RouteT]):
         log.warning("operator: retries of %s resumed (%d paused jobs go on)", text(function), len(waiting))
         actions: list[Action[OwnerT, RouteT]] = []
         for job in waiting:
-            actions += self._submit_or_defer(job, now)
+            actions += self.jobs.turn(job, now, job.function in self.paused)
         return actions
 
-    def budget_recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
-        """Submit the deferred retries of `function` that its budget allows now, oldest first."""
-        queue = self._deferred.get(function)
-        if queue is None:
-            return []
-        if function in self.paused:  # they wait for resume() instead (their deadlines stand)
-            for key in queue:
-                if (job := self.held.get(key)) is not None and job.state is State.DEFERRED:
-                    job.state = State.PAUSED
-            del self._deferred[function]
-            return []
-        budget = self._budget(function, now)
-        actions: list[Action[OwnerT, RouteT]] = []
-        while queue:
-            job = self.held.get(queue[0])
-            if job is None or job.state is not State.DEFERRED:
-                queue.popleft()  # ended meanwhile
-            elif deadline_passed(job.deadline, now):
-                queue.popleft()
-                actions += self._give_up(job, now, GiveUp.MAX_HOLD_TIME)
-            elif budget.try_withdraw(now):
-                queue.popleft()
-                actions.append(self._submit(job))
-            else:
-                break
-        if queue:
-            actions.append(RecheckBudget(function, budget.slice))
-        else:
-            del self._deferred[function]
-        return actions
+    # -- the retry-client connection
 
     def retry_created(self, key: int, retry_handle: bytes) -> list[Action[OwnerT, RouteT]]:
+        """gearmand created the retry job (JOB_CREATED): it runs as `retry_handle`."""
         job = self.held.get(key)
-        if job is None or job.state is not State.SUBMITTING:
-            return []
-        job.state, job.retry_handle = State.RUNNING, retry_handle
-        self._by_retry_handle[(job.route, retry_handle)] = key
+        if job is not None and job.state is State.SUBMITTING:
+            self.jobs.move(job, Event.CREATED, retry_handle)
         return []
 
     def retry_rejected(self, key: int, error: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
@@ -729,62 +646,46 @@ class Retrier(Generic[OwnerT, RouteT]):
             "retry of %s %s refused by gearmand (%s): last failure forwarded",
             text(job.function), text(job.handle), text(error),
         )
-        return self._give_up(job, now, GiveUp.REFUSED)
+        return self.jobs.give_up(job, now, GiveUp.REFUSED)
 
     def retry_packet(
         self, route: RouteT, ptype: PacketType, args: dict[str, bytes], now: float
     ) -> list[Action[OwnerT, RouteT]]:
         """A packet for a retry job H2, seen on the retry-client connection."""
-        key = self._by_retry_handle.get((route, args.get("handle", b"")))
+        key = self.jobs.by_retry_handle.get((route, args.get("handle", b"")))
         job = self.held.get(key) if key is not None else None
         if job is None:
             return []
         if ptype in _RELAYED:
             return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args))]
         if ptype is P.WORK_COMPLETE:
-            log.info(
-                "retry succeeded: %s %s on attempt %d",
-                text(job.function), text(job.handle), job.attempt,
-            )
+            log.info("retry succeeded: %s %s on attempt %d", text(job.function), text(job.handle), job.attempt)
             self.metrics.job_ended(job.function, "complete", now - job.started_at)
-            return self._finish(job, _for_handle(ptype, job.handle, args))
+            self.jobs.move(job, Event.SUCCEEDED)
+            return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args)), *self.jobs.released(job.owner)]
         if ptype not in (P.WORK_FAIL, P.WORK_EXCEPTION):
             return []
-        failure = args.get("data", b"")
-        del self._by_retry_handle[(job.route, args["handle"])]
-        job.retry_handle = None
-        if ptype is P.WORK_EXCEPTION and failure == DISCONNECTED:
-            # The retry's worker vanished: at once, as gearmand would requeue it, unless
-            # the function retries disconnects as failures (with backoff).
-            retried = job.policy.on_disconnect is OnDisconnect.RETRY
-            verdict: Verdict | None = Verdict(Reason.DISCONNECT, None if retried else 0.0)
-            job.last_failure = (P.WORK_FAIL, b"")  # as gearmand's --job-retries would end it
-        elif ptype is P.WORK_EXCEPTION and failure == TIMED_OUT:
-            verdict = Verdict(Reason.TIMEOUT)  # it ran past its timeout behind a gproxy
-            job.last_failure = (P.WORK_FAIL, b"")
-        else:
-            verdict = classify(job.policy, ptype, failure)
-            job.last_failure = (ptype, failure)
+        verdict, job.last_failure = classify_retry(job.policy, ptype, args.get("data", b""))
         if verdict is None:
             log.info(
                 "retry failed for good: %s %s on attempt %d (not retryable), forwarded",
                 text(job.function), text(job.handle), job.attempt,
             )
-            return self._give_up(job, now, GiveUp.FINAL)
+            return self.jobs.give_up(job, now, GiveUp.FINAL)
         if job.attempt >= job.policy.max_attempts:
-            return self._give_up(job, now, GiveUp.EXHAUSTED)
-        return self._schedule(job, verdict, now)
+            return self.jobs.give_up(job, now, GiveUp.EXHAUSTED)
+        return self.jobs.backoff(job, verdict, now)
 
     def retry_failed_for_good(self, route: RouteT, retry_handle: bytes, reason: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """A retry job went wrong in a way no further attempt would mend (its result is too
         large to relay): the original gets `reason` as a final exception."""
-        key = self._by_retry_handle.get((route, retry_handle))
+        key = self.jobs.by_retry_handle.get((route, retry_handle))
         job = self.held.get(key) if key is not None else None
         if job is None:
             return []
         log.warning("retry of %s %s failed for good: %s", text(job.function), text(job.handle), text(reason))
         job.last_failure = (P.WORK_EXCEPTION, reason)
-        return self._give_up(job, now, GiveUp.FINAL)
+        return self.jobs.give_up(job, now, GiveUp.FINAL)
 
     def retry_connection_lost(self, route: RouteT, in_flight: Collection[int], now: float) -> list[Action[OwnerT, RouteT]]:
         """The retry-client connection to `route` broke with the submissions `in_flight`
@@ -802,201 +703,41 @@ class Retrier(Generic[OwnerT, RouteT]):
         ]
         for job in lost:
             if job.state is State.SUBMITTING:  # never acknowledged: perhaps never arrived
-                job.resubmitted += 1
-                actions.append(self._submission(job))
-                continue
-            if job.retry_handle is not None:  # the retry job existed, and may have run
-                del self._by_retry_handle[(job.route, job.retry_handle)]
-                job.retry_handle = None
-            if job.attempt >= job.policy.max_attempts:
-                actions += self._give_up(job, now, GiveUp.EXHAUSTED)
-                continue
-            log.info(
-                "retry connection lost: resubmitting %s %s as attempt %d of %d",
-                text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
-            )
-            actions.append(self._submit(job))
+                actions.append(self.jobs.resubmit(job))
+            elif job.attempt >= job.policy.max_attempts:  # the retry job existed, and may have run
+                actions += self.jobs.give_up(job, now, GiveUp.EXHAUSTED)
+            else:
+                log.info(
+                    "retry connection lost: resubmitting %s %s as attempt %d of %d",
+                    text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
+                )
+                actions.append(self.jobs.submit(job, Event.CONNECTION_LOST))
         return actions
 
     def owner_lost(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
         """H1's connection is gone, so gearmand has requeued H1: our retries have no job to
         finish any more. Dropped; whatever runs of them still finishes unseen."""
-        for key in list(self._by_owner.get(owner, ())):
+        for key in list(self.jobs.by_owner.get(owner, ())):
             job = self.held[key]
             log.warning(
                 "connection holding %s %s lost: gearmand requeues it, retry abandoned",
                 text(job.function), text(job.handle),
             )
-            self._forget(job)
+            self.jobs.move(job, Event.OWNER_LOST)
         return []
 
-    # -- internals
 
-    def _budget(self, function: bytes, now: float) -> RetryBudget:
-        """The function's budget. Function names come from the network (any client may
-        submit under any name): budgets are keyed by the name's hash, not the name, and
-        those with nothing in their window are dropped (a new one would be the same), swept
-        whenever their number doubles, so that each new name costs O(1) on average."""
-        key = hash(function)
-        budget = self._budgets.get(key)
-        if budget is None:
-            if len(self._budgets) >= self._sweep_budgets_at:
-                deferred = {hash(name) for name in self._deferred}
-                for other, idle in list(self._budgets.items()):
-                    if other not in deferred and idle.idle(now):
-                        del self._budgets[other]
-                self._sweep_budgets_at = max(BUDGETS_SWEPT_FROM, 2 * len(self._budgets))
-            policy = self.policies.for_function(function)
-            budget = self._budgets[key] = RetryBudget(
-                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
-            )
-        return budget
-
-    def _hold(
-        self,
-        owner: OwnerT,
-        route: RouteT,
-        tracked: TrackedJob,
-        verdict: Verdict,
-        now: float,
-        last_failure: tuple[PacketType, bytes] = (P.WORK_FAIL, b""),
-        exception_ends_job: bool = True,
-    ) -> list[Action[OwnerT, RouteT]]:
-        self._next_key += 1
-        job = HeldJob(
-            key=self._next_key, owner=owner, route=route, handle=tracked.handle,
-            function=tracked.function, unique=tracked.unique, payload=tracked.payload,
-            policy=self.policies.for_function(tracked.function), started_at=tracked.started_at,
-            exception_ends_job=exception_ends_job, last_failure=last_failure,
-        )
-        self.held[job.key] = job
-        self._by_handle[(route, job.handle)] = job.key
-        self._by_owner.setdefault(owner, set()).add(job.key)
-        self._held_per_function[job.function] += 1
-        self.metrics.job_outcome(job.function, "retried")
-        return self._schedule(job, verdict, now)
-
-    def _schedule(self, job: HeldJob[OwnerT, RouteT], verdict: Verdict, now: float) -> list[Action[OwnerT, RouteT]]:
-        delay = job.policy.delay(verdict, job.attempt, self.rng)
-        job.state, job.retry_handle = State.WAITING, None
-        job.wait += 1
-        job.deadline = now + job.policy.max_hold_time
-        job.next_attempt_at = now + delay
-        self.metrics.count(self.metrics.retries, job.function, verdict.reason.value)
-        log.info(
-            "retrying %s %s: attempt %d of %d in %.2fs (%s)",
-            text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
-            delay, verdict.reason.value,
-        )
-        # A backoff that ends after the deadline wakes at the deadline, to give up.
-        return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]
-
-    def _submit_or_defer(self, job: HeldJob[OwnerT, RouteT], now: float) -> list[Action[OwnerT, RouteT]]:
-        """The backoff is over: submit the retry if the budget allows it and no older retry
-        of the function is waiting for the budget; else wait for the budget, in line."""
-        job.next_attempt_at = None
-        if job.function in self.paused:
-            job.state = State.PAUSED  # until resume(), or max_hold_time
-            return [Wakeup(job.key, job.deadline - now, job.wait)]
-        queue = self._deferred.get(job.function)
-        budget = self._budget(job.function, now)
-        if queue is None and budget.try_withdraw(now):
-            return [self._submit(job)]
-        job.state = State.DEFERRED
-        self.metrics.count(self.metrics.deferred, job.function)
-        log.info(
-            "retry of %s %s deferred: the retry budget of %s is spent",
-            text(job.function), text(job.handle), text(job.function),
-        )
-        actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
-        if queue is None:
-            queue = self._deferred[job.function] = deque()
-            actions.append(RecheckBudget(job.function, budget.slice))
-        queue.append(job.key)
-        return actions
-
-    def _submit(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
-        job.attempt += 1
-        job.state = State.SUBMITTING
-        return self._submission(job)
-
-    def _submission(self, job: HeldJob[OwnerT, RouteT]) -> Submit[RouteT]:
-        """The retry's SUBMIT_JOB. Its unique id is never used twice: gearmand would attach
-        a new submission to an abandoned retry job, which it drops unrun."""
-        unique = retry_unique(job.unique, job.handle, job.attempt + job.resubmitted, self.tag)
-        return Submit(
-            job.route, job.key, job.function, unique, job.payload, job.policy.retry_priority.submit_type
-        )
-
-    def _give_up(self, job: HeldJob[OwnerT, RouteT], now: float, why: GiveUp) -> list[Action[OwnerT, RouteT]]:
-        ptype, failure = job.last_failure
-        self.metrics.job_ended(job.function, "exception" if ptype is P.WORK_EXCEPTION else "fail", now - job.started_at)
-        if why is GiveUp.EXHAUSTED:
-            self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning(
-                "retry exhausted: %s %s failed %d attempts, last failure forwarded",
-                text(job.function), text(job.handle), job.attempt,
-            )
-        elif why is GiveUp.MAX_HOLD_TIME:
-            self.metrics.count(self.metrics.cap_rejections, job.function, why.value)
-            log.warning(
-                "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
-                text(job.function), text(job.handle), job.policy.max_hold_time,
-            )
-        if ptype is not P.WORK_EXCEPTION:
-            packet = build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        elif job.policy.final_exception is not FinalException.EXCEPTION:
-            packet = self._final_exception(job.policy, job.function, job.handle, failure)
-        else:
-            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=job.handle, data=failure)
-            if not job.exception_ends_job:
-                packet += build_packet(REQ, P.WORK_FAIL, handle=job.handle)
-        dead_letter = [] if why is GiveUp.FINAL else self._dead_letter(job.route, job.policy, job)
-        return dead_letter + self._finish(job, packet)
-
-    def _dead_letter(
-        self, route: RouteT, policy: RetryPolicy, job: TrackedJob | HeldJob[OwnerT, RouteT],
-        failure: tuple[PacketType, bytes] | None = None,
-    ) -> list[Action[OwnerT, RouteT]]:
-        """The job, in the dead-letter envelope, to the function's dead letter (if any).
-        `failure`: the last one, when it is not the held job's own."""
-        function = policy.dead_letter_function(job.function)
-        if function is None:
-            return []
-        self.metrics.job_outcome(job.function, "dead_lettered")
-        unique = dead_letter_unique(job.function, job.unique, job.handle, job.payload)
-        attempts = job.attempt if isinstance(job, HeldJob) else 1
-        ptype, text = failure or (job.last_failure if isinstance(job, HeldJob) else (P.WORK_FAIL, b""))
-        if ptype is P.WORK_EXCEPTION:
-            text = exception_text(text)
-        letter = envelope(job.function, job.unique, job.handle, attempts, ptype.name, text, job.payload)
-        return [Submit(route, None, function, unique, letter, P.SUBMIT_JOB_BG)]
-
-    def _finish(self, job: HeldJob[OwnerT, RouteT], packet: bytes) -> list[Action[OwnerT, RouteT]]:
-        return [SendUpstream(job.owner, packet), *self._release(job)]
-
-    def _release(self, job: HeldJob[OwnerT, RouteT]) -> list[Action[OwnerT, RouteT]]:
-        self._forget(job)
-        return [] if self.holds(job.owner) else [Released(job.owner)]
-
-    def _forget(self, job: HeldJob[OwnerT, RouteT]) -> None:
-        del self.held[job.key]
-        if self._by_handle.get((job.route, job.handle)) == job.key:
-            del self._by_handle[(job.route, job.handle)]
-        if job.retry_handle is not None:
-            self._by_retry_handle.pop((job.route, job.retry_handle), None)
-        owned = self._by_owner[job.owner]
-        owned.discard(job.key)
-        if not owned:
-            del self._by_owner[job.owner]
-        self._held_per_function[job.function] -= 1
-        if not self._held_per_function[job.function]:
-            del self._held_per_function[job.function]
+def _ended(owner: OwnerT, route: RouteT, ending: Ending) -> list[Action[OwnerT, RouteT]]:
+    """An original that is not held: its dead letter, and gproxy's WORK_FAIL for it."""
+    actions: list[Action[OwnerT, RouteT]] = _letter(route, ending.letter)
+    if ending.fail is not None:
+        actions.append(SendUpstream(owner, ending.fail))
+    return actions
 
 
-def deadline_passed(deadline: float, now: float) -> bool:
-    """Has `deadline` come? A timer set for `deadline - t` at `t` may wake a rounding error early."""
-    return now >= deadline - 1e-6
+def _letter(route: RouteT, letter: Letter | None) -> list[Action[OwnerT, RouteT]]:
+    """A dead letter, submitted in the background."""
+    return [] if letter is None else [Submit(route, None, letter.function, letter.unique, letter.payload, P.SUBMIT_JOB_BG)]
 
 
 def _for_handle(ptype: PacketType, handle: bytes, args: dict[str, bytes]) -> bytes:

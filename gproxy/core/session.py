@@ -37,6 +37,7 @@ from .jobs import JobTable, TrackedJob
 from .lifecycle import HALF_CLOSE_LINGER, CallLater, Close, Finish, LinkState, Shut, Timer, cause, mid_packet
 from .lifecycle import log as pair_log
 from .metrics import Metrics
+from .policy import DISCONNECTED, TIMED_OUT, Mode
 from .protocol import (
     DEFAULT_MAX_PACKET_SIZE,
     HEADER_SIZE,
@@ -53,19 +54,8 @@ from .protocol import (
     split_head,
     text,
 )
-from .retry import (
-    DISCONNECTED,
-    TIMED_OUT,
-    Action,
-    Mode,
-    RecheckBudget,
-    Released,
-    Retrier,
-    SendUpstream,
-    Submit,
-    Wakeup,
-    parse_retry_unique,
-)
+from .retry import Action, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from .uniques import parse_retry_unique
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
