@@ -584,6 +584,16 @@ def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_jo
     assert list(link.grabs_pending) == [] and len(link.jobs) == 0
 
 
+def test_a_job_too_large_after_other_replies_in_the_same_read_still_gets_the_grab_its_no_job() -> None:
+    session = Driven("up", max_packet_size=2048, route=ROUTE)
+    link = session.current
+    session.from_downstream(req(P.GRAB_JOB), now=0.0)
+    big = assign_uniq(b"H:big", function=b"resize", data=b"x" * 4096)
+    # The failure goes upstream between what came before the job and the worker's NO_JOB.
+    assert session.from_upstream(link, res(P.NOOP) + big, now=0.0) == res(P.NOOP) + res(P.NO_JOB)
+    assert [type(action) for action in session.actions] == [SendUpstream]
+
+
 def test_a_unique_of_thousands_of_digits_after_gpr_passes_as_it_is() -> None:
     session = retrying()
     unique = b"gpr:" + b"9" * 5000 + b":x"

@@ -253,7 +253,8 @@ class Session:
                 elif back := self._upstream_packet(link, frame, now):
                     self._back.append(back)
             elif type(frame) is Oversized:
-                self._back.append(self._too_large(link, frame))
+                no_job = self._too_large(link, frame)  # (first: its command flushes `_back`, a new list then)
+                self._back.append(no_job)
             elif type(frame) is AdminLine:
                 self._back.append(frame.raw)
         if link is not self.current:
