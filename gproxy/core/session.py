@@ -52,6 +52,8 @@ from .protocol import (
     text,
 )
 from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
+from .silenced import MAX_SILENCED as MAX_SILENCED
+from .silenced import Silenced
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
@@ -69,8 +71,6 @@ _REGISTRATION: Final = frozenset(
 _WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _UPDATES | _REGISTRATION
 _WATCHED_DRAINING: Final = _WATCHED_DOWNSTREAM | {P.PRE_SLEEP}
 _WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB, P.ERROR, P.OPTION_RES}
-MAX_SILENCED: Final = 4096
-"""Ended handles remembered per connection; a held one is recognised beyond that too."""
 
 
 @dataclass(slots=True)
@@ -204,9 +204,8 @@ class Session:
         self.traits = traits if traits is not None else ServerTraits()
         self._commands: list[Command] = []
         """What the event being handled asks for so far, in order."""
-        self._silenced: dict[bytes, None] = {}
-        """Handles whose job is held or ended by a failure: what the worker still sends for
-        them is dropped. Oldest first, at most MAX_SILENCED; a new assignment clears one."""
+        self.silenced: Silenced[UpstreamLink] = Silenced(retrier, route)
+        """Handles whose job is held or has ended: what the worker still sends for them is dropped."""
         self._out: list[bytes] = []
         """Bytes for the current link not yet in `_commands` (consecutive ones go as one)."""
         self._back: list[bytes] = []
@@ -285,7 +284,7 @@ class Session:
             return not self.traits.grab_uniq  # else sent as GRAB_JOB_UNIQ
         if ptype is P.WORK_COMPLETE or ptype is P.WORK_DATA or ptype is P.WORK_WARNING:
             end = data.find(b"\0", HEADER_SIZE)  # (none: a malformed packet, refused whole)
-            return end >= 0 and not self.retired and not self._is_silenced(data[HEADER_SIZE:end])
+            return end >= 0 and not self.retired and not self.silenced.drops(data[HEADER_SIZE:end], self.current, self.retired)
         return False  # failures (a retry decision), WORK_STATUS (checked whole), registration
 
     def passes_upstream(self, link: UpstreamLink, data: bytes) -> bool:
@@ -423,7 +422,7 @@ class Session:
 
     def _job_packet(self, packet: Packet, now: float) -> bytes:
         ptype, handle = packet.type, _handle_of(packet)
-        if self._is_silenced(handle):
+        if self.silenced.drops(handle, self.current, self.retired):
             log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle))
             return b""
         ended = ptype in _RESULTS
@@ -459,7 +458,7 @@ class Session:
         if held or instead is not None or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
             job.is_retry and ptype is P.WORK_FAIL
         ):
-            self._silence(job.handle)  # (what the worker sends after it would not be the job's)
+            self.silenced.add(job.handle)  # (what the worker sends after it would not be the job's)
         return b"" if held else packet.raw if instead is None else instead
 
     def _grabs_answered_here(self) -> bool:
@@ -513,7 +512,7 @@ class Session:
         link.jobs.ended(job.handle)
         self.metrics.attempt_ended(job.function, now - job.started_at)
         self._count_for_ejection(job, False, now)
-        self._silence(job.handle)
+        self.silenced.add(job.handle)
         self._command(*actions)
         if link is not self.current:
             self._close_if_idle(link)
@@ -584,7 +583,7 @@ class Session:
         is_retry = shown is not None or (
             self.retrier is not None and not unique and self.retrier.is_retry_handle(self.route, handle)
         )
-        self._silenced.pop(handle, None)
+        self.silenced.pop(handle, None)
         if self.retrier is not None:
             self._command(*self.retrier.job_assigned(self.route, handle, function, is_retry, now))
         # The payload stays in the packet that brought it: a view, not a copy.
@@ -685,19 +684,6 @@ class Session:
         self._flush()
         commands, self._commands = self._commands, []
         return commands
-
-    def _is_silenced(self, handle: bytes) -> bool:
-        if handle in self._silenced:
-            return True
-        if self.retrier is None:
-            return False
-        holder = self.retrier.holder(self.route, handle)
-        return holder is not None and (holder is self.current or holder in self.retired)
-
-    def _silence(self, handle: bytes) -> None:
-        self._silenced[handle] = None
-        if len(self._silenced) > MAX_SILENCED:
-            del self._silenced[next(iter(self._silenced))]
 
     def _disconnected(self, handle: bytes) -> bytes:
         """The failure that tells the owner of a retry job that its worker left."""
