@@ -33,6 +33,19 @@ from typing import Final
 from ..config import Route
 from .deadlines import Deadlines
 from .ejection import Ejection
+from .forwarding import (
+    ASSIGN_FIELDS,
+    GRABS,
+    RESULTS,
+    UPDATES,
+    WATCHED_DOWNSTREAM,
+    WATCHED_DRAINING,
+    WATCHED_UPSTREAM,
+    Forwarding,
+    grabs_answered_here,
+    sent_already,
+)
+from .forwarding import ASSIGNS as _ASSIGNS
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
 from .protocol import (
@@ -61,16 +74,6 @@ _GRAB_JOB: Final = build_packet(REQ, P.GRAB_JOB)
 _GRAB_JOB_UNIQ: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
 _NO_JOB: Final = build_packet(RES, P.NO_JOB)
 _NOOP: Final = build_packet(RES, P.NOOP)
-_ASSIGNS: Final = frozenset({P.JOB_ASSIGN, P.JOB_ASSIGN_UNIQ, P.JOB_ASSIGN_ALL})
-_GRABS: Final = frozenset({P.GRAB_JOB, P.GRAB_JOB_UNIQ, P.GRAB_JOB_ALL})
-_RESULTS: Final = frozenset({P.WORK_COMPLETE, P.WORK_FAIL, P.WORK_EXCEPTION})
-_UPDATES: Final = frozenset({P.WORK_DATA, P.WORK_WARNING, P.WORK_STATUS})
-_REGISTRATION: Final = frozenset(
-    {P.CAN_DO, P.CAN_DO_TIMEOUT, P.CANT_DO, P.RESET_ABILITIES, P.SET_CLIENT_ID, P.OPTION_REQ}
-)
-_WATCHED_DOWNSTREAM: Final = _GRABS | _RESULTS | _UPDATES | _REGISTRATION
-_WATCHED_DRAINING: Final = _WATCHED_DOWNSTREAM | {P.PRE_SLEEP}
-_WATCHED_UPSTREAM: Final = _ASSIGNS | {P.NO_JOB, P.ERROR, P.OPTION_RES}
 
 
 @dataclass(slots=True)
@@ -217,6 +220,7 @@ class Session:
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
         self.deadlines: Deadlines[UpstreamLink] = Deadlines()
+        self.forwarding = Forwarding(self.downstream, self.ejection, self.silenced, retrier, route, self.deadlines)
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -229,7 +233,7 @@ class Session:
 
     def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
-        watched = _WATCHED_DRAINING if self._grabs_answered_here() else _WATCHED_DOWNSTREAM
+        watched = WATCHED_DRAINING if grabs_answered_here(self.draining, self.ejection) else WATCHED_DOWNSTREAM
         for frame in self.downstream.receive(data):
             if type(frame) is Packet:
                 if frame.type not in watched:
@@ -240,14 +244,14 @@ class Session:
                 self._out.append(frame.raw)
             # (no Oversized: this framer refuses a packet over the cap)
         if sent:
-            self._sent_already(self._out, data)
+            sent_already(self._commands, self._out, data)
         return self._done()
 
     def from_upstream(self, link: UpstreamLink, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from gearmand on `link` (`sent`: sent on already, see passes_upstream)."""
         for frame in link.framer.receive(data):
             if type(frame) is Packet:
-                if frame.type not in _WATCHED_UPSTREAM:
+                if frame.type not in WATCHED_UPSTREAM:
                     self._back.append(frame.raw)
                 elif back := self._upstream_packet(link, frame, now):
                     self._back.append(back)
@@ -259,70 +263,18 @@ class Session:
         if link is not self.current:
             self._close_if_idle(link)
         if sent:
-            self._sent_already(self._back, data)
+            sent_already(self._commands, self._back, data)
         return self._done()
 
     # -- the packets that may go on first
 
     def passes_downstream(self, data: bytes) -> bool:
-        """True if `data` from the worker is one whole packet that goes on to the current
-        link unchanged, and nothing else the event asks for must go before it. The caller
-        may then send it first and hand it to `from_downstream(data, now, sent=True)`:
-        what the Session does with it (tracking, metrics) stays off the packet's way, and
-        off the job's latency. Only what is common and cheap to be sure of: grabs, sleeps,
-        results that end no held job, packets gproxy does not watch."""
-        ptype = self.downstream.whole(data)
-        if ptype is None:
-            return False
-        if ptype not in _WATCHED_DRAINING:
-            return True
-        if self._grabs_answered_here():
-            return False
-        if ptype is P.GRAB_JOB_UNIQ or ptype is P.GRAB_JOB_ALL or ptype is P.PRE_SLEEP:
-            return True
-        if ptype is P.GRAB_JOB:
-            return not self.traits.grab_uniq  # else sent as GRAB_JOB_UNIQ
-        if ptype is P.WORK_COMPLETE or ptype is P.WORK_DATA or ptype is P.WORK_WARNING:
-            end = data.find(b"\0", HEADER_SIZE)  # (none: a malformed packet, refused whole)
-            return end >= 0 and not self.retired and not self.silenced.drops(data[HEADER_SIZE:end], self.current, self.retired)
-        return False  # failures (a retry decision), WORK_STATUS (checked whole), registration
+        """May `data` from the worker go on before the Session sees it? (Forwarding.downstream)"""
+        return self.forwarding.downstream(data, self.draining, self.traits.grab_uniq, self.current, self.retired)
 
     def passes_upstream(self, link: UpstreamLink, data: bytes) -> bool:
-        """As passes_downstream, for `data` from gearmand on `link` to the worker: anything
-        gproxy does not watch, NO_JOB, and an assignment that is neither rewritten (an
-        upgraded grab's, a retry's) nor a held job's."""
-        if link is not self.current or self.worker_gone:
-            return False
-        ptype = link.framer.whole(data)
-        if ptype is None:
-            return False
-        if ptype not in _WATCHED_UPSTREAM or ptype is P.NO_JOB:
-            return True
-        if ptype is P.ERROR or ptype is P.OPTION_RES:
-            return False
-        if link.grabs_pending and link.grabs_pending[0]:
-            return False  # an upgraded grab's JOB_ASSIGN_UNIQ loses its unique id
-        ends = [HEADER_SIZE - 1]
-        for _ in range(_ASSIGN_FIELDS[ptype]):
-            if (end := data.find(b"\0", ends[-1] + 1)) < 0:
-                return False  # malformed: refused whole
-            ends.append(end)
-        if ptype is not P.JOB_ASSIGN and data.startswith(b"gpr:", ends[2] + 1):
-            return False  # a retry's unique id is shown as the original's
-        retrier = self.retrier
-        if retrier is None:
-            return True
-        if self.deadlines.any_registered or retrier.policies.for_function(data[ends[1] + 1 : ends[2]]).timeout:
-            return False  # its deadline is a command of the event
-        return retrier.holder(self.route, data[HEADER_SIZE : ends[1]]) is None
-
-    def _sent_already(self, pieces: list[bytes], data: bytes) -> None:
-        """The caller sent `data` before the Session saw it: that must be all the Session
-        would have sent for the event, first and unchanged (a disagreement is a bug in
-        passes_*, and the pair closes as for any internal error)."""
-        if self._commands or len(pieces) != 1 or pieces[0] is not data:
-            raise RuntimeError("a packet sent on before the Session saw it was not meant to go on as it was")
-        pieces.clear()
+        """May `data` from gearmand on `link` go on before the Session sees it? (Forwarding.upstream)"""
+        return self.forwarding.upstream(data, link, link is self.current and not self.worker_gone)
 
     def unfinished(self, link: UpstreamLink | None = None) -> int:
         """Bytes of an unfinished frame from the worker (or from gearmand on `link`): at an
@@ -404,7 +356,7 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
-        if self._grabs_answered_here() and (ptype in _GRABS or ptype is P.PRE_SLEEP):
+        if grabs_answered_here(self.draining, self.ejection) and (ptype in GRABS or ptype is P.PRE_SLEEP):
             # No new jobs while shutting down or ejected; a sleeping worker is not woken
             # by gearmand (an ejected one is, by gproxy, when its time is up).
             if ptype is P.PRE_SLEEP:
@@ -412,11 +364,11 @@ class Session:
             else:
                 self._back.append(_NO_JOB)
             return b""
-        if ptype in _GRABS:
+        if ptype in GRABS:
             upgrade = ptype is P.GRAB_JOB and self.traits.grab_uniq
             self.current.grabs_pending.append(upgrade)
             return _GRAB_JOB_UNIQ if upgrade else packet.raw
-        if ptype in _RESULTS or ptype in _UPDATES:
+        if ptype in RESULTS or ptype in UPDATES:
             return self._job_packet(packet, now)
         return self._registration_packet(packet)
 
@@ -425,7 +377,7 @@ class Session:
         if self.silenced.drops(handle, self.current, self.retired):
             log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle))
             return b""
-        ended = ptype in _RESULTS
+        ended = ptype in RESULTS
         link, job = self._owner_of(handle, ended)
         if ended and job is not None:
             self.deadlines.ended(link, handle)
@@ -460,11 +412,6 @@ class Session:
         ):
             self.silenced.add(job.handle)  # (what the worker sends after it would not be the job's)
         return b"" if held else packet.raw if instead is None else instead
-
-    def _grabs_answered_here(self) -> bool:
-        """Draining or ejected: the worker's grabs get NO_JOB from gproxy, and its sleep is
-        not passed on (gearmand would wake it for every new job)."""
-        return self.draining or self.ejection.until is not None
 
     def _count_for_ejection(self, job: TrackedJob, completed: bool, now: float) -> None:
         if completed:
@@ -576,7 +523,7 @@ class Session:
         if ptype is P.NO_JOB:
             return packet.raw
         raw = packet.raw
-        fields, rest = split_head(raw, _ASSIGN_FIELDS[ptype])
+        fields, rest = split_head(raw, ASSIGN_FIELDS[ptype])
         handle, function = fields[0], fields[1]
         unique = fields[2] if ptype is not P.JOB_ASSIGN else b""
         shown = parse_retry_unique(unique) if unique.startswith(b"gpr:") else None
@@ -721,8 +668,6 @@ class Session:
 
 _TIMEOUT: Final = re.compile(rb"\d{0,18}")
 """CAN_DO_TIMEOUT's milliseconds, decimal: at most 18 digits fit gearmand's 64-bit long."""
-_ASSIGN_FIELDS: Final = {P.JOB_ASSIGN: 2, P.JOB_ASSIGN_UNIQ: 3, P.JOB_ASSIGN_ALL: 4}
-"""NUL-terminated fields before the payload: handle, function (unique, reducer)."""
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 
