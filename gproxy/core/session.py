@@ -25,7 +25,6 @@ Only those few packet types are parsed at all; everything else is passed through
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
@@ -64,6 +63,7 @@ from .protocol import (
     split_head,
     text,
 )
+from .registration import MOVE, Registration
 from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
 from .silenced import MAX_SILENCED as MAX_SILENCED
 from .silenced import Silenced
@@ -104,35 +104,6 @@ class UpstreamLink:
 
     def __repr__(self) -> str:
         return f"UpstreamLink({self.name})"
-
-
-class Registration:
-    """What the worker told gearmand about itself, to tell a fresh connection again."""
-
-    def __init__(self) -> None:
-        self._client_id = b""
-        self._options: dict[bytes, bytes] = {}
-        self._abilities: dict[bytes, bytes] = {}
-
-    def apply(self, packet: Packet) -> None:
-        ptype = packet.type
-        if ptype is P.RESET_ABILITIES:
-            self._abilities.clear()
-        elif ptype is P.SET_CLIENT_ID:
-            self._client_id = packet.raw
-        elif ptype is P.OPTION_REQ:
-            self._options[packet.args()["option"]] = packet.raw
-        elif ptype is P.CANT_DO:
-            self._abilities.pop(packet.args()["function"], None)
-        else:  # CAN_DO, CAN_DO_TIMEOUT
-            self._abilities[packet.args()["function"]] = packet.raw
-
-    @property
-    def options(self) -> int:
-        return len(self._options)
-
-    def replay(self) -> bytes:
-        return self._client_id + b"".join(self._options.values()) + b"".join(self._abilities.values())
 
 
 @dataclass(slots=True)
@@ -471,38 +442,9 @@ class Session:
         return self._done()
 
     def _registration_packet(self, packet: Packet) -> bytes:
-        ptype = packet.type
-        if ptype is P.CAN_DO_TIMEOUT:
-            args = packet.args()
-            if not _TIMEOUT.fullmatch(args["timeout"]):
-                # gearmand 1.1.20 dies of a timeout that does not fit 64 bits.
-                raise ProtocolError("malformed CAN_DO_TIMEOUT: the timeout is not a number of milliseconds")
-            if self.retrier is not None and self.retrier.policies.for_function(args["function"]).mode is Mode.ENFORCE:
-                # gearmand would requeue a timed-out job at once, held or not: gproxy times
-                # it out instead, as a retryable failure, and gearmand sees a plain CAN_DO.
-                self.deadlines.registered(args["function"], int(args["timeout"] or b"0"))
-                packet = Packet(P.CAN_DO, build_packet(REQ, P.CAN_DO, function=args["function"]))
-                ptype = P.CAN_DO
-            else:
-                self.deadlines.unregistered(args["function"])
-        elif ptype is P.CAN_DO or ptype is P.CANT_DO:
-            if self.deadlines.any_registered:
-                self.deadlines.unregistered(packet.args()["function"])
-        elif ptype is P.RESET_ABILITIES:
-            self.deadlines.unregistered(None)
-        self.registration.apply(packet)
-        if ptype is not P.CANT_DO and ptype is not P.RESET_ABILITIES:
-            return packet.raw
-        function = packet.args()["function"] if ptype is P.CANT_DO else None
-        if self.retrier is not None and self.retrier.holds(self.current, function):
-            # Sent here, it would make gearmand requeue the held jobs: move the worker.
-            self._move()
-            return b""
-        if function is None:
-            self.current.jobs.released_all()
-        else:
-            self.current.jobs.released_function(function)
-        return packet.raw
+        if (registered := self.registration.received(packet, self.current, self.retrier, self.deadlines)) is MOVE:
+            self._move()  # sent here, it would make gearmand requeue a held job
+        return registered or b""
 
     def _move(self) -> None:
         old = self.current
@@ -666,8 +608,6 @@ class Session:
             self._command(CloseUpstream(link))
 
 
-_TIMEOUT: Final = re.compile(rb"\d{0,18}")
-"""CAN_DO_TIMEOUT's milliseconds, decimal: at most 18 digits fit gearmand's 64-bit long."""
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 
