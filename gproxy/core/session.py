@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from ..config import Route
+from .assignments import ANSWERED, ORPHANED, Armed, Assignments, Orphaned
+from .assignments import ServerTraits as ServerTraits
+from .assignments import route_name as route_name
 from .deadlines import Deadlines
 from .ejection import Ejection
+from .forwarding import ASSIGNS as _ASSIGNS
 from .forwarding import (
-    ASSIGN_FIELDS,
     GRABS,
     RESULTS,
     UPDATES,
@@ -44,7 +48,6 @@ from .forwarding import (
     grabs_answered_here,
     sent_already,
 )
-from .forwarding import ASSIGNS as _ASSIGNS
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
 from .protocol import (
@@ -54,36 +57,21 @@ from .protocol import (
     RES,
     AdminLine,
     Framer,
-    Oversized,
     Packet,
     PacketType,
     ProtocolError,
     build_packet,
-    splice,
-    split_head,
     text,
 )
 from .registration import MOVE, Registration
-from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream, parse_retry_unique
+from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream
 from .silenced import MAX_SILENCED as MAX_SILENCED
 from .silenced import Silenced
 
 log = logging.getLogger("gproxy.session")
 P = PacketType
-_GRAB_JOB: Final = build_packet(REQ, P.GRAB_JOB)
-_GRAB_JOB_UNIQ: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
 _NO_JOB: Final = build_packet(RES, P.NO_JOB)
 _NOOP: Final = build_packet(RES, P.NOOP)
-
-
-@dataclass(slots=True)
-class ServerTraits:
-    """What gproxy has learned about a route's job server; shared by the route's sessions."""
-
-    grab_uniq: bool = True
-    """Answers GRAB_JOB_UNIQ (gearmand does; the Perl Gearman::Server answers ERROR)."""
-    exception_ends_job: bool = True
-    """WORK_EXCEPTION is final (gearmand); on the Perl Gearman::Server WORK_FAIL ends it."""
 
 
 class UpstreamLink:
@@ -150,6 +138,9 @@ Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUps
 """What a Session asks of its caller, in the order it must happen. (SendUpstream may name
 another worker's connection: the retry outcome of a job that connection holds.)"""
 
+Asked = Action[UpstreamLink, Route] | Armed | Orphaned
+"""What the Session's collaborators ask of it (see Session._asked)."""
+
 
 class Session:
     """One downstream connection and its upstream links. Every event returns one ordered
@@ -191,6 +182,7 @@ class Session:
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
         self.deadlines: Deadlines[UpstreamLink] = Deadlines()
+        self.assignments = Assignments(route, self.traits, retrier, self.deadlines, self.silenced, self.metrics)
         self.forwarding = Forwarding(self.downstream, self.ejection, self.silenced, retrier, route, self.deadlines)
 
     @property
@@ -221,16 +213,14 @@ class Session:
     def from_upstream(self, link: UpstreamLink, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from gearmand on `link` (`sent`: sent on already, see passes_upstream)."""
         for frame in link.framer.receive(data):
-            if type(frame) is Packet:
-                if frame.type not in WATCHED_UPSTREAM:
-                    self._back.append(frame.raw)
-                elif back := self._upstream_packet(link, frame, now):
-                    self._back.append(back)
-            elif type(frame) is Oversized:
-                no_job = self._too_large(link, frame)  # (first: its command flushes `_back`, a new list then)
-                self._back.append(no_job)
-            elif type(frame) is AdminLine:
+            if (type(frame) is Packet and frame.type not in WATCHED_UPSTREAM) or isinstance(frame, AdminLine):
                 self._back.append(frame.raw)
+                continue
+            back = self.assignments.received(link, frame, now, self.worker_gone)  # (an Oversized too)
+            if self.assignments.asked:
+                self._asked(self.assignments.take(), link, now)
+            if back:
+                self._back.append(back)
         if link is not self.current:
             self._close_if_idle(link)
         if sent:
@@ -327,18 +317,10 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
-        if grabs_answered_here(self.draining, self.ejection) and (ptype in GRABS or ptype is P.PRE_SLEEP):
-            # No new jobs while shutting down or ejected; a sleeping worker is not woken
-            # by gearmand (an ejected one is, by gproxy, when its time is up).
-            if ptype is P.PRE_SLEEP:
-                self.ejection.sleeping = True
-            else:
+        if ptype in GRABS or ptype is P.PRE_SLEEP:
+            if (grab := self.assignments.grab(self.current, packet, self.draining, self.ejection)) is ANSWERED:
                 self._back.append(_NO_JOB)
-            return b""
-        if ptype in GRABS:
-            upgrade = ptype is P.GRAB_JOB and self.traits.grab_uniq
-            self.current.grabs_pending.append(upgrade)
-            return _GRAB_JOB_UNIQ if upgrade else packet.raw
+            return grab or b""
         if ptype in RESULTS or ptype in UPDATES:
             return self._job_packet(packet, now)
         return self._registration_packet(packet)
@@ -395,6 +377,16 @@ class Session:
             self.metrics.count(self.metrics.ejections, job.function)
             self._command(Eject(duration, job.function, policy.eject_after))
         return None
+
+    def _asked(self, asked: Sequence[Asked], link: UpstreamLink, now: float) -> None:
+        """What a collaborator asked for, in order: the Retrier's actions, and what only the Session does."""
+        for one in asked:
+            if one is ORPHANED:
+                self._command(*self._orphaned(link, now, assigned_late=True))
+            elif isinstance(one, Armed):
+                self._command(ArmTimeout(one.delay))
+            else:
+                self._command(one)
 
     def _arm(self, now: float) -> None:
         if (delay := self.deadlines.arm(now)) is not None:
@@ -455,96 +447,6 @@ class Session:
         self.current.replies_to_swallow = self.registration.options
         self._command(OpenUpstream(self.current, self.registration.replay()))
 
-    # -- from gearmand
-
-    def _upstream_packet(self, link: UpstreamLink, packet: Packet, now: float) -> bytes:
-        ptype = packet.type
-        if ptype is P.ERROR or ptype is P.OPTION_RES:
-            return self._upstream_reply(link, packet)
-        upgraded = link.grabs_pending.popleft() if link.grabs_pending else False
-        if ptype is P.NO_JOB:
-            return packet.raw
-        raw = packet.raw
-        fields, rest = split_head(raw, ASSIGN_FIELDS[ptype])
-        handle, function = fields[0], fields[1]
-        unique = fields[2] if ptype is not P.JOB_ASSIGN else b""
-        shown = parse_retry_unique(unique) if unique.startswith(b"gpr:") else None
-        is_retry = shown is not None or (
-            self.retrier is not None and not unique and self.retrier.is_retry_handle(self.route, handle)
-        )
-        self.silenced.pop(handle, None)
-        if self.retrier is not None:
-            self._command(*self.retrier.job_assigned(self.route, handle, function, is_retry, now))
-        # The payload stays in the packet that brought it: a view, not a copy.
-        job = link.jobs.assigned(handle, function, unique, memoryview(raw)[rest:], now, is_retry)
-        if self.worker_gone:  # the answer to a grab of a worker that has left since
-            self._command(*self._orphaned(link, now, assigned_late=True))
-            return b""
-        if self.retrier is not None:
-            timeout = self.deadlines.timeout_of(function, self.retrier.policies.for_function(function).timeout)
-            if timeout is not None:
-                self.deadlines.started(link, job, now + timeout)
-                self._arm(now)
-        unique_at = HEADER_SIZE + len(handle) + len(function) + 2
-        if upgraded and ptype is P.JOB_ASSIGN_UNIQ:  # the unique id and its NUL cut out
-            return splice(raw, P.JOB_ASSIGN, unique_at, unique_at + len(unique) + 1)
-        if shown is not None:
-            return splice(raw, ptype, unique_at, unique_at + len(unique), shown[1])
-        return raw
-
-    def _too_large(self, link: UpstreamLink, frame: Oversized) -> bytes:
-        """A job over max_packet_size: handing it over would cost the worker its connection,
-        and gearmand would requeue it to the next worker, in a loop. It is failed on the
-        connection it was assigned to, and the worker's grab gets NO_JOB."""
-        if link.grabs_pending:
-            link.grabs_pending.popleft()
-        fields = frame.fields
-        if len(fields) < 2:  # no handle within the first kilobyte: nothing to fail
-            log.warning("gearmand %s sent a %s of %d bytes with no handle: dropped", route_name(self.route), frame.type.name, frame.size)
-            return _NO_JOB
-        handle, function = fields[0], fields[1]
-        log.warning(
-            "job %s %s of %d bytes is over max_packet_size %d: failed, not given to the worker",
-            text(function), text(handle), frame.size, self.max_packet_size,
-        )
-        reason = b"gproxy: a job of %d bytes exceeds max_packet_size %d" % (frame.size, self.max_packet_size)
-        if self.retrier is not None:
-            packet = self.retrier.final_exception(function, handle, reason, self.traits.exception_ends_job)
-        else:
-            packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=reason)
-            if not self.traits.exception_ends_job:
-                packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
-        self.metrics.job_ended(function, "exception", 0.0)
-        self._command(SendUpstream(link, packet))
-        return _NO_JOB
-
-    def _upstream_reply(self, link: UpstreamLink, packet: Packet) -> bytes:
-        """OPTION_RES or ERROR: dropped if it answers gproxy's own replay; an ERROR for a
-        GRAB_JOB_UNIQ that gproxy sent in the worker's stead means the server does not know
-        it, and the worker's plain GRAB_JOB is sent instead."""
-        if link.replies_to_swallow:
-            link.replies_to_swallow -= 1
-            return b""
-        if packet.type is P.OPTION_RES or not link.grabs_pending:
-            return packet.raw
-        args = packet.args()
-        if not _unknown_command(args["code"], args["text"]):
-            return packet.raw
-        if not link.grabs_pending.popleft():
-            return packet.raw  # the worker's own GRAB_JOB_UNIQ or _ALL: its answer
-        if self.traits.grab_uniq:
-            log.warning(
-                "gearmand %s does not know GRAB_JOB_UNIQ (it answered %s: %s), as the Perl "
-                "Gearman::Server does: workers' own GRAB_JOB is used; retries of jobs whose "
-                "unique id is not known get an empty one",
-                route_name(self.route), text(args["code"]), text(args["text"]).strip(),
-            )
-        self.traits.grab_uniq = False
-        self.traits.exception_ends_job = False  # the same server: WORK_FAIL ends jobs there
-        link.grabs_pending.appendleft(False)
-        self._command(SendUpstream(link, _GRAB_JOB))
-        return b""
-
     # -- helpers
 
     def _command(self, *commands: Command) -> None:
@@ -581,10 +483,7 @@ class Session:
     def _failed_back(self, handle: bytes, why: bytes) -> bytes:
         """A retry job's failure for the gproxy that owns its loop (`why`: DISCONNECTED or
         TIMED_OUT, which it recognises)."""
-        packet = build_packet(REQ, P.WORK_EXCEPTION, handle=handle, data=why)
-        if not self.traits.exception_ends_job:
-            packet += build_packet(REQ, P.WORK_FAIL, handle=handle)
-        return packet
+        return self.traits.exception(handle, why)
 
     def _owner_of(self, handle: bytes, ended: bool) -> tuple[UpstreamLink, TrackedJob | None]:
         """The link that owns `handle` (the current one if none does) and the job, which is
@@ -611,13 +510,6 @@ class Session:
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
 
 
-def _unknown_command(code: bytes, text: bytes) -> bool:
-    """The Perl Gearman::Server's answer to a packet type it cannot even name (GRAB_JOB_UNIQ,
-    GRAB_JOB_ALL): `server_error`, `Can't locate object method "CMD_"`. gearmand itself knows
-    every grab, so no ERROR of its own is mistaken for this one."""
-    return code == b"server_error" and b'"CMD_"' in text
-
-
 def _handle_of(packet: Packet) -> bytes:
     """The handle of a work packet, read without splitting the (possibly large) payload.
     A WORK_STATUS is small and checked whole: one short of a NUL (Perl Gearman::Worker
@@ -629,11 +521,3 @@ def _handle_of(packet: Packet) -> bytes:
     if end < 0:
         raise ProtocolError(f"malformed {packet.type.name} payload: no NUL after the handle")
     return packet.raw[HEADER_SIZE:end]
-
-
-def route_name(route: object) -> str:
-    """The job server a route leads to, for log lines."""
-    upstream = getattr(route, "upstream", None)
-    return str(upstream if upstream is not None else route)
-
-
