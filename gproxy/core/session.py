@@ -20,11 +20,15 @@ forwarded exactly as received, in order, except:
   replayed there, and the replies to that replay kept from the worker), and the old one stays
   open only for the jobs it still owns, and closes once it owns none.
 Only those few packet types are parsed at all; everything else is passed through unread.
+
+The rules are the Session's collaborators', each a pure module of its own: forwarding (what
+passes unread, and what may go on first), registration, assignments (grabs, and gearmand's
+answers), attempts (how a job's attempt ends, and what the worker sends after it), silenced.
+The Session keeps the worker's links, and turns what they ask for into its commands, in order.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,13 +38,13 @@ from ..config import Route
 from .assignments import ANSWERED, ORPHANED, Armed, Assignments, Orphaned
 from .assignments import ServerTraits as ServerTraits
 from .assignments import route_name as route_name
+from .attempts import Attempts, Ejected
 from .deadlines import Deadlines
 from .ejection import Ejection
 from .forwarding import ASSIGNS as _ASSIGNS
 from .forwarding import (
     GRABS,
-    RESULTS,
-    UPDATES,
+    REGISTRATION,
     WATCHED_DOWNSTREAM,
     WATCHED_DRAINING,
     WATCHED_UPSTREAM,
@@ -50,25 +54,11 @@ from .forwarding import (
 )
 from .jobs import JobTable, TrackedJob
 from .metrics import Metrics
-from .protocol import (
-    DEFAULT_MAX_PACKET_SIZE,
-    HEADER_SIZE,
-    REQ,
-    RES,
-    AdminLine,
-    Framer,
-    Packet,
-    PacketType,
-    ProtocolError,
-    build_packet,
-    text,
-)
+from .protocol import DEFAULT_MAX_PACKET_SIZE, REQ, RES, AdminLine, Framer, Packet, PacketType, build_packet
 from .registration import MOVE, Registration
-from .retry import DISCONNECTED, TIMED_OUT, Action, Mode, Retrier, SendUpstream
+from .retry import DISCONNECTED, Action, Retrier, SendUpstream
 from .silenced import MAX_SILENCED as MAX_SILENCED
-from .silenced import Silenced
 
-log = logging.getLogger("gproxy.session")
 P = PacketType
 _NO_JOB: Final = build_packet(RES, P.NO_JOB)
 _NOOP: Final = build_packet(RES, P.NOOP)
@@ -138,13 +128,13 @@ Command = Action[UpstreamLink, Route] | SendDownstream | OpenUpstream | CloseUps
 """What a Session asks of its caller, in the order it must happen. (SendUpstream may name
 another worker's connection: the retry outcome of a job that connection holds.)"""
 
-Asked = Action[UpstreamLink, Route] | Armed | Orphaned
+Asked = Action[UpstreamLink, Route] | Armed | Orphaned | Ejected
 """What the Session's collaborators ask of it (see Session._asked)."""
 
 
 class Session:
-    """One downstream connection and its upstream links. Every event returns one ordered
-    list of commands; bytes that are not Gearman raise ProtocolError (from a framer)."""
+    """One downstream connection and its upstream links: every event returns one ordered list of
+    commands (ProtocolError for bytes that are not Gearman). The rules are its collaborators'."""
 
     def __init__(
         self,
@@ -169,8 +159,6 @@ class Session:
         self.traits = traits if traits is not None else ServerTraits()
         self._commands: list[Command] = []
         """What the event being handled asks for so far, in order."""
-        self.silenced: Silenced[UpstreamLink] = Silenced(retrier, route)
-        """Handles whose job is held or has ended: what the worker still sends for them is dropped."""
         self._out: list[bytes] = []
         """Bytes for the current link not yet in `_commands` (consecutive ones go as one)."""
         self._back: list[bytes] = []
@@ -182,8 +170,10 @@ class Session:
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
         self.deadlines: Deadlines[UpstreamLink] = Deadlines()
-        self.assignments = Assignments(route, self.traits, retrier, self.deadlines, self.silenced, self.metrics)
-        self.forwarding = Forwarding(self.downstream, self.ejection, self.silenced, retrier, route, self.deadlines)
+        self.attempts = Attempts(route, self.traits, retrier, self.deadlines, self.ejection, self.metrics)
+        silenced = self.attempts.silenced
+        self.assignments = Assignments(route, self.traits, retrier, self.deadlines, silenced, self.metrics)
+        self.forwarding = Forwarding(self.downstream, self.ejection, silenced, retrier, route, self.deadlines)
 
     @property
     def links(self) -> list[UpstreamLink]:
@@ -192,12 +182,10 @@ class Session:
     def tracked_jobs(self) -> list[TrackedJob]:
         return [job for link in self.links for job in link.jobs]
 
-    # -- events
-
     def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
         watched = WATCHED_DRAINING if grabs_answered_here(self.draining, self.ejection) else WATCHED_DOWNSTREAM
-        for frame in self.downstream.receive(data):
+        for frame in self.downstream.receive(data):  # (no Oversized: this framer refuses a packet over the cap)
             if type(frame) is Packet:
                 if frame.type not in watched:
                     self._out.append(frame.raw)
@@ -205,7 +193,6 @@ class Session:
                     self._out.append(forward)
             elif type(frame) is AdminLine:
                 self._out.append(frame.raw)
-            # (no Oversized: this framer refuses a packet over the cap)
         if sent:
             sent_already(self._commands, self._out, data)
         return self._done()
@@ -226,8 +213,6 @@ class Session:
         if sent:
             sent_already(self._commands, self._back, data)
         return self._done()
-
-    # -- the packets that may go on first
 
     def passes_downstream(self, data: bytes) -> bool:
         """May `data` from the worker go on before the Session sees it? (Forwarding.downstream)"""
@@ -313,7 +298,19 @@ class Session:
             and not (self.retrier is not None and self.retrier.holds(link))
         )
 
-    # -- from the worker
+    def ejection_over(self) -> list[Command]:
+        """The time of the worker's ejection is up: a sleeping worker is woken (NOOP)."""
+        if self.ejection.over() and not self.worker_gone:
+            self._back.append(_NOOP)
+        return self._done()
+
+    def timeouts_due(self, now: float) -> list[Command]:
+        """The timer ArmTimeout asked for: every attempt past its deadline is over (Attempts.timed_out)."""
+        for link in self.attempts.timeouts_due(now, still_running=not self.worker_gone):
+            self._asked(self.attempts.take(), link, now)
+            self._close_if_idle(link)
+        self._asked(self.attempts.take(), self.current, now)  # the timer, for the next deadline
+        return self._done()
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
@@ -321,62 +318,24 @@ class Session:
             if (grab := self.assignments.grab(self.current, packet, self.draining, self.ejection)) is ANSWERED:
                 self._back.append(_NO_JOB)
             return grab or b""
-        if ptype in RESULTS or ptype in UPDATES:
-            return self._job_packet(packet, now)
-        return self._registration_packet(packet)
+        if ptype in REGISTRATION:
+            if (registered := self.registration.received(packet, self.current, self.retrier, self.deadlines)) is MOVE:
+                self._move()  # sent here, it would make gearmand requeue a held job
+            return registered or b""
+        link, forward = self.attempts.job_packet(packet, now, self.current, self.retired)
+        if self.attempts.asked:
+            self._asked(self.attempts.take(), link, now)
+        if link is not self.current:  # the job's: a connection the worker was moved off
+            self._close_if_idle(link)
+        return forward
 
-    def _job_packet(self, packet: Packet, now: float) -> bytes:
-        ptype, handle = packet.type, _handle_of(packet)
-        if self.silenced.drops(handle, self.current, self.retired):
-            log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle))
-            return b""
-        ended = ptype in RESULTS
-        link, job = self._owner_of(handle, ended)
-        if ended and job is not None:
-            self.deadlines.ended(link, handle)
-            self.metrics.attempt_ended(job.function, now - job.started_at)
-            self._count_for_ejection(job, ptype is P.WORK_COMPLETE, now)
-            if ptype is not P.WORK_COMPLETE:
-                forward = self._failed(link, job, packet, now)
-                return self._route(link, forward) if forward else b""
-            if not job.is_retry:
-                self.metrics.job_ended(job.function, "complete", now - job.started_at)
-        return self._route(link, packet.raw)
-
-    def _failed(self, link: UpstreamLink, job: TrackedJob, packet: Packet, now: float) -> bytes:
-        """A worker's WORK_FAIL or WORK_EXCEPTION: what goes on to gearmand for it (nothing
-        if the Retrier holds the job)."""
-        ptype = packet.type
-        held, instead = False, None
-        if self.retrier is not None and not job.is_retry:
-            # (A retry's failure goes on: the gproxy that holds the original owns the loop.)
-            decision = self.retrier.worker_failed(
-                owner=link, route=self.route, job=job, ptype=ptype,
-                failure=packet.args()["data"] if ptype is P.WORK_EXCEPTION else b"",
-                now=now, exception_ends_job=self.traits.exception_ends_job,
-            )
-            self._command(*decision.actions)
-            held = decision.held
-            instead = decision.instead  # (a WORK_FAIL, which ends the job on any server)
-        if not held and not job.is_retry:  # a retry's outcome is counted where it is held
-            self.metrics.job_ended(job.function, _OUTCOMES[ptype], now - job.started_at)
-        if held or instead is not None or (ptype is P.WORK_EXCEPTION and self.traits.exception_ends_job) or (
-            job.is_retry and ptype is P.WORK_FAIL
-        ):
-            self.silenced.add(job.handle)  # (what the worker sends after it would not be the job's)
-        return b"" if held else packet.raw if instead is None else instead
-
-    def _count_for_ejection(self, job: TrackedJob, completed: bool, now: float) -> None:
-        if completed:
-            return self.ejection.completed()
-        if self.retrier is None:
-            return None
-        policy = self.retrier.policies.for_function(job.function)
-        duration = self.ejection.failed(policy, job.function, now)
-        if duration is not None:
-            self.metrics.count(self.metrics.ejections, job.function)
-            self._command(Eject(duration, job.function, policy.eject_after))
-        return None
+    def _move(self) -> None:
+        self._flush()  # what came before the move was meant for the old connection
+        self._moves += 1
+        self.retired.append(self.current)
+        self.current = UpstreamLink(f"{self.retired[-1].name}+{self._moves}", self.max_packet_size, self.metrics)
+        self.current.replies_to_swallow = self.registration.options
+        self._command(OpenUpstream(self.current, self.registration.replay()))
 
     def _asked(self, asked: Sequence[Asked], link: UpstreamLink, now: float) -> None:
         """What a collaborator asked for, in order: the Retrier's actions, and what only the Session does."""
@@ -386,68 +345,7 @@ class Session:
             elif isinstance(one, Armed):
                 self._command(ArmTimeout(one.delay))
             else:
-                self._command(one)
-
-    def _arm(self, now: float) -> None:
-        if (delay := self.deadlines.arm(now)) is not None:
-            self._command(ArmTimeout(delay))
-
-    def timeouts_due(self, now: float) -> list[Command]:
-        """The timer ArmTimeout asked for: every attempt past its deadline is over. An
-        original is retried (reason timeout), a retry job failed back to the gproxy that
-        owns its loop; what the worker still sends for it is dropped."""
-        for link, job in self.deadlines.fired(now, still_running=not self.worker_gone):
-            if link.jobs.get(job.handle) is job:  # (not ended, or handed back, meanwhile)
-                self._timed_out(link, job, now)
-        self._arm(now)
-        return self._done()
-
-    def _timed_out(self, link: UpstreamLink, job: TrackedJob, now: float) -> None:
-        retrier = self.retrier
-        assert retrier is not None  # (no timeout without policies)
-        if job.is_retry:
-            if retrier.policies.for_function(job.function).mode is Mode.OBSERVE:
-                return
-            actions: list[Command] = [SendUpstream(link, self._failed_back(job.handle, TIMED_OUT))]
-        else:
-            lost = retrier.worker_timed_out(link, self.route, job, now)
-            if lost is None:
-                return  # observe mode: it runs on
-            actions = list(lost)
-        log.warning(
-            "job %s %s ran past its timeout (%.3gs): %s; what its worker still sends for it is dropped",
-            text(job.function), text(job.handle), now - job.started_at,
-            "failed back to the gproxy that retries it" if job.is_retry else "retried",
-        )
-        link.jobs.ended(job.handle)
-        self.metrics.attempt_ended(job.function, now - job.started_at)
-        self._count_for_ejection(job, False, now)
-        self.silenced.add(job.handle)
-        self._command(*actions)
-        if link is not self.current:
-            self._close_if_idle(link)
-
-    def ejection_over(self) -> list[Command]:
-        """The time of the worker's ejection is up: a sleeping worker is woken (NOOP)."""
-        if self.ejection.over() and not self.worker_gone:
-            self._back.append(_NOOP)
-        return self._done()
-
-    def _registration_packet(self, packet: Packet) -> bytes:
-        if (registered := self.registration.received(packet, self.current, self.retrier, self.deadlines)) is MOVE:
-            self._move()  # sent here, it would make gearmand requeue a held job
-        return registered or b""
-
-    def _move(self) -> None:
-        old = self.current
-        self._flush()  # what came before the move was meant for the old connection
-        self._moves += 1
-        self.retired.append(old)
-        self.current = UpstreamLink(f"{old.name}+{self._moves}", self.max_packet_size, self.metrics)
-        self.current.replies_to_swallow = self.registration.options
-        self._command(OpenUpstream(self.current, self.registration.replay()))
-
-    # -- helpers
+                self._command(Eject(*one) if isinstance(one, Ejected) else one)
 
     def _command(self, *commands: Command) -> None:
         """Add commands after everything asked for so far (bytes pending included)."""
@@ -478,46 +376,8 @@ class Session:
 
     def _disconnected(self, handle: bytes) -> bytes:
         """The failure that tells the owner of a retry job that its worker left."""
-        return self._failed_back(handle, DISCONNECTED)
-
-    def _failed_back(self, handle: bytes, why: bytes) -> bytes:
-        """A retry job's failure for the gproxy that owns its loop (`why`: DISCONNECTED or
-        TIMED_OUT, which it recognises)."""
-        return self.traits.exception(handle, why)
-
-    def _owner_of(self, handle: bytes, ended: bool) -> tuple[UpstreamLink, TrackedJob | None]:
-        """The link that owns `handle` (the current one if none does) and the job, which is
-        forgotten if `ended`."""
-        for link in self.links:
-            job = link.jobs.ended(handle) if ended else link.jobs.get(handle)
-            if job is not None:
-                return link, job
-        return self.current, None
-
-    def _route(self, link: UpstreamLink, raw: bytes) -> bytes:
-        """`raw` for `link`: returned if it is the current link, else sent as an action."""
-        if link is self.current:
-            return raw
-        self._command(SendUpstream(link, raw))
-        self._close_if_idle(link)
-        return b""
+        return self.traits.exception(handle, DISCONNECTED)  # (which that gproxy recognises)
 
     def _close_if_idle(self, link: UpstreamLink) -> None:
         if self.released(link):
             self._command(CloseUpstream(link))
-
-
-_OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
-
-
-def _handle_of(packet: Packet) -> bytes:
-    """The handle of a work packet, read without splitting the (possibly large) payload.
-    A WORK_STATUS is small and checked whole: one short of a NUL (Perl Gearman::Worker
-    2.004's send_work_status drops the denominator) makes gearmand read the next packet as
-    its last field, and the connection is out of step from there on."""
-    if packet.type is P.WORK_FAIL or packet.type is P.WORK_STATUS:
-        return packet.args()["handle"]
-    end = packet.raw.find(b"\0", HEADER_SIZE)
-    if end < 0:
-        raise ProtocolError(f"malformed {packet.type.name} payload: no NUL after the handle")
-    return packet.raw[HEADER_SIZE:end]
