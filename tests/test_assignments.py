@@ -46,6 +46,13 @@ def test_a_plain_grab_is_upgraded_and_its_assignment_handed_back_plain() -> None
     assert rules.asked == [] and not link.grabs_pending
 
 
+def test_a_plain_grab_goes_on_as_it_came_to_a_server_that_does_not_know_grab_job_uniq() -> None:
+    rules, _, _ = assignments(traits=ServerTraits(grab_uniq=False))
+    link = Link()
+    assert rules.grab(link, Packet(P.GRAB_JOB, req(P.GRAB_JOB)), False, Ejection()) == req(P.GRAB_JOB)
+    assert list(link.grabs_pending) == [False]
+
+
 def test_grabs_answered_here_get_answered_and_a_sleep_is_kept() -> None:
     rules, _, _ = assignments()
     link, ejection = Link(), Ejection()

@@ -18,7 +18,11 @@ from tests.links import ROUTE, Link, req
 P = PacketType
 POLICIES = Policies(
     RetryPolicy(jitter=False, eject_after=2, eject_for=30.0),
-    {b"t": RetryPolicy(timeout=5.0), b"o": RetryPolicy(timeout=5.0, mode=Mode.OBSERVE)},
+    {
+        b"t": RetryPolicy(timeout=5.0),
+        b"o": RetryPolicy(timeout=5.0, mode=Mode.OBSERVE),
+        b"r": RetryPolicy(on_fail=True, jitter=False),
+    },
 )
 
 
@@ -53,9 +57,17 @@ def test_a_retryable_failure_is_held_and_what_follows_it_dropped() -> None:
     link.jobs.assigned(b"H:1", b"f", b"u", b"d", 0.0)
     assert rules.job_packet(work(P.WORK_EXCEPTION, data=b"RETRY x"), 1.0, link, []) == (link, b"")
     (wakeup,) = rules.take()
-    assert type(wakeup) is Wakeup and retrier.holds(link)
+    assert type(wakeup) is Wakeup and retrier.holds(link) and b"H:1" in rules.silenced
     assert rules.job_packet(work(P.WORK_FAIL), 1.0, link, []) == (link, b"")  # the library's WORK_FAIL after it
     assert rules.asked == []
+
+
+def test_a_held_work_fail_silences_its_handle_too() -> None:
+    rules, retrier, _, _ = attempts()
+    link = Link()
+    link.jobs.assigned(b"H:1", b"r", b"u", b"d", 0.0)
+    assert rules.job_packet(work(P.WORK_FAIL), 1.0, link, []) == (link, b"")
+    assert retrier.holds(link) and b"H:1" in rules.silenced
 
 
 def test_a_failure_that_ends_the_job_goes_on_and_silences_its_handle() -> None:
@@ -94,7 +106,7 @@ def test_an_attempt_past_its_deadline_is_retried_and_the_timer_set_for_the_next(
     assert [job.handle for job in link.jobs] == [b"H:2"] and b"H:1" in rules.silenced and retrier.holding == 1
 
 
-def test_a_retry_job_past_its_deadline_is_failed_back_and_an_observed_one_runs_on() -> None:
+def test_a_retry_job_past_its_deadline_is_failed_back_and_an_observed_attempt_runs_on() -> None:
     rules, _, _, _ = attempts()
     link = Link()
     retry = link.jobs.assigned(b"H:1", b"t", b"gpr:2:u", b"d", 0.0, is_retry=True)
@@ -103,7 +115,9 @@ def test_a_retry_job_past_its_deadline_is_failed_back_and_an_observed_one_runs_o
     assert rules.take() == [SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:1", data=TIMED_OUT))]
     assert not rules.timed_out(link, observed, 6.0) and rules.asked == []
     assert not rules.timed_out(link, retry, 7.0)  # ended already
-    assert [job.handle for job in link.jobs] == [b"H:2"]
+    observed_retry = link.jobs.assigned(b"H:3", b"o", b"gpr:2:u", b"d", 0.0, is_retry=True)
+    assert not rules.timed_out(link, observed_retry, 6.0) and rules.asked == []
+    assert [job.handle for job in link.jobs] == [b"H:2", b"H:3"]
 
 
 def test_the_handle_of_a_work_packet() -> None:

@@ -570,6 +570,26 @@ def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work
     )
 
 
+def test_what_the_session_is_asked_for_comes_in_order_with_the_bytes_around_it() -> None:
+    """An assignment's timer comes before the assignment and after what came before it; a
+    connection the worker was moved off closes after its last result."""
+    policies = Policies(RetryPolicy(jitter=False), {b"g": RetryPolicy(timeout=5.0)})
+    session = Session("up", retrier=Retrier(policies), route=ROUTE)
+    old = session.current
+    session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
+    noop, timed = res(P.NOOP), assign_uniq(b"H:2", function=b"g")
+    assert session.from_upstream(old, noop + timed, now=0.0) == [
+        SendDownstream(noop), ArmTimeout(5.0), SendDownstream(timed)
+    ]
+    session.from_upstream(old, assign_uniq(b"H:1", function=b"f"), now=0.0)
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)  # held on `old`
+    session.from_downstream(req(P.CANT_DO, function=b"f"), now=0.0)  # the worker moves
+    assert session.retrier is not None and session.retired == [old]
+    session.retrier.owner_lost(old)  # nothing held there any more
+    done = req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")
+    assert session.from_downstream(done, now=1.0) == [SendUpstream(old, done), CloseUpstream(old)]
+
+
 def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_job() -> None:
     session = Driven("up", max_packet_size=2048, route=ROUTE)
     link = session.current
