@@ -33,7 +33,7 @@ from ..config import Route
 from . import forwarding
 from .deadlines import Deadlines
 from .ejection import Ejection
-from .forwarding import ASSIGN_FIELDS
+from .forwarding import ASSIGN_FIELDS, ASSIGNS, REPLIES, UNIQUE_ASSIGNS, UPGRADED
 from .metrics import Metrics
 from .protocol import (
     HEADER_SIZE,
@@ -138,7 +138,7 @@ class Assignments(Generic[LinkT]):
                 ejection.sleeping = True
                 return b""
             return ANSWERED
-        upgrade = ptype is P.GRAB_JOB and self._traits.grab_uniq
+        upgrade = ptype in UPGRADED and self._traits.grab_uniq
         link.grabs_pending.append(upgrade)
         return _GRAB_JOB_UNIQ if upgrade else packet.raw
 
@@ -148,15 +148,15 @@ class Assignments(Generic[LinkT]):
         if isinstance(frame, Oversized):
             return self._too_large(link, frame)
         ptype = frame.type
-        if ptype is P.ERROR or ptype is P.OPTION_RES:
+        if ptype in REPLIES:
             return self._reply(link, frame)
         upgraded = link.grabs_pending.popleft() if link.grabs_pending else False
-        if ptype is P.NO_JOB:
+        if ptype not in ASSIGNS:  # NO_JOB
             return frame.raw
         raw = frame.raw
         fields, rest = split_head(raw, ASSIGN_FIELDS[ptype])
         handle, function = fields[0], fields[1]
-        unique = fields[2] if ptype is not P.JOB_ASSIGN else b""
+        unique = fields[2] if ptype in UNIQUE_ASSIGNS else b""
         shown = parse_retry_unique(unique) if unique.startswith(b"gpr:") else None
         retrier = self._retrier
         is_retry = shown is not None or (

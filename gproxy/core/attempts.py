@@ -39,6 +39,8 @@ log = logging.getLogger("gproxy.session")
 P = PacketType
 LinkT = TypeVar("LinkT", bound=Owner)
 _OUTCOMES: Final = {P.WORK_COMPLETE: "complete", P.WORK_FAIL: "fail", P.WORK_EXCEPTION: "exception"}
+_READ_WHOLE: Final = frozenset({P.WORK_FAIL, P.WORK_STATUS})
+"""Job packets small enough to parse whole (see handle_of)."""
 
 
 class Ejected(NamedTuple):
@@ -185,7 +187,7 @@ def handle_of(packet: Packet) -> bytes:
     A WORK_STATUS is small and checked whole: one short of a NUL (Perl Gearman::Worker
     2.004's send_work_status drops the denominator) makes gearmand read the next packet as
     its last field, and the connection is out of step from there on."""
-    if packet.type is P.WORK_FAIL or packet.type is P.WORK_STATUS:
+    if packet.type in _READ_WHOLE:
         return packet.args()["handle"]
     end = packet.raw.find(b"\0", HEADER_SIZE)
     if end < 0:

@@ -43,7 +43,7 @@ from .deadlines import Deadlines
 from .ejection import Ejection
 from .forwarding import ASSIGNS as _ASSIGNS
 from .forwarding import (
-    GRABS,
+    JOB_PACKETS,
     REGISTRATION,
     WATCHED_DOWNSTREAM,
     WATCHED_DRAINING,
@@ -314,20 +314,20 @@ class Session:
 
     def _downstream_packet(self, packet: Packet, now: float) -> bytes:
         ptype = packet.type
-        if ptype in GRABS or ptype is P.PRE_SLEEP:
-            if (grab := self.assignments.grab(self.current, packet, self.draining, self.ejection)) is ANSWERED:
-                self._back.append(_NO_JOB)
-            return grab or b""
+        if ptype in JOB_PACKETS:
+            link, forward = self.attempts.job_packet(packet, now, self.current, self.retired)
+            if self.attempts.asked:
+                self._asked(self.attempts.take(), link, now)
+            if link is not self.current:  # the job's: a connection the worker was moved off
+                self._close_if_idle(link)
+            return forward
         if ptype in REGISTRATION:
             if (registered := self.registration.received(packet, self.current, self.retrier, self.deadlines)) is MOVE:
                 self._move()  # sent here, it would make gearmand requeue a held job
             return registered or b""
-        link, forward = self.attempts.job_packet(packet, now, self.current, self.retired)
-        if self.attempts.asked:
-            self._asked(self.attempts.take(), link, now)
-        if link is not self.current:  # the job's: a connection the worker was moved off
-            self._close_if_idle(link)
-        return forward
+        if (grab := self.assignments.grab(self.current, packet, self.draining, self.ejection)) is ANSWERED:
+            self._back.append(_NO_JOB)  # (a grab, or a sleep while grabs are answered here)
+        return grab or b""
 
     def _move(self) -> None:
         self._flush()  # what came before the move was meant for the old connection
