@@ -18,8 +18,9 @@ import time
 import tracemalloc
 
 from gproxy.config import Address, Route
+from gproxy.core.commands import SendDownstream
 from gproxy.core.protocol import REQ, RES, PacketType, build_packet
-from gproxy.core.session import SendDownstream, Session
+from gproxy.core.session import Session
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))

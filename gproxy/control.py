@@ -26,13 +26,14 @@ import trio
 
 from .config import Address, Config, Route
 from .connection import Connection, set_keepalive
+from .core.assignments import ServerTraits
+from .core.commands import Timer
 from .core.held import held_view
 from .core.jobs import TrackedJob
-from .core.lifecycle import Timer
 from .core.limits import cannot_connect, own_exhaustion
 from .core.metrics import Metrics
 from .core.retry import Action, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
-from .core.session import ServerTraits, Session, UpstreamLink
+from .core.session import Session, UpstreamLink
 from .dataplane import DataPlane
 from .http_endpoint import bind_http, serve_http
 from .memory import Trimmer

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import Route
+from .core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Shut, Timer
 from .core.jobs import TrackedJob
-from .core.lifecycle import CallLater, Close, Finish, Shut, Timer
 from .core.protocol import ProtocolError
 from .core.retry import RecheckBudget, Released, SendUpstream, Submit, Wakeup
-from .core.session import Command, OpenUpstream, SendDownstream, Session, UpstreamLink
+from .core.session import Command, Session, UpstreamLink
 from .dataplane import HIGH_WATER, DataPlane, Endpoint
 
 log = logging.getLogger("gproxy.pair")

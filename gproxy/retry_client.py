@@ -28,11 +28,11 @@ import trio
 
 from .config import Route
 from .connection import Connection
+from .core.assignments import route_name
 from .core.metrics import Metrics
 from .core.protocol import DEFAULT_MAX_PACKET_SIZE
 from .core.reconnect import Failure, Reconnects, Recovered, Report
 from .core.retry import Action, Retrier, Submit
-from .core.session import route_name
 from .core.submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silence, Submitter, TooLarge
 
 log = logging.getLogger("gproxy.retry")

@@ -56,13 +56,13 @@ async def test_an_ejection_is_counted_and_shown_in_the_same_step() -> None:
     has even set the timer that ends the ejection (a scrape used to see the count and
     nobody ejected)."""
     from gproxy.config import Address, Config, Route
+    from gproxy.control import Proxy
+    from gproxy.core.commands import CallLater, Timer
+    from gproxy.core.policy import Policies
+    from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+    from gproxy.core.session import Session
     from gproxy.dataplane import DataPlane
     from gproxy.pair import Pair
-    from gproxy.core.protocol import REQ, RES, PacketType, build_packet
-    from gproxy.control import Proxy
-    from gproxy.core.lifecycle import CallLater, Timer
-    from gproxy.core.policy import Policies
-    from gproxy.core.session import Session
 
     route = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
     proxy = Proxy(Config(routes=(route,), policies=Policies(EJECTS)))

@@ -16,15 +16,16 @@ import pytest
 import trio
 
 from gproxy.config import Address, Config, Route
-from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.dataplane import DataPlane
-from gproxy.core.metrics import Metrics
-from gproxy.core.lifecycle import HALF_CLOSE_LINGER, Timer
-from gproxy.pair import Pair, PairSet, PairTimer
 from gproxy.control import Proxy
+from gproxy.core.commands import Timer
+from gproxy.core.connections import HALF_CLOSE_LINGER
+from gproxy.core.metrics import Metrics
 from gproxy.core.policy import Policies
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.core.retry import Retrier
 from gproxy.core.session import Session, UpstreamLink
+from gproxy.dataplane import DataPlane
+from gproxy.pair import Pair, PairSet, PairTimer
 
 ROUTE = Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730))
 

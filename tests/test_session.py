@@ -11,15 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
-from gproxy.core.lifecycle import CallLater, Close, LinkState, Timer
-from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
+from gproxy.core.commands import CallLater, Close, OpenUpstream, SendDownstream, Timer
+from gproxy.core.connections import LinkState
 from gproxy.core.policy import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, RetryPolicy
+from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
 from gproxy.core.retry import Released, Retrier, SendUpstream, Submit, Wakeup
 from gproxy.core.session import (
     MAX_SILENCED,
     Command,
-    OpenUpstream,
-    SendDownstream,
     ServerTraits,
     Session,
     UpstreamLink,
@@ -574,6 +573,26 @@ def test_where_exceptions_do_not_end_jobs_a_retry_failed_back_also_gets_its_work
     )
 
 
+def test_what_the_session_is_asked_for_comes_in_order_with_the_bytes_around_it() -> None:
+    """An assignment's timer comes before the assignment and after what came before it; a
+    connection the worker was moved off closes after its last result."""
+    policies = Policies(RetryPolicy(jitter=False), {b"g": RetryPolicy(timeout=5.0)})
+    session = Session("up", retrier=Retrier(policies), route=ROUTE)
+    old = session.current
+    session.from_downstream(req(P.GRAB_JOB_UNIQ) * 2, now=0.0)
+    noop, timed = res(P.NOOP), assign_uniq(b"H:2", function=b"g")
+    assert session.from_upstream(old, noop + timed, now=0.0) == [
+        SendDownstream(noop), CallLater(Timer.TIMEOUTS, 5.0), SendDownstream(timed)
+    ]
+    session.from_upstream(old, assign_uniq(b"H:1", function=b"f"), now=0.0)
+    session.from_downstream(req(P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: x"), now=0.0)  # held on `old`
+    session.from_downstream(req(P.CANT_DO, function=b"f"), now=0.0)  # the worker moves
+    assert session.retrier is not None and session.retired == [old]
+    session.retrier.owner_lost(old)  # nothing held there any more
+    done = req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")
+    assert session.from_downstream(done, now=1.0) == [SendUpstream(old, done), Close(old)]
+
+
 def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_job() -> None:
     session = Driven("up", max_packet_size=2048, route=ROUTE)
     link = session.current
@@ -586,6 +605,16 @@ def test_a_job_too_large_to_hand_over_is_failed_upstream_and_the_grab_gets_no_jo
     reason = b"gproxy: a job of %d bytes exceeds max_packet_size 2048" % (len(big) - 12)
     assert session.actions == [SendUpstream(link, req(P.WORK_EXCEPTION, handle=b"H:big", data=reason))]
     assert list(link.grabs_pending) == [] and len(link.jobs) == 0
+
+
+def test_a_job_too_large_after_other_replies_in_the_same_read_still_gets_the_grab_its_no_job() -> None:
+    session = Driven("up", max_packet_size=2048, route=ROUTE)
+    link = session.current
+    session.from_downstream(req(P.GRAB_JOB), now=0.0)
+    big = assign_uniq(b"H:big", function=b"resize", data=b"x" * 4096)
+    # The failure goes upstream between what came before the job and the worker's NO_JOB.
+    assert session.from_upstream(link, res(P.NOOP) + big, now=0.0) == res(P.NOOP) + res(P.NO_JOB)
+    assert [type(action) for action in session.actions] == [SendUpstream]
 
 
 def test_a_unique_of_thousands_of_digits_after_gpr_passes_as_it_is() -> None:

@@ -39,20 +39,21 @@ import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gproxy.config import Address, Route
+from gproxy.core.assignments import ServerTraits
+from gproxy.core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Shut, Timer
+from gproxy.core.connections import LinkState
 from gproxy.core.metrics import Metrics
-from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.core.lifecycle import CallLater, Close, Finish, LinkState, Shut, Timer
 from gproxy.core.policy import DISCONNECTED, OnDisconnect, Policies, RetryPolicy
+from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.core.retry import RecheckBudget, Released, Retrier, SendUpstream, State, Submit, Wakeup
-from gproxy.core.session import OpenUpstream, SendDownstream, ServerTraits, Session, UpstreamLink
-from gproxy.core.uniques import parse_retry_unique
+from gproxy.core.session import Session, UpstreamLink
 from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
+from gproxy.core.uniques import parse_retry_unique
 
 P = PacketType
 ROUTE = Route(Address("127.0.0.1", 4730), Address("127.0.0.1", 4731))
@@ -698,7 +699,7 @@ class SessionWorld(RuleBasedStateMachine):
         or one of the gearmand connections that own something is lost (if `holding`, where
         retries are held)."""
         workers, links = self.busy_workers(), self.busy_links()
-        if what == "a_worker_leaves" and workers or not links:
+        if (what == "a_worker_leaves" and workers) or not links:
             if holding and any(self.holds_on(w) for w in workers):
                 workers = [w for w in workers if self.holds_on(w)]
             return self.leave(data.draw(st.sampled_from(workers)), answered_first=data.draw(st.booleans()))
@@ -734,7 +735,7 @@ class SessionWorld(RuleBasedStateMachine):
     @rule(read=st.booleans(), refuse=st.sampled_from([False, False, False, True]))
     def the_retry_client_works(self, read: bool, refuse: bool) -> None:
         """It writes its next submission (which gearmand accepts or refuses), or reads a reply."""
-        if read and self.rc_out or not self.rc_pending:
+        if (read and self.rc_out) or not self.rc_pending:
             self.retry_client_reads()
         else:
             self.retry_client_writes(refuse)

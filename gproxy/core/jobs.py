@@ -8,8 +8,8 @@ assigned a job can finish it. So jobs are tracked per connection, by handle, and
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Hashable, Iterator
+from typing import NamedTuple, Protocol
 
 Payload = bytes | memoryview
 """A job's payload: a view into the packet that brought it, so a large job is not copied."""
@@ -84,3 +84,10 @@ class JobTable:
         self.running[job.function] -= 1
         if not self.running[job.function]:
             del self.running[job.function]
+
+
+class Owner(Hashable, Protocol):
+    """A gearmand connection as the pure rules see it (session.UpstreamLink): the jobs
+    assigned through it, which only it can finish."""
+
+    jobs: JobTable
