@@ -28,6 +28,7 @@ from .config import Address, Config, Route
 from .connection import Connection, set_keepalive
 from .core.assignments import ServerTraits
 from .core.commands import Timer
+from .core.drain import Drain
 from .core.held import held_view
 from .core.jobs import TrackedJob
 from .core.limits import cannot_connect, own_exhaustion
@@ -83,7 +84,8 @@ class Proxy:
         self.plane = plane
         self.listen_addresses: list[Address] = []
         self.metrics_address: Address | None = None
-        self.draining = False
+        self.drain = Drain()
+        """Shutting down (shutdown): every Session reads it, so a pair accepted just before serves as draining."""
         self._accepting = trio.CancelScope()
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
         self._http: list[trio.SocketListener] = []
@@ -105,7 +107,7 @@ class Proxy:
 
     async def ready(self) -> tuple[bool, str]:
         """Ready when every route's gearmand accepts a connection now (and not shutting down)."""
-        if self.draining:
+        if self.drain.started:
             return (False, "draining: shutting down")
         problems = []
         for route in self.config.routes:
@@ -244,10 +246,8 @@ class Proxy:
         """Stop accepting and stop handing out jobs, then wait up to `grace_period` seconds
         for running jobs and held retries to finish. What is left when this returns is
         handed back to gearmand when the caller closes the connections: nothing is lost."""
-        self.draining = True
+        self.drain.start()
         self._accepting.cancel()
-        for pair in self.pairs:
-            pair.drain()
         log.info(
             "draining: no new connections or jobs; waiting up to %gs for %d running and %d held jobs",
             grace_period, self._running_total(), self.retrier.holding,
@@ -287,11 +287,9 @@ class Proxy:
         assert self.plane is not None
         session = Session(
             f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
-            retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route], name=name,
+            retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route], name=name, drain=self.drain,
         )
         pair = Pair(name, session, self.plane, self, self.pairs)
-        if self.draining:  # accepted before a drain began, served after
-            pair.drain()
         pair.start(worker, peer, upstream)
 
     # -- what the data plane posts

@@ -132,10 +132,6 @@ class Pair:
     def open_links(self) -> int:
         return len(self._endpoints)
 
-    def drain(self) -> None:
-        """gproxy is shutting down: the worker's grabs get NO_JOB, its jobs finish."""
-        self.session.draining = True
-
     # -- the data plane's events
 
     def received(self, endpoint: Endpoint, data: bytes) -> None:

@@ -235,7 +235,7 @@ def test_cant_do_for_a_held_job_moves_the_worker_to_a_fresh_connection() -> None
 def test_draining_answers_grabs_itself_and_lets_running_jobs_finish(session: Driven) -> None:
     session.from_downstream(req(P.GRAB_JOB_UNIQ), now=0.0)
     session.from_upstream(session.current, assign_uniq(b"H:1"), now=0.0)
-    session.draining = True
+    session.drain.start()
     assert session.from_downstream(req(P.GRAB_JOB) + req(P.PRE_SLEEP), now=0.0) == b""
     assert session.replies == [res(P.NO_JOB)]
     result = req(P.WORK_COMPLETE, handle=b"H:1", data=b"ok")
@@ -323,7 +323,7 @@ def test_what_the_session_changes_drops_or_decides_on_does_not_go_first() -> Non
     assert not session.passes_upstream(session.current, assign_uniq(b"H:3")[:-3] + b"abc")  # too few NULs
     assert not session.passes_upstream(session.current, res(P.ERROR, code=b"c", text=b"t"))
     draining = retrying()
-    draining.draining = True
+    draining.drain.start()
     assert not draining.passes_downstream(req(P.GRAB_JOB_UNIQ)) and not draining.passes_downstream(req(P.PRE_SLEEP))
 
 
@@ -689,7 +689,7 @@ def test_every_event_answers_with_one_ordered_list_of_commands() -> None:
         OpenUpstream(new, b""),  # (the grab waits in it until it is open)
     ]
     assert session.link_opened(new) == [SendUpstream(new, req(P.GRAB_JOB_UNIQ))]
-    session.draining = True
+    session.drain.start()
     assert session.from_downstream(req(P.GRAB_JOB) + req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok"), now=1.0) == [
         SendDownstream(res(P.NO_JOB)),  # the grab's answer, as it came first
         SendUpstream(old, req(P.WORK_COMPLETE, handle=b"H:2", data=b"ok")),  # H:2 is the old one's

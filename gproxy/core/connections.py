@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import weakref
 from typing import TYPE_CHECKING, Final
 
 from .commands import (
@@ -57,7 +58,10 @@ class Connections:
     out; `resolve` passes the packet rules' commands through the same state."""
 
     def __init__(self, session: Session) -> None:
-        self._session = session
+        # A weak reference: the Session owns its Connections, and a cycle would keep every
+        # ended pair's memory until a full collection (the fuzz regression "per-function
+        # state kept for ever" measures it). Only the Session calls in, so it is alive then.
+        self._session: Session = weakref.proxy(session)
         self.reason: str | None = None
         """Why the pair ends: the first reason, unless a graver one follows."""
         self.level = logging.DEBUG
@@ -188,7 +192,7 @@ class Connections:
         for command in commands:
             if type(command) is SendUpstream:
                 link = command.owner
-                if link.session is not session and link is not session.current:
+                if link is not session.current and not self._ours(link):
                     out.append(command)  # another pair's connection: the shell hands it over
                 elif self._finish_sent:
                     pass
@@ -204,7 +208,7 @@ class Connections:
                 if not self._finish_sent and not session.worker_gone:
                     out.append(command)
             elif type(command) is Released:
-                if command.owner.session is not session:
+                if not self._ours(command.owner):
                     out.append(command)
                 else:
                     self._settle(command.owner)
@@ -239,6 +243,10 @@ class Connections:
         return [command]
 
     # -- the lifecycle's own steps
+
+    def _ours(self, link: UpstreamLink) -> bool:
+        """An open connection of this pair (not another pair's, nor gone)."""
+        return link.session is not None and link.session.connections is self
 
     def _holds(self, link: UpstreamLink) -> bool:
         retrier = self._session.retrier

@@ -54,6 +54,7 @@ from .commands import (
 )
 from .connections import Connections, LinkState
 from .deadlines import Deadlines
+from .drain import Drain
 from .ejection import Ejection
 from .forwarding import ASSIGNS as _ASSIGNS
 from .forwarding import (
@@ -132,6 +133,7 @@ class Session:
         metrics: Metrics | None = None,
         traits: ServerTraits | None = None,
         name: str | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.name = upstream_name if name is None else name
         """The pair's name in log lines (its worker's address and route)."""
@@ -153,8 +155,8 @@ class Session:
         self._back: list[bytes] = []
         """Bytes for the worker not yet in `_commands`."""
         self._moves = 0
-        self.draining = False
-        """Shutting down: the worker's grabs get NO_JOB from gproxy, its jobs finish."""
+        self.drain = drain if drain is not None else Drain()
+        """The process's (Proxy owns it): while draining, grabs get NO_JOB from gproxy."""
         self.worker_gone = False
         """The worker left; connections that hold retries stay open for them (worker_left)."""
         self.ejection = Ejection()
@@ -220,7 +222,7 @@ class Session:
 
     def from_downstream(self, data: bytes, now: float, sent: bool = False) -> list[Command]:
         """Bytes from the worker or client (`sent`: sent on already, see passes_downstream)."""
-        watched = WATCHED_DRAINING if grabs_answered_here(self.draining, self.ejection) else WATCHED_DOWNSTREAM
+        watched = WATCHED_DRAINING if grabs_answered_here(self.drain.started, self.ejection) else WATCHED_DOWNSTREAM
         for frame in self.downstream.receive(data):  # (no Oversized: this framer refuses a packet over the cap)
             if type(frame) is Packet:
                 if frame.type not in watched:
@@ -252,7 +254,7 @@ class Session:
 
     def passes_downstream(self, data: bytes) -> bool:
         """May `data` from the worker go on before the Session sees it? (Forwarding.downstream)"""
-        return self.forwarding.downstream(data, self.draining, self.traits.grab_uniq, self.current, self.retired)
+        return self.forwarding.downstream(data, self.drain.started, self.traits.grab_uniq, self.current, self.retired)
 
     def passes_upstream(self, link: UpstreamLink, data: bytes) -> bool:
         """May `data` from gearmand on `link` go on before the Session sees it? (Forwarding.upstream)"""
@@ -280,14 +282,10 @@ class Session:
         (gearmand requeues their jobs), once the retry jobs of functions that retry
         disconnects are failed back from them too: the loop's owner counts that attempt.
         The caller carries out the commands before it closes anything."""
-        self.orphan_jobs(now)
-        return self.event_done()
-
-    def orphan_jobs(self, now: float) -> None:
-        """worker_left, within an event."""
         self.worker_gone = True
         for link in self.links:
             self.command(*self._orphaned(link, now))
+        return self.event_done()
 
     def _orphaned(self, link: UpstreamLink, now: float, assigned_late: bool = False) -> list[Command]:
         """The jobs running on `link` whose worker has left: if `link` stays open, retry
@@ -369,7 +367,7 @@ class Session:
             if (registered := self.registration.received(packet, self.current, self.retrier, self.deadlines)) is MOVE:
                 self._move()  # sent here, it would make gearmand requeue a held job
             return registered or b""
-        if (grab := self.assignments.grab(self.current, packet, self.draining, self.ejection)) is ANSWERED:
+        if (grab := self.assignments.grab(self.current, packet, self.drain.started, self.ejection)) is ANSWERED:
             self._back.append(_NO_JOB)  # (a grab, or a sleep while grabs are answered here)
         return grab or b""
 
