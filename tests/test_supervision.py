@@ -150,7 +150,7 @@ def test_a_failing_scrape_answers_500_and_the_proxy_serves_on(
     with ProxyThread.to(gearmand.address, FAST, metrics_listen=Address("127.0.0.1", 0)) as proxy:
         assert proxy.proxy is not None and proxy.proxy.metrics_address is not None
         url = f"http://{proxy.proxy.metrics_address}/metrics"
-        monkeypatch.setattr(proxy.proxy.metrics, "connections", broken)
+        monkeypatch.setattr(proxy.proxy.scraped, "connections", broken)
         with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(url, timeout=10)
         assert failed.value.code == 500
@@ -165,10 +165,8 @@ async def test_a_process_wide_task_that_fails_is_started_again(
 ) -> None:
     """The retry client's own loop is the last line: should it fail past its own handling
     (a bug in handing back what was in flight), it is started again, not lost."""
-    from gproxy.config import Config
-    from gproxy.control import RESTART_PAUSE, Proxy
+    from gproxy.supervision import RESTART_PAUSE, keep_running
 
-    proxy = Proxy(Config(routes=(Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730)),)))
     runs: list[float] = []
 
     async def task() -> None:
@@ -176,7 +174,7 @@ async def test_a_process_wide_task_that_fails_is_started_again(
         if len(runs) == 1:
             raise RuntimeError("injected failure in the task")
 
-    await proxy._keep_running("the task", task)
+    await keep_running("the task", task)
     assert len(runs) == 2 and runs[1] - runs[0] >= RESTART_PAUSE
     assert [r.getMessage() for r in caplog.records if r.exc_info] == [
         f"the task: internal error; starting it again in {RESTART_PAUSE:g}s"
@@ -220,3 +218,4 @@ def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
     assert run.returncode == 0, run.stderr  # requeued by gearmand when the pair closed; run again
     (closing,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and not r.exc_info]
     assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in its timeouts timer", closing)
+
