@@ -237,9 +237,18 @@ class Proxy:
 
     def deliver(self, action: ForAnother) -> None:
         """A Retrier's action for a pair's connection, carried out by that pair now (none if
-        it has ended: gearmand requeued what its connections owned)."""
-        if (pair := self.pairs.of(action.owner)) is not None:
+        it has ended: gearmand requeued what its connections owned). The receiving pair is
+        supervised here: should carrying it out fail, that pair closes (gearmand requeues
+        its jobs) and whoever delivered it, another pair's event or the control plane, goes
+        on."""
+        if (pair := self.pairs.of(action.owner)) is None:
+            return
+        try:
             pair.execute(pair.session.deliver(action))
+        except Exception:
+            kind = "a retry's outcome" if type(action) is SendUpstream else "a release of its held retries"
+            log.exception("%s: internal error carrying out %s; closing it", pair.name, kind)
+            pair.fail_internally(f"internal error carrying out {kind}")
 
     async def _connect_link(self, connect: Connect) -> None:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
