@@ -29,7 +29,7 @@ Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class Operator(Protocol):
-    """What `/held` shows and the admin POSTs do (the Proxy)."""
+    """What `/held` shows and the admin POSTs do (steering.Steering)."""
 
     admin: bool
     """The POSTs are allowed (the listener is unauthenticated: off by default)."""

@@ -13,6 +13,7 @@ Session's to decide (gproxy.core.session), and tested there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Protocol
 
 from .config import Route
 from .core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Shut, Timer
-from .core.jobs import TrackedJob
+from .core.jobs import TrackedJob, running_per_function
 from .core.protocol import ProtocolError
 from .core.retry import RecheckBudget, Released, SendUpstream, Submit, Wakeup
 from .core.session import Command, Session, UpstreamLink
@@ -68,9 +69,13 @@ class ControlPlane(Protocol):
     def deliver(self, action: ForAnother) -> None:
         """Hand `action` to the pair whose connection it names, now."""
 
+    def settled(self, pair: Pair) -> None:
+        """While draining: `pair` has handled an event (its last job may have ended)."""
+
 
 class PairSet:
-    """Every pair of the process, by its Session (a connection's Session names its pair)."""
+    """Every pair of the process, by its Session (a connection's Session names its pair);
+    what the pairs hold is read from them here (the metrics, the drain)."""
 
     def __init__(self) -> None:
         self._pairs: dict[Session, Pair] = {}
@@ -96,6 +101,18 @@ class PairSet:
 
     def tracked_jobs(self) -> list[TrackedJob]:
         return [job for pair in self._pairs.values() for job in pair.session.tracked_jobs()]
+
+    def running_jobs(self) -> collections.Counter[bytes]:
+        """Jobs assigned to the workers now, per function, from each connection's JobTable."""
+        return running_per_function(link.jobs for pair in self._pairs.values() for link in pair.session.links)
+
+    def ejected_workers(self) -> collections.Counter[bytes]:
+        """Workers ejected now, by the function of the failure that ejected them (from each
+        Session's Ejection: the step that counts an ejection starts it, so no scrape sees one
+        without the other)."""
+        return collections.Counter(
+            pair.session.ejection.function for pair in self._pairs.values() if pair.session.ejection.active
+        )
 
 
 class Pair:
@@ -132,6 +149,11 @@ class Pair:
     def open_links(self) -> int:
         return len(self._endpoints)
 
+    @property
+    def running_jobs(self) -> int:
+        """Jobs its worker runs now (assigned, not ended nor handed back)."""
+        return sum(len(link.jobs) for link in self.session.links)
+
     # -- the data plane's events
 
     def received(self, endpoint: Endpoint, data: bytes) -> None:
@@ -156,7 +178,7 @@ class Pair:
                 commands = session.from_upstream(link, data, self._clock(), sent)
             except ProtocolError as exc:
                 commands = session.refuse(exc.reason, f"protocol error from gearmand: {exc}")
-        if commands:
+        if commands or session.drain.started:  # (while draining, a job's end is news even without commands)
             self.execute(commands)
 
     def ended(self, endpoint: Endpoint, error: OSError | None) -> None:
@@ -230,6 +252,8 @@ class Pair:
                 self._control.post(command)
             else:
                 raise TypeError(f"not a command for a pair: {command!r}")
+        if self.session.drain.started:
+            self._control.settled(self)
 
     def _finish(self, finish: Finish) -> None:
         self._pairs.discard(self)

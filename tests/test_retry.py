@@ -189,7 +189,7 @@ def test_a_held_job_is_retried_and_its_retry_completes_the_original() -> None:
         SendUpstream("up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")),
         Released("up-1"),
     ]
-    assert t.retrier.held == {} and t.retrier.metrics.held() == {}
+    assert t.retrier.held == {} and t.retrier.held_per_function == {}
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"late") == []  # unknown now: ignored
 
 
@@ -402,7 +402,7 @@ def test_a_held_handle_assigned_again_ends_the_hold_and_orphans_its_retry() -> N
     t.fail(handle=b"H:4", owner="up-1")
     t.submit_and_create(1, b"H:2")
     assert t.retrier.job_assigned("route", b"H:1", b"f", False, now=3.0) == []  # up-1 still holds H:4
-    assert t.retrier.holder("route", b"H:1") is None and t.retrier.metrics.held() == {b"f": 1}
+    assert t.retrier.holder("route", b"H:1") is None and t.retrier.held_per_function == {b"f": 1}
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"orphan") == []  # finishes nothing
     assert t.retrier.job_assigned("route", b"H:4", b"f", False, now=3.0) == [Released("up-1")]
     # The new assignment may fail and be held afresh.

@@ -220,7 +220,7 @@ class RetrierMachine(RuleBasedStateMachine):
     def bookkeeping_agrees_with_itself(self) -> None:
         r = self.retrier
         held = r.held.values()
-        assert r.metrics.held() == Counter(job.function for job in held)
+        assert r.held_per_function == Counter(job.function for job in held)
         assert {owner: keys for owner, keys in r.jobs.by_owner.items()} == {
             owner: {job.key for job in held if job.owner == owner} for owner in {job.owner for job in held}
         }
@@ -232,7 +232,7 @@ class RetrierMachine(RuleBasedStateMachine):
             assert 1 <= job.attempt <= POLICY.max_attempts
             assert (job.retry_handle is not None) == (job.state is State.RUNNING)
             assert job.state is not State.PAUSED or job.function in r.paused  # (none is, here)
-            assert r.metrics.held()[job.function] <= POLICY.max_held
+            assert r.held_per_function[job.function] <= POLICY.max_held
 
     @invariant()
     def every_state_change_is_a_move_of_the_table(self) -> None:

@@ -19,10 +19,10 @@ from gproxy.connection import Connection
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.metrics import Metrics
 from gproxy.core.policy import Policies, RetryPolicy
-from gproxy.core.protocol import REQ, RES, PacketType, build_packet
+from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
 from gproxy.core.retry import Retrier, Submit
 from gproxy.retry_client import RetryClient
-from tests.gearmand import Gearmand
+from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
 
@@ -150,7 +150,7 @@ def test_a_failing_scrape_answers_500_and_the_proxy_serves_on(
     with ProxyThread.to(gearmand.address, FAST, metrics_listen=Address("127.0.0.1", 0)) as proxy:
         assert proxy.proxy is not None and proxy.proxy.metrics_address is not None
         url = f"http://{proxy.proxy.metrics_address}/metrics"
-        monkeypatch.setattr(proxy.proxy.metrics, "connections", broken)
+        monkeypatch.setattr(proxy.proxy.scraped, "connections", broken)
         with pytest.raises(urllib.error.HTTPError) as failed:
             urllib.request.urlopen(url, timeout=10)
         assert failed.value.code == 500
@@ -165,10 +165,8 @@ async def test_a_process_wide_task_that_fails_is_started_again(
 ) -> None:
     """The retry client's own loop is the last line: should it fail past its own handling
     (a bug in handing back what was in flight), it is started again, not lost."""
-    from gproxy.config import Config
-    from gproxy.control import RESTART_PAUSE, Proxy
+    from gproxy.supervision import RESTART_PAUSE, keep_running
 
-    proxy = Proxy(Config(routes=(Route(Address("127.0.0.1", 0), Address("127.0.0.1", 4730)),)))
     runs: list[float] = []
 
     async def task() -> None:
@@ -176,7 +174,7 @@ async def test_a_process_wide_task_that_fails_is_started_again(
         if len(runs) == 1:
             raise RuntimeError("injected failure in the task")
 
-    await proxy._keep_running("the task", task)
+    await keep_running("the task", task)
     assert len(runs) == 2 and runs[1] - runs[0] >= RESTART_PAUSE
     assert [r.getMessage() for r in caplog.records if r.exc_info] == [
         f"the task: internal error; starting it again in {RESTART_PAUSE:g}s"
@@ -220,3 +218,64 @@ def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
     assert run.returncode == 0, run.stderr  # requeued by gearmand when the pair closed; run again
     (closing,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and not r.exc_info]
     assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in its timeouts timer", closing)
+
+
+def _receive_packet(sock: socket.socket) -> bytes:
+    framer, frames = Framer(RES), []
+    while not frames:
+        data = sock.recv(65536)
+        assert data, "closed before a whole packet came"
+        frames = framer.receive(data)
+    (frame,) = frames
+    return frame.raw
+
+
+def test_an_error_in_the_pair_an_action_is_delivered_to_closes_that_pair_not_the_sender(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pair A's event carries a command for a connection of pair B (as a retry's outcome or a
+    release is); B fails to carry it out. B closes, its job goes back to gearmand, and A's
+    event goes on: its next command is carried out, and A serves on."""
+    from gproxy.core.retry import SendUpstream
+    from gproxy.core.session import SendDownstream, Session
+
+    function = b"supervised_delivery"
+    calls = _failing_once(monkeypatch, Session, "deliver")
+    caplog.set_level(logging.INFO, logger="gproxy")
+    with ProxyThread.to(gearmand.address, FAST) as proxy:
+        assert proxy.proxy is not None
+        receiver = socket.create_connection(proxy.address, timeout=10)  # B: it will run a job
+        receiver.sendall(build_packet(REQ, PacketType.CAN_DO, function=function)
+                         + build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
+        assert _receive_packet(receiver) == build_packet(RES, PacketType.NO_JOB)
+        with socket.create_connection(gearmand.address, timeout=10) as client:
+            client.sendall(build_packet(REQ, PacketType.SUBMIT_JOB_BG, function=function, unique=b"sd-1", data=b"x"))
+            assert _receive_packet(client)[:8] == build_packet(RES, PacketType.JOB_CREATED, handle=b"")[:8]
+        receiver.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
+        while (packet := _receive_packet(receiver))[4:8] != PacketType.JOB_ASSIGN_UNIQ.to_bytes(4, "big"):
+            receiver.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
+        gearmand.wait_for_queue(function.decode(), total=1, running=1)
+        sender = socket.create_connection(proxy.address, timeout=10)  # A
+        wait_for(lambda: proxy.call(lambda: len(proxy.proxy.pairs)) == 2, 10, "both pairs")  # type: ignore[union-attr]
+
+        def a_command_for_another_pair() -> None:
+            port = receiver.getsockname()[1]
+            (b,) = [pair for pair in proxy.proxy.pairs if f":{port} " in pair.name]  # type: ignore[union-attr]
+            (a,) = [pair for pair in proxy.proxy.pairs if pair is not b]  # type: ignore[union-attr]
+            echo = build_packet(REQ, PacketType.ECHO_REQ, data=b"for B")
+            a.execute([SendUpstream(b.session.current, echo), SendDownstream(b"after")])
+
+        proxy.call(a_command_for_another_pair)
+        assert sender.recv(100) == b"after"  # A's event went on past the failure
+        assert receiver.recv(100) == b""  # B closed
+        gearmand.wait_for_queue(function.decode(), total=1, running=0)  # and gearmand took its job back
+        sender.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))  # A serves on
+        assert _receive_packet(sender) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
+        assert proxy.call(lambda: len(proxy.proxy.pairs)) == 1  # type: ignore[union-attr]
+        sender.close()
+        receiver.close()
+    assert len(calls) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, errors
+    assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: internal error carrying out a retry's outcome; closing it", errors[0])
+    assert re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error carrying out a retry's outcome", errors[1])

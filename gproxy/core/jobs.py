@@ -8,7 +8,7 @@ assigned a job can finish it. So jobs are tracked per connection, by handle, and
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 Payload = bytes | memoryview
@@ -31,11 +31,9 @@ class TrackedJob(NamedTuple):
 class JobTable:
     """Jobs assigned through one upstream connection and not yet ended or handed back."""
 
-    def __init__(self, upstream: str, running: Counter[bytes] | None = None) -> None:
+    def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self._jobs: dict[bytes, TrackedJob] = {}
-        self.running: Counter[bytes] = running if running is not None else Counter()
-        """Jobs assigned and not ended, per function; shared by every table of a process."""
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -50,40 +48,26 @@ class JobTable:
         self, handle: bytes, function: bytes, unique: bytes, payload: Payload, now: float,
         is_retry: bool = False,
     ) -> TrackedJob:
-        job = TrackedJob(handle, function, unique, payload, self.upstream, now, is_retry)
-        if handle in self._jobs:
-            self._forget(self._jobs[handle])
-        self._jobs[handle] = job
-        self.running[function] += 1
+        job = self._jobs[handle] = TrackedJob(handle, function, unique, payload, self.upstream, now, is_retry)
         return job
 
     def ended(self, handle: bytes) -> TrackedJob | None:
         """The worker sent the job's final result (or gearmand took it back)."""
-        job = self._jobs.pop(handle, None)
-        if job is not None:
-            self._forget(job)
-        return job
+        return self._jobs.pop(handle, None)
 
     def released_function(self, function: bytes) -> list[TrackedJob]:
         """CANT_DO: gearmand silently requeues the connection's jobs of that function."""
         released = [job for job in self._jobs.values() if job.function == function]
         for job in released:
             del self._jobs[job.handle]
-            self._forget(job)
         return released
 
     def released_all(self) -> list[TrackedJob]:
         """RESET_ABILITIES or a closed connection: gearmand requeues every job it holds."""
         released = list(self._jobs.values())
         self._jobs.clear()
-        for job in released:
-            self._forget(job)
         return released
 
-    def _forget(self, job: TrackedJob) -> None:
-        self.running[job.function] -= 1
-        if not self.running[job.function]:
-            del self.running[job.function]
 
 
 class Owner(Hashable, Protocol):
@@ -91,3 +75,9 @@ class Owner(Hashable, Protocol):
     assigned through it, which only it can finish."""
 
     jobs: JobTable
+
+
+def running_per_function(tables: Iterable[JobTable]) -> Counter[bytes]:
+    """The jobs of `tables` per function: counted from the tables that own them, when asked
+    (a scrape), so no counter kept beside them can drift from what they hold."""
+    return Counter(job.function for table in tables for job in table)

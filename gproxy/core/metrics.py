@@ -5,6 +5,10 @@ or is state anyway (jobs running and held, connections) is kept as plain numbers
 the hot path but an integer increment (prometheus-client objects take a lock per update).
 Counters of rarer events (retries and their reasons) are prometheus-client objects.
 
+What is state (jobs running and held, budget balances, connections, ejected workers) has an
+owner elsewhere, and a scrape reads it from there (`LiveState`, given by `read_from`): no
+count of it is kept here to drift from the truth.
+
 A scrape copies the plain numbers on the loop (a snapshot, well under a millisecond) and
 renders the text in a thread (tens of milliseconds at the label cap), so traffic never waits
 for Prometheus. Function names come from the network, so the `function` label has a cap;
@@ -15,9 +19,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -37,6 +41,45 @@ DEFAULT_MAX_FUNCTIONS = 200
 MAX_LABEL_BYTES = 96
 """A longer function name is shown as its first 80 bytes, `…` and 8 hex digits of its SHA-1:
 names come from the network, and every series repeats its labels on each scrape."""
+
+
+class LiveState(Protocol):
+    """What a scrape reads from the owners of the facts, at scrape time (for a proxy:
+    gproxy.scrape.ProxyState, reading its pairs, its Retrier and its retry clients)."""
+
+    def running(self) -> Mapping[bytes, int]:
+        """Jobs assigned to workers now, per function."""
+
+    def held(self) -> Mapping[bytes, int]:
+        """Jobs held for a retry now, per function."""
+
+    def budget_balance(self, functions: list[bytes]) -> Mapping[bytes, float]:
+        """What each of `functions`' retry budget allows now."""
+
+    def connections(self) -> Mapping[str, int]:
+        """Open connections by side: "worker" and "upstream"."""
+
+    def ejected(self) -> Mapping[bytes, int]:
+        """Workers ejected now, by the function of the failure that ejected them."""
+
+
+class NothingLive:
+    """The LiveState of metrics no proxy reads from yet: nothing running, held or open."""
+
+    def running(self) -> Mapping[bytes, int]:
+        return {}
+
+    def held(self) -> Mapping[bytes, int]:
+        return {}
+
+    def budget_balance(self, functions: list[bytes]) -> Mapping[bytes, float]:
+        return {}
+
+    def connections(self) -> Mapping[str, int]:
+        return {"worker": 0, "upstream": 0}
+
+    def ejected(self) -> Mapping[bytes, int]:
+        return {}
 
 
 class Metrics:
@@ -70,12 +113,14 @@ class Metrics:
             self.resource_exhausted.labels(resource)
         # Read at scrape time.
         self.packets: dict[str, list[int]] = {d: [0] * (max(PacketType) + 1) for d in DIRECTIONS}
-        self.running: Tally[bytes] = Tally()
-        self.held: Callable[[], Mapping[bytes, int]] = dict
-        self.budget_balance: Callable[[], Mapping[bytes, float]] = dict
-        self.connections: Callable[[], Mapping[str, int]] = lambda: {"worker": 0, "upstream": 0}
-        self.ejected: Callable[[], Mapping[bytes, int]] = dict
+        self.live: LiveState = NothingLive()
+        """Where a scrape reads what is state (see read_from)."""
         self.registry.register(_Live(self))
+
+    def read_from(self, live: LiveState) -> None:
+        """Scrapes read jobs running and held, budget balances, connections and ejected
+        workers from `live` (the owners of those facts) from now on."""
+        self.live = live
 
     def function(self, name: bytes) -> str:
         """The label for a function name: itself, until the cap is reached."""
@@ -126,13 +171,14 @@ class Metrics:
 
     def snapshot(self) -> Snapshot:
         """Everything read at scrape time, copied: cheap, and taken on the loop."""
-        running, held, balance = dict(self.running), dict(self.held()), dict(self.budget_balance())
-        ejected = dict(self.ejected())
+        live = self.live
+        running, held, balance = dict(live.running()), dict(live.held()), dict(live.budget_balance(self.labelled()))
+        ejected = dict(live.ejected())
         for name in (*running, *held, *balance, *ejected):
             self.function(name)  # a function seen only here gets its label now, as ever
         return Snapshot(
             {direction: list(counts) for direction, counts in self.packets.items()},
-            dict(self._functions), running, held, balance, dict(self.connections()),
+            dict(self._functions), running, held, balance, dict(live.connections()),
             {label: stats.copy() for label, stats in self._stats.items()}, ejected,
         )
 

@@ -396,7 +396,6 @@ class Retrier(Generic[OwnerT, RouteT]):
         self.tag = retry_tag(rng) if tag is None else tag
         """In every retry unique this Retrier submits (see retry_unique)."""
         self.metrics = metrics if metrics is not None else Metrics()
-        self.metrics.held = lambda: self.held_per_function
         self.outcomes = Outcomes(self.metrics)
         self.intake = Intake(policies, self.outcomes)
         """Which failures of originals are held."""

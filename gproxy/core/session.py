@@ -94,7 +94,7 @@ class UpstreamLink:
         """What is to be sent once the connection is open (while CONNECTING)."""
         self.shut = False
         """gproxy has half-closed it: a close mid-frame after that answers gproxy's."""
-        self.jobs = JobTable(name, metrics.running)
+        self.jobs = JobTable(name)
         self.framer = Framer(RES, max_packet_size, metrics.packets["from_gearmand"], skip_oversized=_ASSIGNS)
         """A job too large to hand the worker is failed instead (see Session._too_large)."""
         # One entry per GRAB sent and not yet answered, oldest first: True where gproxy sent

@@ -1,0 +1,134 @@
+"""The accept side: every route's listeners, accepting workers, and opening their pairs.
+
+A worker accepted is connected to the route's gearmand before it becomes a pair; a worker
+whose gearmand cannot be reached is closed with its reason, as a pair's close line. accept()
+failing for want of gproxy's own file descriptors or memory is counted, warned of at most
+once a minute, and tried again shortly; workers wait in the backlog meanwhile. A drain stops
+accepting and closes the listeners, so new workers are refused at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from .config import Address, Route
+from .core.limits import cannot_connect, own_exhaustion
+from .core.metrics import Metrics
+from .dialer import Dialer
+
+log = logging.getLogger("gproxy.control")
+pair_logger = logging.getLogger("gproxy.pair")
+"""(The close line of a worker that never became a pair: where every pair's line is.)"""
+
+ACCEPT_CAPACITY_PAUSE = 0.1
+"""Seconds to wait when accept() fails for want of file descriptors or memory."""
+ACCEPT_WARNING_EVERY = 60.0
+"""Seconds between two WARNINGs that accept() fails so (each failure is counted)."""
+_ACCEPT_RETRY: Final = {
+    errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+}
+
+StartPair = Callable[[str, socket.socket, str, socket.socket, Route], None]
+"""Make a pair of (name, worker socket, peer address, gearmand socket, route) and start it."""
+
+
+class Acceptor:
+    """Listens on `routes`; each worker accepted, once connected to gearmand, goes to
+    `start_pair`."""
+
+    def __init__(self, routes: tuple[Route, ...], metrics: Metrics, dialer: Dialer, start_pair: StartPair) -> None:
+        self._routes, self._metrics, self._dialer, self._start_pair = routes, metrics, dialer, start_pair
+        self.addresses: list[Address] = []
+        """Where each route listens, in order (its port, if it asked for port 0)."""
+        self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
+        self._accepting = trio.CancelScope()
+
+    @property
+    def bound(self) -> bool:
+        return bool(self._bound)
+
+    async def listen(self) -> None:
+        """Bind every route's listen address; an OSError here (address in use) is plain, not
+        wrapped in an exception group, so the command can report it in one line."""
+        for route in self._routes:
+            listeners = await trio.open_tcp_listeners(route.listen.port, host=route.listen.host)
+            host, port, *_ = listeners[0].socket.getsockname()
+            self.addresses.append(Address(host, port))
+            log.info("listening on %s, proxying to gearmand %s", Address(host, port), route.upstream)
+            self._bound.append((route, listeners))
+
+    def stop(self) -> None:
+        """No more workers: the listeners close."""
+        self._accepting.cancel()
+
+    async def run(self, pairs_nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on every route until stopped; each worker is opened in `pairs_nursery`."""
+        with self._accepting:
+            async with trio.open_nursery() as listeners:
+                for route, bound in self._bound:
+                    for listener in bound:
+                        listeners.start_soon(self._accept_on, listener, route, pairs_nursery)
+                task_status.started()
+
+    async def _accept_on(self, listener: trio.SocketListener, route: Route, pairs_nursery: trio.Nursery) -> None:
+        """trio.serve_listeners, keeping the peer's address that accept() returns. When
+        accepting stops (a drain), the listener closes: new workers are refused at once."""
+        with listener.socket:
+            await self._accept_loop(listener.socket, route, pairs_nursery)
+
+    async def _accept_loop(self, sock: trio.socket.SocketType, route: Route, pairs_nursery: trio.Nursery) -> None:
+        warned: float | None = None
+        someone_waits = False
+        while True:
+            try:
+                accepted, peer = await sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:  # the peer gave up before we got to it
+                    continue
+                if (own := own_exhaustion(exc)) is None:
+                    raise
+                if not someone_waits:  # (accept() fails so even when no one waits: wait for one first)
+                    await trio.lowlevel.wait_readable(sock)
+                    someone_waits = True
+                    continue
+                self._metrics.resource_exhausted.labels(own.resource).inc()
+                now = trio.current_time()
+                quiet = warned is not None and now - warned < ACCEPT_WARNING_EVERY
+                log.log(
+                    logging.DEBUG if quiet else logging.WARNING, "cannot accept on %s for now: %s; trying again every %gs",
+                    route.listen, own, ACCEPT_CAPACITY_PAUSE,
+                )
+                warned = warned if quiet else now
+                await trio.sleep(ACCEPT_CAPACITY_PAUSE)
+                continue
+            someone_waits = False
+            accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            worker = socket.socket(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
+            pairs_nursery.start_soon(self._open_pair, worker, _address(peer), route)
+
+    async def _open_pair(self, worker: socket.socket, peer: str, route: Route) -> None:
+        name = f"peer {peer} (via {route.listen} to gearmand {route.upstream})"
+        try:
+            upstream = await self._dialer.socket(route)
+        except (OSError, trio.TooSlowError) as exc:
+            pair_logger.warning("%s: closed: %s", name, cannot_connect(exc))
+            worker.close()
+            return
+        try:
+            self._start_pair(name, worker, peer, upstream, route)
+        except Exception:  # (a task of the process's nursery: nothing may escape it)
+            pair_logger.exception("%s: closed: internal error", name)
+            worker.close()
+            upstream.close()
+
+
+def _address(peer: tuple[str, int]) -> str:
+    host, port, *_ = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
