@@ -31,7 +31,7 @@ from .core.drain import Drain
 from .core.jobs import TrackedJob
 from .core.limits import cannot_connect
 from .core.metrics import Metrics
-from .core.retry import Action, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from .core.retry import Action, NothingHeld, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
 from .core.session import Session, UpstreamLink
 from .dataplane import DataPlane
 from .dialer import Dialer
@@ -219,7 +219,7 @@ class Proxy:
             self._timers.call_later(item.delay, partial(self._recheck, item))
         elif type(item) is Submit:
             self._retry_client(item.route).submit(item)
-        elif type(item) is SendUpstream or type(item) is Released:
+        elif type(item) is SendUpstream or type(item) is NothingHeld:
             self.deliver(item)
         elif type(item) is Connect:
             nursery.start_soon(self._connect_link, item)
@@ -245,7 +245,7 @@ class Proxy:
         try:
             pair.execute(pair.session.deliver(action))
         except Exception:
-            kind = "a retry's outcome" if type(action) is SendUpstream else "a release of its held retries"
+            kind = "a retry's outcome" if type(action) is SendUpstream else "the end of its last held retry"
             log.exception("%s: internal error carrying out %s; closing it", pair.name, kind)
             pair.fail_internally(f"internal error carrying out {kind}")
 

@@ -24,7 +24,7 @@ from .config import Route
 from .core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Shut, Timer
 from .core.jobs import TrackedJob, running_per_function
 from .core.protocol import ProtocolError
-from .core.retry import RecheckBudget, Released, SendUpstream, Submit, Wakeup
+from .core.retry import NothingHeld, RecheckBudget, SendUpstream, Submit, Wakeup
 from .core.session import Command, Session, UpstreamLink
 from .dataplane import HIGH_WATER, DataPlane, Endpoint
 
@@ -58,7 +58,7 @@ class Ended:
 
 Posted = Connect | PairTimer | Ended | Wakeup | RecheckBudget | Submit[Route]
 """What the data plane asks of the control plane (trio): rare, and never waited for."""
-ForAnother = SendUpstream[UpstreamLink] | Released[UpstreamLink]
+ForAnother = SendUpstream[UpstreamLink] | NothingHeld[UpstreamLink]
 """A Retrier's action for a connection of another pair."""
 
 
@@ -232,7 +232,7 @@ class Pair:
             elif type(command) is SendDownstream:
                 if self.worker is not None:
                     self._write(self.worker, command.data)
-            elif type(command) is Released:
+            elif type(command) is NothingHeld:
                 self._control.deliver(command)
             elif type(command) is Shut:
                 endpoint = self.worker if command.link is None else self._endpoints.get(command.link)

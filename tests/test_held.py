@@ -20,7 +20,7 @@ from gproxy.core.held import held_view, table
 from gproxy.core.jobs import TrackedJob
 from gproxy.core.policy import Policies, RetryPolicy
 from gproxy.core.protocol import REQ, PacketType, build_packet
-from gproxy.core.retry import Released, Retrier, SendUpstream, State, Submit, Wakeup
+from gproxy.core.retry import NothingHeld, Retrier, SendUpstream, State, Submit, Wakeup
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_pyclient, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
@@ -50,7 +50,7 @@ def test_retry_now_submits_at_once_and_voids_the_backoff_timer() -> None:
 def test_give_up_now_forwards_the_last_failure_and_dead_letters_the_job() -> None:
     retrier = held_one()
     actions = retrier.give_up_now(1, now=0.5) or []
-    assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
+    assert [type(a) for a in actions] == [Submit, SendUpstream, NothingHeld]
     assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: busy"))
     assert retrier.held == {} and retrier.give_up_now(1, now=0.6) is None
 

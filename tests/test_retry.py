@@ -25,7 +25,7 @@ from gproxy.core.policy import (
     Verdict,
     classify,
 )
-from gproxy.core.retry import Decision, RecheckBudget, Released, Retrier, SendUpstream, Submit, Wakeup
+from gproxy.core.retry import Decision, RecheckBudget, NothingHeld, Retrier, SendUpstream, Submit, Wakeup
 from gproxy.core.uniques import MAX_UNIQUE, dead_letter_unique, parse_retry_unique, retry_tag, retry_unique
 
 P = PacketType
@@ -187,7 +187,7 @@ def test_a_held_job_is_retried_and_its_retry_completes_the_original() -> None:
     ]
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"ok") == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_COMPLETE, handle=b"H:1", data=b"ok")),
-        Released("up-1"),
+        NothingHeld("up-1"),
     ]
     assert t.retrier.held == {} and t.retrier.held_per_function == {}
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"late") == []  # unknown now: ignored
@@ -203,7 +203,7 @@ def test_exhaustion_forwards_the_last_exception_and_dead_letters_the_payload() -
         Submit("route", None, b"dlq.f", dead_letter_unique(b"f", b"u-1", b"H:1", b"payload"),
                envelope(b"f", b"u-1", b"H:1", 3, "WORK_EXCEPTION", b"RETRY: third", b"payload"), P.SUBMIT_JOB_BG),
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: third")),
-        Released("up-1"),
+        NothingHeld("up-1"),
     ]
     assert t.sample("gproxy_retries_exhausted_total") == 1
 
@@ -226,7 +226,7 @@ def test_a_non_retryable_failure_of_a_retry_ends_it_without_dead_letter() -> Non
     t.submit_and_create(1, b"H:2")
     assert t.retry(P.WORK_FAIL, handle=b"H:2") == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1")),
-        Released("up-1"),
+        NothingHeld("up-1"),
     ]
 
 
@@ -290,7 +290,7 @@ def test_a_retry_that_waits_longer_than_max_hold_time_gets_its_last_failure() ->
     actions = t.fire(1, now=30.0)
     assert actions[1:] == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: db down")),
-        Released("up-1"),
+        NothingHeld("up-1"),
     ]
     assert type(actions[0]) is Submit and actions[0].function == b"dlq"
     assert t.sample("gproxy_retry_cap_rejections_total", cap="max_hold_time") == 1
@@ -304,13 +304,13 @@ def test_a_deferred_retry_past_its_deadline_is_given_up_when_the_budget_returns(
     t.retrier.job_assigned("route", b"H:10", b"f", False, now=30.5)
     t.retrier.job_assigned("route", b"H:11", b"f", False, now=30.5)
     # The look at the budget comes before the job's own deadline timer: it still gives up.
-    assert [type(a) for a in t.retrier.budget_recheck(b"f", now=31.0)] == [SendUpstream, Released]
+    assert [type(a) for a in t.retrier.budget_recheck(b"f", now=31.0)] == [SendUpstream, NothingHeld]
 
 
 def test_a_backoff_longer_than_max_hold_time_wakes_at_the_deadline_to_give_up() -> None:
     t = Transcript(replace(POLICY, backoff_initial=100.0, backoff_max=100.0, max_hold_time=30.0))
     assert t.fail().actions == [Wakeup(1, 30.0, 1)]
-    assert [type(a) for a in t.fire(1, now=30.0)] == [SendUpstream, Released]
+    assert [type(a) for a in t.fire(1, now=30.0)] == [SendUpstream, NothingHeld]
 
 
 def test_a_timer_of_an_earlier_wait_does_nothing() -> None:
@@ -380,7 +380,7 @@ def test_a_refused_retry_gives_the_client_the_last_failure() -> None:
     t.fire(1, now=1.0)
     assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == [
         SendUpstream("up-1", build_packet(REQ, P.WORK_EXCEPTION, handle=b"H:1", data=b"RETRY: first")),
-        Released("up-1"),
+        NothingHeld("up-1"),
     ]
     assert t.retrier.retry_rejected(1, b"QUEUE_ERROR", now=2.0) == []  # once only
 
@@ -404,7 +404,7 @@ def test_a_held_handle_assigned_again_ends_the_hold_and_orphans_its_retry() -> N
     assert t.retrier.job_assigned("route", b"H:1", b"f", False, now=3.0) == []  # up-1 still holds H:4
     assert t.retrier.holder("route", b"H:1") is None and t.retrier.held_per_function == {b"f": 1}
     assert t.retry(P.WORK_COMPLETE, handle=b"H:2", data=b"orphan") == []  # finishes nothing
-    assert t.retrier.job_assigned("route", b"H:4", b"f", False, now=3.0) == [Released("up-1")]
+    assert t.retrier.job_assigned("route", b"H:4", b"f", False, now=3.0) == [NothingHeld("up-1")]
     # The new assignment may fail and be held afresh.
     assert t.fail(handle=b"H:1", owner="up-2").held and t.retrier.holder("route", b"H:1") == "up-2"
 
@@ -496,7 +496,7 @@ def test_an_attempt_lost_without_a_result_is_retried_with_backoff_then_dead_lett
     assert t.retry(P.WORK_EXCEPTION, handle=b"H:2", data=failed_back, now=2.0) == [Wakeup(1, 2.0, 2)]
     t.submit_and_create(1, b"H:3", now=4.0)
     actions = t.retry(P.WORK_EXCEPTION, handle=b"H:3", data=failed_back, now=5.0)
-    assert [type(a) for a in actions] == [Submit, SendUpstream, Released]
+    assert [type(a) for a in actions] == [Submit, SendUpstream, NothingHeld]
     assert actions[0].function == b"dlq" and actions[0].type is P.SUBMIT_JOB_BG
     assert actions[1] == SendUpstream("up-1", build_packet(REQ, P.WORK_FAIL, handle=b"H:1"))
     assert t.sample("gproxy_retries_exhausted_total") == 1 and t.sample("gproxy_retries_total", reason=reason) == 2

@@ -27,7 +27,7 @@ from gproxy.core.retry import (
     Event,
     HeldJob,
     RecheckBudget,
-    Released,
+    NothingHeld,
     Retrier,
     SendUpstream,
     State,
@@ -89,7 +89,7 @@ class RetrierMachine(RuleBasedStateMachine):
                 if ptype in (P.WORK_COMPLETE, P.WORK_FAIL, P.WORK_EXCEPTION):
                     self.finals[handle] += 1
                     assert self.finals[handle] == 1, f"{handle!r} ended twice"
-            elif type(action) is Released:
+            elif type(action) is NothingHeld:
                 assert not self.retrier.holds(action.owner)
 
     def submit_counted(self, actions: list, resubmission: bool = False) -> list:

@@ -16,7 +16,7 @@ from gproxy.core.connections import LinkState
 from gproxy.core.jobs import running_per_function
 from gproxy.core.policy import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, RetryPolicy
 from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.core.retry import Released, Retrier, SendUpstream, Submit, Wakeup
+from gproxy.core.retry import NothingHeld, Retrier, SendUpstream, Submit, Wakeup
 from gproxy.core.session import (
     MAX_SILENCED,
     Command,
@@ -451,8 +451,8 @@ def test_a_retired_connection_closes_once_its_last_grab_is_answered() -> None:
     retrier.timer_fired(1, 1, now=1.0)
     retrier.retry_created(1, b"H:9")
     finished = retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)
-    assert finished[-1] == Released(old)
-    assert session.deliver(Released(old)) == [] and session.retired == [old]  # still owed the answer to that grab
+    assert finished[-1] == NothingHeld(old)
+    assert session.deliver(NothingHeld(old)) == [] and session.retired == [old]  # still owed the answer to that grab
     session.actions.clear()
     assert session.from_upstream(old, res(P.NO_JOB), now=3.0) == res(P.NO_JOB)
     assert session.actions == [Close(old)] and session.retired == [] and old.state is LinkState.CLOSED
@@ -562,7 +562,7 @@ def test_after_a_hold_ends_the_worker_still_cannot_finish_that_job_again() -> No
     retrier = session.retrier
     retrier.timer_fired(1, 1, now=1.0)
     retrier.retry_created(1, b"H:9")
-    assert retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)[-1] == Released(link)
+    assert retrier.retry_packet(ROUTE, P.WORK_COMPLETE, {"handle": b"H:9", "data": b"ok"}, now=2.0)[-1] == NothingHeld(link)
     # gearmand has finished H:1 with the retry's result; a straggler would only earn an ERROR.
     assert session.from_downstream(req(P.WORK_COMPLETE, handle=b"H:1", data=b"late"), now=3.0) == b""
 

@@ -7,7 +7,7 @@ clock. The Sessions' own lifecycle decides, as in gproxy: what the sockets do is
 Session (a worker leaves, a gearmand connection is lost or closes, a fresh one opens, a
 timer fires), and every command the Sessions and the Retrier emit is carried out in the world
 as gproxy.pair carries it out: SendUpstream reaches gearmand on that connection (another
-pair's goes to that pair, as the control plane hands it over), Released goes to the pair
+pair's goes to that pair, as the control plane hands it over), NothingHeld goes to the pair
 whose connection it names, OpenUpstream opens one, Shut makes gearmand close one (it does on
 EOF), Close closes one (gearmand then requeues what it still owns), Finish closes the whole
 pair, Wakeup, RecheckBudget and CallLater become timers, Submit goes to the retry client. Every
@@ -50,7 +50,7 @@ from gproxy.core.connections import LinkState
 from gproxy.core.metrics import Metrics
 from gproxy.core.policy import DISCONNECTED, OnDisconnect, Policies, RetryPolicy
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
-from gproxy.core.retry import RecheckBudget, Released, Retrier, SendUpstream, State, Submit, Wakeup
+from gproxy.core.retry import RecheckBudget, NothingHeld, Retrier, SendUpstream, State, Submit, Wakeup
 from gproxy.core.session import Session, UpstreamLink
 from gproxy.core.submitter import HELLO, Created, JobPacket, Refused, Submitter
 from gproxy.core.uniques import parse_retry_unique
@@ -353,7 +353,7 @@ class SessionWorld(RuleBasedStateMachine):
                 self.timers.append(Due(self.now + command.delay, command))
             elif kind is Submit:
                 self.rc_pending.append(command)
-            elif kind is SendUpstream or kind is Released:
+            elif kind is SendUpstream or kind is NothingHeld:
                 owner = self.worker_of[command.owner]
                 if owner is not worker:  # another pair's connection: handed to that pair
                     self.run(owner.session.deliver(command), owner)

@@ -28,7 +28,7 @@ from .commands import (
     Timer,
 )
 from .protocol import text
-from .retry import RecheckBudget, Released, SendUpstream, Submit, Wakeup
+from .retry import NothingHeld, RecheckBudget, SendUpstream, Submit, Wakeup
 
 if TYPE_CHECKING:
     from .session import Command, Session, UpstreamLink
@@ -185,7 +185,7 @@ class Connections:
     def resolve(self, commands: list[Command]) -> list[Command]:
         """The commands for the shell, in order, with what the lifecycle makes of them: bytes
         for a connection being opened wait in it; a retired connection that owns nothing
-        closes; a Released for one of this pair's connections settles it; the pair's own
+        closes; a NothingHeld for one of this pair's connections settles it; the pair's own
         commands end with its Finish."""
         session = self._session
         out: list[Command] = []
@@ -207,7 +207,7 @@ class Connections:
             elif type(command) is SendDownstream:
                 if not self._finish_sent and not session.worker_gone:
                     out.append(command)
-            elif type(command) is Released:
+            elif type(command) is NothingHeld:
                 if not self._ours(command.owner):
                     out.append(command)
                 else:

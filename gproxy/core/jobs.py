@@ -55,18 +55,18 @@ class JobTable:
         """The worker sent the job's final result (or gearmand took it back)."""
         return self._jobs.pop(handle, None)
 
-    def released_function(self, function: bytes) -> list[TrackedJob]:
+    def take_function(self, function: bytes) -> list[TrackedJob]:
         """CANT_DO: gearmand silently requeues the connection's jobs of that function."""
-        released = [job for job in self._jobs.values() if job.function == function]
-        for job in released:
+        taken = [job for job in self._jobs.values() if job.function == function]
+        for job in taken:
             del self._jobs[job.handle]
-        return released
+        return taken
 
-    def released_all(self) -> list[TrackedJob]:
+    def take_all(self) -> list[TrackedJob]:
         """RESET_ABILITIES or a closed connection: gearmand requeues every job it holds."""
-        released = list(self._jobs.values())
+        taken = list(self._jobs.values())
         self._jobs.clear()
-        return released
+        return taken
 
 
 

@@ -78,9 +78,9 @@ class Registration:
         if retrier is not None and retrier.holds(link, function):
             return MOVE  # sent there, it would make gearmand requeue the held jobs
         if function is None:
-            link.jobs.released_all()
+            link.jobs.take_all()
         else:
-            link.jobs.released_function(function)
+            link.jobs.take_function(function)
         return packet.raw
 
     def apply(self, packet: Packet) -> None:

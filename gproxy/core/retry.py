@@ -211,13 +211,13 @@ class SendUpstream(Generic[OwnerT]):
 
 
 @dataclass(frozen=True, slots=True)
-class Released(Generic[OwnerT]):
+class NothingHeld(Generic[OwnerT]):
     """The owner connection holds nothing more for us (it may close if its worker left)."""
 
     owner: OwnerT
 
 
-Action = SendUpstream[OwnerT] | Released[OwnerT] | Submit[RouteT] | Wakeup | RecheckBudget
+Action = SendUpstream[OwnerT] | NothingHeld[OwnerT] | Submit[RouteT] | Wakeup | RecheckBudget
 """`Action[OwnerT, RouteT]`: what the caller of a Retrier executes."""
 
 
@@ -375,11 +375,11 @@ class HeldJobs(Generic[OwnerT, RouteT]):
         self.move(job, _GIVEN_UP[why])
         packet = self.outcomes.given_up(job, now, why)
         letter = None if why is GiveUp.FINAL else self.outcomes.dead_letter(job.policy, job, job.attempt, job.last_failure)
-        return [*_letter(job.route, letter), SendUpstream(job.owner, packet), *self.released(job.owner)]
+        return [*_letter(job.route, letter), SendUpstream(job.owner, packet), *self.nothing_held(job.owner)]
 
-    def released(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
-        """Released(owner) if it holds nothing more."""
-        return [] if self.by_owner.get(owner) else [Released(owner)]
+    def nothing_held(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
+        """NothingHeld(owner) if it holds nothing more."""
+        return [] if self.by_owner.get(owner) else [NothingHeld(owner)]
 
 
 class Retrier(Generic[OwnerT, RouteT]):
@@ -479,7 +479,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 text(job.function), text(handle),
             )
             self.jobs.move(job, Event.REASSIGNED)
-            actions = self.jobs.released(job.owner)
+            actions = self.jobs.nothing_held(job.owner)
         budget = self.budgets.budget(function, now)
         if not is_retry:
             budget.deposit(now)
@@ -661,7 +661,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             log.info("retry succeeded: %s %s on attempt %d", text(job.function), text(job.handle), job.attempt)
             self.metrics.job_ended(job.function, "complete", now - job.started_at)
             self.jobs.move(job, Event.SUCCEEDED)
-            return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args)), *self.jobs.released(job.owner)]
+            return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args)), *self.jobs.nothing_held(job.owner)]
         if ptype not in (P.WORK_FAIL, P.WORK_EXCEPTION):
             return []
         verdict, job.last_failure = classify_retry(job.policy, ptype, args.get("data", b""))

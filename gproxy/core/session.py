@@ -72,7 +72,7 @@ from .metrics import Metrics
 from .policy import DISCONNECTED
 from .protocol import DEFAULT_MAX_PACKET_SIZE, REQ, RES, AdminLine, Framer, Packet, PacketType, build_packet
 from .registration import MOVE, Registration
-from .retry import Action, Released, Retrier, SendUpstream
+from .retry import Action, NothingHeld, Retrier, SendUpstream
 from .silenced import MAX_SILENCED as MAX_SILENCED
 
 P = PacketType
@@ -193,7 +193,7 @@ class Session:
     def stop(self) -> list[Command]:
         return self.connections.stop()
 
-    def deliver(self, action: Released[UpstreamLink] | SendUpstream[UpstreamLink]) -> list[Command]:
+    def deliver(self, action: NothingHeld[UpstreamLink] | SendUpstream[UpstreamLink]) -> list[Command]:
         """A Retrier's action for one of this pair's connections, from outside its own events
         (a retry's outcome, a timer, another pair's event)."""
         self.command(action)
@@ -305,7 +305,7 @@ class Session:
                 link.jobs.ended(job.handle)
             retrier.disconnects_observed(link.jobs)
             return [SendUpstream(link, self._disconnected(job.handle)) for job in failed_back]
-        running = link.jobs.released_all()
+        running = link.jobs.take_all()
         actions: list[Command] = [
             SendUpstream(link, self._disconnected(job.handle)) for job in running if job.is_retry
         ]
@@ -327,7 +327,7 @@ class Session:
             if not self.worker_gone and link.grabs_pending:
                 self._back.append(_NO_JOB * len(link.grabs_pending))
         link.grabs_pending.clear()
-        link.jobs.released_all()
+        link.jobs.take_all()
         if self.retrier is not None:
             self.command(*self.retrier.owner_lost(link))
 
