@@ -208,7 +208,8 @@ class Proxy:
         assert self._nursery is not None
         for item in items:
             self._perform(item, self._nursery)
-        self._drain_wait.check()
+        if self.drain.started:
+            self._drain_wait.check()
 
     def _perform(self, item: Posted | Action[UpstreamLink, Route], nursery: trio.Nursery) -> None:
         """The control plane's one interpreter: what pairs post, and the Retrier's actions
