@@ -25,17 +25,11 @@ import time
 from pathlib import Path
 
 from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
+from ports import free_ports
 
 P = PacketType
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
 FUNCTION = b"membench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int) -> None:
@@ -88,7 +82,7 @@ def main() -> None:
         raise SystemExit("gearmand not found: apt-get install gearman-job-server")
     with tempfile.TemporaryDirectory(prefix="gmem-") as tmp:
         d = Path(tmp)
-        g, proxy_port = free_port(), free_port()
+        g, proxy_port = free_ports(2)
         config = d / "gproxy.toml"
         config.write_text(
             f'listen = "127.0.0.1:{proxy_port}"\nupstream = "127.0.0.1:{g}"\nlog_level = "WARNING"\n'

@@ -44,6 +44,8 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ports import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "tests" / "peers"
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
@@ -55,13 +57,6 @@ RETRY_HELLO = (b"\0REQ", OPTION_REQ, b"exceptions")
 FIRST_PACKET_WAIT = 10.0
 START_WAIT = 30.0
 LINGER_RST = struct.pack("ii", 1, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -235,7 +230,7 @@ def check_source(source: Path) -> None:
 def measure(label: str, source: Path, mode: str, seconds: float, gearmand_bin: str) -> Result:
     with tempfile.TemporaryDirectory(prefix="gstorm-") as tmp, ExitStack() as stack:
         d = Path(tmp)
-        g, proxy_port = free_port(), free_port()
+        g, proxy_port = free_ports(2)
         gearmand = stack.enter_context(process(
             [gearmand_bin, "--listen=127.0.0.1", f"--port={g}", f"--log-file={d}/gearmand.log",
              f"--pid-file={d}/gearmand.pid"],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
+from ports import free_ports  # noqa: E402
 
 SETUPS = ("direct", "haproxy", "epoll-relay", "dataplane-relay", "trio-relay", "gproxy")
 CTX = mp.get_context("fork")  # fresh peer processes per measurement, cheaply
@@ -39,12 +40,6 @@ frontend fe
 backend be
     server gearmand 127.0.0.1:{upstream}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(stack: contextlib.ExitStack, name: str, argv: list[str], port: int, log: Path,
@@ -188,7 +183,7 @@ def main() -> int:
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="gbench-") as tmp:
         d = Path(tmp)
-        ports = {s: free_port() for s in SETUPS}
+        ports = dict(zip(SETUPS, free_ports(len(SETUPS)), strict=True))
         g = ports["direct"]
         (d / "haproxy.cfg").write_text(HAPROXY_CFG.format(port=ports["haproxy"], upstream=g))
         servers = {
