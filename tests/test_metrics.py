@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from gproxy.config import Address, Config, Route
 from prometheus_client import generate_latest
 
+from gproxy.config import Address, Config, Route
 from gproxy.core.metrics import OTHER, Metrics
 from gproxy.core.policy import Mode, Policies, RetryPolicy
-from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
+from gproxy.core.protocol import PacketType
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, run_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
+from tests.raw_worker import worker_with_jobs
 
 FAST = RetryPolicy(backoff_initial=0.01, jitter=False)
 
@@ -174,44 +174,24 @@ def test_what_a_scrape_reads_from_the_owners_is_capped_too() -> None:
     assert value("gproxy_retry_budget_balance", {"function": "b"}) is None
 
 
-def _packet(sock: socket.socket, framer: Framer) -> Packet:
-    frames: list[object] = []
-    while not frames:
-        data = sock.recv(65536)
-        assert data, "closed before a whole packet came"
-        frames = framer.receive(data)
-    (frame,) = frames
-    assert isinstance(frame, Packet)
-    return frame
-
-
 def test_jobs_running_and_held_are_read_from_the_pairs_and_the_retrier(gearmand: Gearmand) -> None:
     function = b"gauged"
     with ProxyThread.to(gearmand.address, RetryPolicy(on_fail=True, backoff_initial=30.0, jitter=False),
                         frozen=True) as proxy:
-        worker, framer = socket.create_connection(proxy.address, timeout=10), Framer(RES)
-        worker.sendall(build_packet(REQ, PacketType.CAN_DO, function=function))
-        with socket.create_connection(gearmand.address, timeout=10) as client:
-            for n in range(2):
-                client.sendall(build_packet(REQ, PacketType.SUBMIT_JOB_BG, function=function, unique=b"%d" % n, data=b""))
-                assert _packet(client, Framer(RES)).type is PacketType.JOB_CREATED
-        handles = []
-        while len(handles) < 2:
-            worker.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
-            if (packet := _packet(worker, framer)).type is PacketType.JOB_ASSIGN_UNIQ:
-                handles.append(packet.args()["handle"])
+        worker = worker_with_jobs(proxy.address, gearmand.address, function)
+        handles = worker.handles
 
         def gauges() -> tuple[float | None, ...]:
             return (proxy.sample("gproxy_jobs_running", function="gauged"), proxy.sample("gproxy_jobs_held", function="gauged"),
                     proxy.sample("gproxy_connections", side="worker"), proxy.sample("gproxy_connections", side="upstream"))
 
         assert gauges() == (2, 0, 1, 1)
-        worker.sendall(build_packet(REQ, PacketType.WORK_FAIL, handle=handles[0]))  # held for 30 s
+        worker.send(PacketType.WORK_FAIL, handle=handles[0])  # held for 30 s
         wait_for(lambda: len(proxy.held()) == 1, 10, "the failed job to be held")
         assert gauges() == (1, 1, 1, 1)
-        worker.sendall(build_packet(REQ, PacketType.WORK_COMPLETE, handle=handles[1], data=b"done"))
+        worker.send(PacketType.WORK_COMPLETE, handle=handles[1], data=b"done")
         wait_for(lambda: not proxy.tracked_jobs(), 10, "the job to end")
         assert gauges() == (0, 1, 1, 1)
         assert proxy.call(proxy.proxy.operator.give_up_now, proxy.held()[0].key)  # type: ignore[union-attr]
         assert gauges() == (0, 0, 1, 1)
-        worker.close()
+        worker.sock.close()

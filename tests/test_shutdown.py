@@ -23,12 +23,13 @@ import trio
 import trio.testing
 
 from gproxy.config import Address, Config, Route
-from gproxy.core.policy import RetryPolicy
-from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.control import Proxy
+from gproxy.core.policy import RetryPolicy
+from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
 from tests.gearmand import Gearmand, wait_for
 from tests.peer_procs import PeerSet, seen_uniques, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
+from tests.raw_worker import worker_with_jobs
 
 WAIT_S = 15.0
 
@@ -131,17 +132,6 @@ async def test_a_worker_accepted_just_before_a_drain_is_drained_too() -> None:
         nursery.cancel_scope.cancel()
 
 
-def _packet(sock: socket.socket, framer: Framer) -> Packet:
-    frames: list[object] = []
-    while not frames:
-        data = sock.recv(65536)
-        assert data, "closed before a whole packet came"
-        frames = framer.receive(data)
-    (frame,) = frames
-    assert isinstance(frame, Packet)
-    return frame
-
-
 @pytest.mark.parametrize("last", ["the running job", "the held retry"])
 def test_the_drain_ends_when_the_last_job_ends_not_on_a_clock(
     gearmand: Gearmand, caplog: pytest.LogCaptureFixture, last: str
@@ -153,23 +143,14 @@ def test_the_drain_ends_when_the_last_job_ends_not_on_a_clock(
     caplog.set_level(logging.INFO, logger="gproxy")
     with ProxyThread.to(gearmand.address, policy, frozen=True) as proxy:
         assert proxy.proxy is not None
-        worker, framer = socket.create_connection(proxy.address, timeout=10), Framer(RES)
-        worker.sendall(build_packet(REQ, PacketType.CAN_DO, function=function))
-        with socket.create_connection(gearmand.address, timeout=10) as client:
-            for n in range(2):
-                client.sendall(build_packet(REQ, PacketType.SUBMIT_JOB_BG, function=function, unique=b"%d" % n, data=b""))
-                assert _packet(client, Framer(RES)).type is PacketType.JOB_CREATED
-        handles = []
-        while len(handles) < 2:
-            worker.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
-            if (packet := _packet(worker, framer)).type is PacketType.JOB_ASSIGN_UNIQ:
-                handles.append(packet.args()["handle"])
-        worker.sendall(build_packet(REQ, PacketType.WORK_FAIL, handle=handles[0]))  # held for 30 s
+        worker = worker_with_jobs(proxy.address, gearmand.address, function)
+        handles = worker.handles
+        worker.send(PacketType.WORK_FAIL, handle=handles[0])  # held for 30 s
         wait_for(lambda: len(proxy.held()) == 1, WAIT_S, "the failed job to be held")
         (key,) = [job.key for job in proxy.held()]
 
         def end_the_running_job() -> None:
-            worker.sendall(build_packet(REQ, PacketType.WORK_COMPLETE, handle=handles[1], data=b"done"))
+            worker.send(PacketType.WORK_COMPLETE, handle=handles[1], data=b"done")
             wait_for(lambda: not proxy.tracked_jobs(), WAIT_S, "the job to end")
 
         def give_up_the_held_one() -> None:
@@ -194,7 +175,7 @@ def test_the_drain_ends_when_the_last_job_ends_not_on_a_clock(
         second()
         stopping.join(WAIT_S)
         assert drained.is_set(), f"the drain went on after {last} ended"
-        worker.close()
+        worker.sock.close()
     messages = [r.getMessage() for r in caplog.records if r.name == "gproxy.control"]
     assert "draining: no new connections or jobs; waiting up to 3600s for 1 running and 1 held jobs" in messages
     assert "drained: every job finished" in messages
