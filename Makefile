@@ -7,7 +7,7 @@
 
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl prometheus systemd iproute2
+APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2
 BENCH_APT_PACKAGES := haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -10,6 +10,7 @@ import enum
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import urllib.parse
@@ -167,6 +168,8 @@ def _toml(value: object) -> str:
     """A resolved setting as it would be written in the config file."""
     if isinstance(value, enum.Enum):
         value = value.value
+    if isinstance(value, tuple):  # (retry_on, fatal_on: compiled patterns)
+        return "[" + ", ".join(_toml(item.pattern if isinstance(item, re.Pattern) else item) for item in value) + "]"
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     if isinstance(value, bool):

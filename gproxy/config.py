@@ -6,6 +6,7 @@ listens rather than misbehaving later.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -281,6 +282,19 @@ def _policy(table: Any, base: RetryPolicy, prefix: str) -> RetryPolicy:
     return replace(base, **changes)
 
 
+def patterns(value: Any, name: str) -> tuple[re.Pattern[bytes], ...]:
+    """A list of regular expressions (Python's syntax, matched against bytes), compiled once."""
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{name}: expected a list of non-empty strings (regular expressions), got {value!r}")
+    compiled = []
+    for item in value:
+        try:
+            compiled.append(re.compile(item.encode()))
+        except re.error as exc:
+            raise ConfigError(f"{name}: {item!r} is not a regular expression: {exc}") from None
+    return tuple(compiled)
+
+
 def _policy_value(key: str, value: Any, name: str) -> Any:
     def number(minimum: float) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
@@ -303,6 +317,8 @@ def _policy_value(key: str, value: Any, name: str) -> Any:
         return value
 
     match key:
+        case "retry_on" | "fatal_on":
+            return patterns(value, name)
         case "exception_marker":
             return text(allow_empty=False).encode()
         case "fatal_marker":

@@ -39,6 +39,7 @@ PYCLIENT = PEERS_DIR / "pyclient.py"
 PYBURST = PEERS_DIR / "pyburst.py"
 PYJOBS = PEERS_DIR / "pyjobs.py"
 PERLWORKER = PEERS_DIR / "worker.pl"
+PHPWORKER = PEERS_DIR / "worker.php"
 PYTHON = sys.executable  # the venv that has pygearman
 GEARMAN_CLI = "gearman"
 PERL = "perl"
@@ -293,6 +294,16 @@ def start_perlworker(
     if chaos:
         argv.append("--chaos")
     return _start_ready_worker("perlworker", argv, timeout, log_dir)
+
+
+def start_phpworker(
+    address: Address, state_dir: Path, *, timeout: float = READY_TIMEOUT_S, log_dir: Path | None = None
+) -> PeerProcess:
+    """Start tests/peers/worker.php (pecl gearman on libgearman, function php_db: real PDO
+    and mysqli exceptions reported unmarked); wait for `ready`. Its attempts are logged in
+    `state_dir`/php.log."""
+    argv = ["php", str(PHPWORKER), address_str(address), str(state_dir)]
+    return _start_ready_worker("phpworker", argv, timeout, log_dir)
 
 
 def _worker_argv(

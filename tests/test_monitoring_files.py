@@ -34,7 +34,7 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     },
     "gproxy_retries_total": {
         "function": None,
-        "reason": frozenset({"exception", "fail", "worker_hint", "disconnect", "timeout"}),
+        "reason": frozenset({"exception", "fail", "worker_hint", "disconnect", "timeout", "pattern"}),
     },
     "gproxy_retries_exhausted_total": {"function": None},
     "gproxy_retries_deferred_total": {"function": None},

@@ -67,7 +67,7 @@ class Intake:
             return forwarded()
         name = text(function)
         if policy.mode is Mode.OBSERVE:
-            self._observed(job, verdict.reason.value)
+            self._observed(job, verdict.why)
             return forwarded()
         if policy.max_attempts <= 1:
             log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, text(handle))

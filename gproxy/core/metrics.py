@@ -32,7 +32,7 @@ from .protocol import PacketType
 
 OTHER = "__other__"
 OUTCOMES = ("complete", "fail", "exception", "retried", "dead_lettered")
-REASONS = ("exception", "fail", "worker_hint", "disconnect", "timeout")
+REASONS = ("exception", "fail", "worker_hint", "disconnect", "timeout", "pattern")
 CAPS = ("max_held", "max_hold_time")
 PROTOCOL_ERRORS = ("bad_magic", "unknown_type", "oversized", "malformed", "mid_packet")
 DIRECTIONS = ("to_gearmand", "from_gearmand")

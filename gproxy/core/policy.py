@@ -3,7 +3,8 @@
 A `RetryPolicy` is the `[retry]` section of the configuration (a `[functions."NAME"]`
 section overrides it for one function; `Policies` resolves the two). `classify` reads a
 WORK_EXCEPTION or WORK_FAIL against it: retryable (a `Verdict`, with the worker's own
-`after=` hint if it gave one) or not (None: the failure is forwarded as it came).
+`after=` hint if it gave one, or the `retry_on` pattern that matched) or not (None: the
+failure is forwarded as it came).
 
 Pure data and pure functions: the Retrier (retry.py) acts on them, the configuration
 (config.py) builds them, and a Session reads a function's mode and timeout from them.
@@ -27,6 +28,10 @@ would have requeued it."""
 TIMED_OUT: Final = b"gproxy: the worker running this retry ran past its timeout"
 """The failure a gproxy reports for a retry job that ran past its function's timeout
 behind it: the gproxy that owns the loop retries it with reason `timeout`."""
+PATTERN_WINDOW: Final = 4096
+"""Bytes at the start of an exception's text that `retry_on` and `fatal_on` patterns are
+matched against: where drivers put the error (SQLSTATE, errno, message). A pattern's cost is
+bounded by this window, not by the payload, which may be 64 MiB."""
 
 
 class Mode(enum.Enum):
@@ -59,6 +64,7 @@ class Reason(enum.Enum):
     WORKER_HINT = "worker_hint"
     DISCONNECT = "disconnect"
     TIMEOUT = "timeout"
+    PATTERN = "pattern"  # a retry_on pattern matched an exception the worker did not mark
 
 
 class Priority(enum.Enum):
@@ -96,6 +102,11 @@ CAPS: Final = (GiveUp.MAX_HELD, GiveUp.MAX_HOLD_TIME)
 class RetryPolicy:
     exception_marker: bytes = b"RETRY"
     fatal_marker: bytes = b"FATAL"
+    retry_on: tuple[re.Pattern[bytes], ...] = ()
+    """Patterns that make an exception retryable as the marker does, for workers that
+    cannot be changed (the driver's own text, e.g. a deadlock's SQLSTATE 40001)."""
+    fatal_on: tuple[re.Pattern[bytes], ...] = ()
+    """Patterns that make an exception final, whatever else it says (the marker included)."""
     on_fail: bool = False
     max_attempts: int = 5
     backoff_initial: float = 1.0
@@ -151,10 +162,19 @@ class Policies:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A failure the worker marked retryable; `delay` is the worker's own hint, if any."""
+    """A retryable failure; `delay` is the worker's own hint, if any; `pattern` the
+    `retry_on` pattern that made it retryable, if that was it."""
 
     reason: Reason
     delay: float | None = None
+    pattern: bytes | None = None
+
+    @property
+    def why(self) -> str:
+        """For log lines: the reason, and the pattern that matched."""
+        if self.pattern is None:
+            return self.reason.value
+        return f"{self.reason.value} {self.pattern.decode('utf-8', 'replace')!r}"
 
 
 _HINT: Final = re.compile(rb"\s*after=(\d+(?:\.\d+)?)")
@@ -167,7 +187,12 @@ def classify(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> Verdict 
     text = exception_text(payload)
     if policy.fatal_marker and text.startswith(policy.fatal_marker):
         return None
+    window = text[:PATTERN_WINDOW]
+    if policy.fatal_on and matching(policy.fatal_on, window) is not None:
+        return None
     if not text.startswith(policy.exception_marker):
+        if policy.retry_on and (pattern := matching(policy.retry_on, window)) is not None:
+            return Verdict(Reason.PATTERN, pattern=pattern.pattern)
         return None
     hint = _HINT.match(text, len(policy.exception_marker))
     if hint is None:
@@ -187,6 +212,14 @@ def classify_retry(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> tu
     if ptype is P.WORK_EXCEPTION and payload == TIMED_OUT:
         return Verdict(Reason.TIMEOUT), (P.WORK_FAIL, b"")  # it ran past its timeout behind a gproxy
     return classify(policy, ptype, payload), (ptype, payload)
+
+
+def matching(patterns: tuple[re.Pattern[bytes], ...], window: bytes) -> re.Pattern[bytes] | None:
+    """The first of `patterns` found anywhere in `window`."""
+    for pattern in patterns:
+        if pattern.search(window) is not None:
+            return pattern
+    return None
 
 
 def exception_text(payload: bytes) -> bytes:

@@ -323,7 +323,7 @@ class HeldJobs(Generic[OwnerT, RouteT]):
         log.info(
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
             text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
-            delay, verdict.reason.value,
+            delay, verdict.why,
         )
         # A backoff that ends after the deadline wakes at the deadline, to give up.
         return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]

@@ -26,6 +26,10 @@
 #            library reads as the reply to its next GRAB_JOB and dies ("unexpected packet
 #            type: error"): this process then exits non-zero.
 #            --state-dir defaults to a temp dir removed at exit.
+#   flaky_db payload `N:rest`: like flaky, but attempt <= N dies as a DBI handle with
+#            RaiseError does on a MySQL deadlock, with no marker: "DBD::mysql::st execute
+#            failed: Deadlock found when trying to get lock; try restarting transaction at
+#            FILE line N.\n" (Perl adds the place). Counter DIR/flaky-<sha1_hex(payload)>.
 #   unregister  unregisters the function named by the payload, mid-job (Gearman::Worker
 #            sends CANT_DO on its open connection)
 #   die_plain  always dies with the unmarked message "boom: unmarked\n": Gearman::Worker
@@ -110,6 +114,7 @@ my %functions = (
     echo    => sub { return $_[0]->arg },
     block   => \&do_block,
     flaky   => \&do_flaky,
+    flaky_db => \&do_flaky_db,
     unregister => sub { $worker->unregister_function($_[0]->arg); return "unregistered" },
     die_plain  => sub { die "boom: unmarked\n" },
     ($chaos ? (chaos => \&do_chaos, chaos_fail => \&do_chaos) : ()),
@@ -176,6 +181,16 @@ sub do_flaky {
     my ($wanted) = $payload =~ /\A(\d+):/ or die "payload is not N:rest\n";
     my $attempt = next_attempt("$state_dir/flaky-" . sha1_hex($payload));
     die "RETRY: transient failure $attempt\n" if $attempt <= $wanted;
+    return "ok after $attempt";
+}
+
+sub do_flaky_db {
+    my ($job) = @_;
+    my $payload = $job->arg;
+    my ($wanted) = $payload =~ /\A(\d+):/ or die "payload is not N:rest\n";
+    my $attempt = next_attempt("$state_dir/flaky-" . sha1_hex($payload));
+    die "DBD::mysql::st execute failed: Deadlock found when trying to get lock; try restarting transaction"
+        if $attempt <= $wanted;
     return "ok after $attempt";
 }
 
