@@ -18,6 +18,7 @@ from typing import Final
 import trio
 
 from .config import Address, Route
+from .core.fields import about, pair_fields, pair_name
 from .core.limits import cannot_connect, own_exhaustion
 from .core.metrics import Metrics
 from .dialer import Dialer
@@ -35,7 +36,7 @@ _ACCEPT_RETRY: Final = {
     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 }
 
-StartPair = Callable[[str, socket.socket, str, socket.socket, Route], None]
+StartPair = Callable[[dict[str, str], socket.socket, str, socket.socket, Route], None]
 """Make a pair of (name, worker socket, peer address, gearmand socket, route) and start it."""
 
 
@@ -61,7 +62,10 @@ class Acceptor:
             listeners = await trio.open_tcp_listeners(route.listen.port, host=route.listen.host)
             host, port, *_ = listeners[0].socket.getsockname()
             self.addresses.append(Address(host, port))
-            log.info("listening on %s, proxying to gearmand %s", Address(host, port), route.upstream)
+            log.info(
+                "listening on %s, proxying to gearmand %s", Address(host, port), route.upstream,
+                extra=about(via=str(Address(host, port)), upstream=str(route.upstream)),
+            )
             self._bound.append((route, listeners))
 
     def stop(self) -> None:
@@ -104,6 +108,7 @@ class Acceptor:
                 log.log(
                     logging.DEBUG if quiet else logging.WARNING, "cannot accept on %s for now: %s; trying again every %gs",
                     route.listen, own, ACCEPT_CAPACITY_PAUSE,
+                    extra=about(via=str(route.listen), reason=str(own), seconds=ACCEPT_CAPACITY_PAUSE),
                 )
                 warned = warned if quiet else now
                 await trio.sleep(ACCEPT_CAPACITY_PAUSE)
@@ -114,17 +119,21 @@ class Acceptor:
             pairs_nursery.start_soon(self._open_pair, worker, _address(peer), route)
 
     async def _open_pair(self, worker: socket.socket, peer: str, route: Route) -> None:
-        name = f"peer {peer} (via {route.listen} to gearmand {route.upstream})"
+        fields = pair_fields(peer, _address(worker.getsockname()), str(route.upstream))
+        name = pair_name(fields)
         try:
             upstream = await self._dialer.socket(route)
         except (OSError, trio.TooSlowError) as exc:
-            pair_logger.warning("%s: closed: %s", name, cannot_connect(exc))
+            pair_logger.warning(
+                "%s: closed: %s", name, cannot_connect(exc),
+                extra=about(**fields, reason=cannot_connect(exc)),
+            )
             worker.close()
             return
         try:
-            self._start_pair(name, worker, peer, upstream, route)
+            self._start_pair(fields, worker, peer, upstream, route)
         except Exception:  # (a task of the process's nursery: nothing may escape it)
-            pair_logger.exception("%s: closed: internal error", name)
+            pair_logger.exception("%s: closed: internal error", name, extra=about(**fields, reason="internal error"))
             worker.close()
             upstream.close()
 

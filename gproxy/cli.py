@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from . import __version__, replay
-from .config import LOG_LEVELS, Config, ConfigError, load_config, parse_address
+from . import __version__, logs, replay
+from .config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config, parse_address
 from .control import Proxy
+from .core.fields import about
 from .core.held import table
 from .dataplane import DataPlane
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstream", metavar="HOST:PORT", default=env("GPROXY_UPSTREAM"), help="the gearmand to proxy to [GPROXY_UPSTREAM]")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", default=env("GPROXY_METRICS_LISTEN"), help="where to serve /metrics, /healthz, /readyz [GPROXY_METRICS_LISTEN]")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=env("GPROXY_LOG_LEVEL"), help="default INFO [GPROXY_LOG_LEVEL]")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower, default=env("GPROXY_LOG_FORMAT"), help="text (default) or json: one object per line [GPROXY_LOG_FORMAT]")
     parser.add_argument("--version", action="version", version=f"gproxy {__version__}")
     return parser
 
@@ -66,19 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "upstream": args.upstream,
                 "metrics_listen": args.metrics_listen,
                 "log_level": args.log_level,
+                "log_format": args.log_format,
             },
         )
     except ConfigError as exc:
         print(f"gproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_level, config.log_format)
     plane = DataPlane()
     try:
         plane.run_host(run_until_signalled, config, plane)
     except OSError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc, extra=about(reason=str(exc)))
         return 1
     finally:
         plane.close()
@@ -189,16 +190,22 @@ async def run_until_signalled(config: Config, plane: DataPlane | None = None) ->
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
             signum = await signals.__anext__()
-            log.info("%s received: stopping (send it again to stop at once)", signal.Signals(signum).name)
+            log.info(
+                "%s received: stopping (send it again to stop at once)", signal.Signals(signum).name,
+                extra=about(signal=signal.Signals(signum).name),
+            )
             async with trio.open_nursery() as draining:
                 draining.start_soon(_cancel_on_next_signal, signals, draining.cancel_scope)
                 await proxy.shutdown(config.shutdown_grace_period)
                 draining.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
-    log.info("stopped")
+    log.info("stopped", extra=about())
 
 
 async def _cancel_on_next_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
     signum = await signals.__anext__()
-    log.warning("%s received again: stopping now", signal.Signals(signum).name)
+    log.warning(
+        "%s received again: stopping now", signal.Signals(signum).name,
+        extra=about(signal=signal.Signals(signum).name),
+    )
     scope.cancel()

@@ -17,9 +17,10 @@ from .core.protocol import DEFAULT_MAX_PACKET_SIZE
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 _TOP_LEVEL_KEYS = {
     "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
-    "log_level", "routes", "retry", "functions", "shutdown_grace_period", "admin",
+    "log_level", "log_format", "routes", "retry", "functions", "shutdown_grace_period", "admin",
     "upstream_keepalive",
 }
 DEFAULT_SHUTDOWN_GRACE_PERIOD = 25.0
@@ -90,6 +91,8 @@ class Config:
     metrics_listen: Address | None = None
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     log_level: str = "INFO"
+    log_format: str = "text"
+    """"json": one object per line, the fields of each line as fields (gproxy.logs)."""
     policies: Policies = field(default_factory=Policies)
     metrics_max_functions: int = DEFAULT_MAX_FUNCTIONS
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
@@ -133,6 +136,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         ),
         max_packet_size=_max_packet_size(settings.get("max_packet_size", DEFAULT_MAX_PACKET_SIZE)),
         log_level=_log_level(settings.get("log_level", "INFO")),
+        log_format=_log_format(settings.get("log_format", "text")),
         policies=_policies(settings.get("retry", {}), settings.get("functions", {})),
         metrics_max_functions=_whole(
             settings.get("metrics_max_functions", DEFAULT_MAX_FUNCTIONS), "metrics_max_functions", 1
@@ -235,6 +239,12 @@ def _max_packet_size(value: Any) -> int:
     if value > 0xFFFFFFFF:
         raise ConfigError(f"max_packet_size: at most {0xFFFFFFFF} (the protocol's size field)")
     return value
+
+
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"log_format: expected \"text\" or \"json\", got {value!r}")
+    return str(value)
 
 
 def _log_level(value: Any) -> str:

@@ -28,6 +28,7 @@ from .connection import Connection
 from .core.assignments import ServerTraits
 from .core.commands import Timer
 from .core.drain import Drain
+from .core.fields import about, pair_name
 from .core.jobs import TrackedJob
 from .core.limits import cannot_connect
 from .core.metrics import Metrics
@@ -154,11 +155,15 @@ class Proxy:
         self.acceptor.stop()
         await self._drain_wait.wait(grace_period)
 
-    def _start_pair(self, name: str, worker: socket.socket, peer: str, upstream: socket.socket, route: Route) -> None:
+    def _start_pair(
+        self, fields: dict[str, str], worker: socket.socket, peer: str, upstream: socket.socket, route: Route
+    ) -> None:
         assert self.plane is not None
+        name = pair_name(fields)
         session = Session(
             f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
             retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route], name=name, drain=self.drain,
+            log_fields=fields,
         )
         pair = Pair(name, session, self.plane, self, self.pairs)
         pair.start(worker, peer, upstream)
@@ -190,7 +195,7 @@ class Proxy:
         try:
             self._perform(item, nursery)
         except Exception:  # one item lost to a bug; the dispatcher serves on
-            log.exception("internal error handling %r", item)
+            log.exception("internal error handling %r", item, extra=about(item=repr(item)))
             if isinstance(item, Connect | PairTimer | Ended):
                 item.pair.fail_internally("internal error in the control plane")
 
@@ -247,7 +252,10 @@ class Proxy:
             pair.execute(pair.session.deliver(action))
         except Exception:
             kind = "a retry's outcome" if type(action) is SendUpstream else "the end of its last held retry"
-            log.exception("%s: internal error carrying out %s; closing it", pair.name, kind)
+            log.exception(
+                "%s: internal error carrying out %s; closing it", pair.name, kind,
+                extra=about(**pair.session.log_fields, reason=f"internal error carrying out {kind}"),
+            )
             pair.fail_internally(f"internal error carrying out {kind}")
 
     async def _connect_link(self, connect: Connect) -> None:
@@ -276,11 +284,14 @@ class Proxy:
         try:
             pair.timer_fired(timer)
         except Exception:  # (a timer of the process: nothing may escape it but this pair)
-            log.exception("%s: internal error in its %s timer", pair.name, timer.value)
+            log.exception(
+                "%s: internal error in its %s timer", pair.name, timer.value,
+                extra=about(**pair.session.log_fields, timer=timer.value),
+            )
             pair.fail_internally(f"internal error in its {timer.value} timer")
 
     def _timer_failed(self, exc: Exception) -> None:
-        log.error("internal error in a timer", exc_info=exc)
+        log.error("internal error in a timer", exc_info=exc, extra=about())
 
     async def connect(self, route: Route) -> Connection:
         """A new connection to the route's gearmand for trio code; failures are counted."""

@@ -33,6 +33,8 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
+from .core.fields import about
+
 log = logging.getLogger("gproxy.dataplane")
 
 RECEIVE_SIZE: Final = 65536
@@ -302,7 +304,7 @@ class DataPlane:
         try:
             endpoint.handler.failed(endpoint, exc)
         except Exception:  # the handler's last resort failed too: still only this socket
-            log.exception("%r: internal error while closing it", endpoint)
+            log.exception("%r: internal error while closing it", endpoint, extra=about(peer=endpoint.peer))
             endpoint.close()
 
     def _report(self, endpoint: Endpoint) -> None:

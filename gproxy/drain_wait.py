@@ -15,6 +15,7 @@ import logging
 import trio
 
 from .config import Route
+from .core.fields import about
 from .core.retry import Retrier
 from .core.session import UpstreamLink
 from .pair import Pair, PairSet
@@ -49,6 +50,7 @@ class DrainWait:
         log.info(
             "draining: no new connections or jobs; waiting up to %gs for %d running and %d held jobs",
             grace_period, self.running, self.held,
+            extra=about(seconds=grace_period, running=self.running, held=self.held),
         )
         with trio.move_on_after(grace_period):
             while True:
@@ -59,9 +61,12 @@ class DrainWait:
                 if not (self.running or self.held):  # (not a job assigned since, for a grab sent before)
                     break
         if self.running or self.held:
-            log.warning("grace period over: %d running and %d held jobs handed back to gearmand", self.running, self.held)
+            log.warning(
+                "grace period over: %d running and %d held jobs handed back to gearmand", self.running, self.held,
+                extra=about(running=self.running, held=self.held),
+            )
         else:
-            log.info("drained: every job finished")
+            log.info("drained: every job finished", extra=about())
 
     def settled(self, pair: Pair) -> None:
         """`pair` has handled an event (from the data plane or trio)."""

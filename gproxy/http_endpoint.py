@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import Address
+from .core.fields import about
 from .core.metrics import Metrics
 
 log = logging.getLogger("gproxy.http")
@@ -51,7 +52,10 @@ async def bind_http(address: Address) -> tuple[list[trio.SocketListener], Addres
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     host, port, *_ = listeners[0].socket.getsockname()
     bound = Address(host, port)
-    log.info("metrics on http://%s/metrics (health: /healthz, readiness: /readyz, held retries: /held)", bound)
+    log.info(
+        "metrics on http://%s/metrics (health: /healthz, readiness: /readyz, held retries: /held)", bound,
+        extra=about(address=str(bound)),
+    )
     return listeners, bound
 
 
@@ -76,7 +80,7 @@ async def _handle(metrics: Metrics, ready: Readiness, operator: Operator, stream
             except (trio.BrokenResourceError, OSError):
                 pass
             except Exception:  # a failing collector costs one scrape, never the proxy
-                log.exception("internal error answering an HTTP request")
+                log.exception("internal error answering an HTTP request", extra=about())
                 with contextlib.suppress(trio.BrokenResourceError, OSError):
                     await stream.send_all(_response(500, b"internal error\n"))
 

@@ -17,6 +17,8 @@ from typing import Final
 
 import trio
 
+from .core.fields import about
+
 log = logging.getLogger("gproxy.memory")
 TRIM_DELAY: Final = 1.0
 """Seconds after a close before trimming (closes in a burst share one trim)."""
@@ -58,5 +60,5 @@ class Trimmer:
             try:
                 await self._offload(self._trim)
             except Exception as exc:  # noqa: BLE001 - memory hygiene must never take the proxy down
-                log.warning("cannot give freed memory back (%s): no more trims", exc)
+                log.warning("cannot give freed memory back (%s): no more trims", exc, extra=about(reason=str(exc)))
                 return

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from .config import Route
 from .core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Shut, Timer
+from .core.fields import about
 from .core.jobs import TrackedJob, running_per_function
 from .core.protocol import ProtocolError
 from .core.retry import NothingHeld, RecheckBudget, SendUpstream, Submit, Wakeup
@@ -191,7 +192,11 @@ class Pair:
         self._flow()
 
     def failed(self, endpoint: Endpoint, exc: Exception) -> None:
-        log.error("%s: closed: internal error", self.name, exc_info=exc)
+        log.error(
+            "%s: closed: internal error", self.name,
+            exc_info=exc,
+            extra=about(**self.session.log_fields, reason="internal error"),
+        )
         self.execute(self.session.internal_error(logged=True))
 
     # -- the control plane's answers
@@ -260,7 +265,10 @@ class Pair:
         # The line first: a peer that sees its connection close, and connects again from
         # the same port, comes after it in the log.
         if not finish.logged:
-            log.log(finish.level, "%s: closed: %s", self.name, finish.reason)
+            log.log(
+                finish.level, "%s: closed: %s", self.name, finish.reason,
+                extra=about(**self.session.log_fields, reason=finish.reason),
+            )
         for endpoint in self._endpoints.values():
             endpoint.close()
         self._endpoints.clear()

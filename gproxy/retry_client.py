@@ -29,6 +29,7 @@ import trio
 from .config import Route
 from .connection import Connection
 from .core.assignments import route_name
+from .core.fields import about
 from .core.metrics import Metrics
 from .core.protocol import DEFAULT_MAX_PACKET_SIZE
 from .core.reconnect import Failure, Reconnects, Recovered, Report
@@ -111,7 +112,10 @@ class RetryClient:
             try:
                 reason = await self._serve(connection)
             except Exception:  # a bug must cost this connection at most, never a retry
-                log.exception("retry client to gearmand %s: internal error", self._name)
+                log.exception(
+                    "retry client to gearmand %s: internal error", self._name,
+                    extra=about(upstream=self._name),
+                )
                 reason = "internal error"
             finally:
                 self._connection = None
@@ -128,6 +132,7 @@ class RetryClient:
             logging.WARNING if failure.report is Report.OUTAGE_STARTS else logging.DEBUG,
             "retry client to gearmand %s%s; %d submissions wait; trying again in %.1fs",
             self._name, what, len(self._pending), failure.wait,
+            extra=about(upstream=self._name, reason=what.strip(" ;"), waiting=len(self._pending), seconds=failure.wait),
         )
         await trio.sleep(failure.wait)
 
@@ -135,6 +140,7 @@ class RetryClient:
         log.info(
             "retry client to gearmand %s: connected again after an outage of %.1fs (%d tries)",
             self._name, recovered.seconds, recovered.tries,
+            extra=about(upstream=self._name, seconds=round(recovered.seconds, 1), tries=recovered.tries),
         )
 
     async def _work(self) -> None:
@@ -240,6 +246,10 @@ class RetryClient:
                         "gearmand %s refused a dead letter for %s (%s): it is lost",
                         self._name, event.submit.function.decode("utf-8", "replace"),
                         event.error.decode("utf-8", "replace"),
+                        extra=about(
+                            upstream=self._name, function=event.submit.function.decode("utf-8", "replace"),
+                            reason=event.error.decode("utf-8", "replace"),
+                        ),
                     )
                     continue
                 actions = retrier.retry_rejected(event.submit.key, event.error, now)

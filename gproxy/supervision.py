@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
+from .core.fields import about
 from .core.session import UpstreamLink
 from .pair import PairSet
 
@@ -38,7 +39,10 @@ class Supervisor:
             yield
         except Exception:
             pairs = list(dict.fromkeys(pair for owner in owners if (pair := self._pairs.of(owner)) is not None))
-            log.exception("%s: internal error; closing %s", what, "; ".join(p.name for p in pairs) or "no connection")
+            log.exception(
+                "%s: internal error; closing %s", what, "; ".join(p.name for p in pairs) or "no connection",
+                extra=about(task=what, peers=[p.name for p in pairs]),
+            )
             for pair in pairs:
                 pair.fail_internally(f"internal error in the {what}")
 
@@ -50,5 +54,8 @@ async def keep_running(what: str, task: Callable[[], Awaitable[None]]) -> None:
             await task()
             return
         except Exception:
-            log.exception("%s: internal error; starting it again in %gs", what, RESTART_PAUSE)
+            log.exception(
+                "%s: internal error; starting it again in %gs", what, RESTART_PAUSE,
+                extra=about(task=what, seconds=RESTART_PAUSE),
+            )
         await trio.sleep(RESTART_PAUSE)

@@ -33,6 +33,7 @@ from ..config import Route
 from . import forwarding
 from .deadlines import Deadlines
 from .ejection import Ejection
+from .fields import about, about_job
 from .forwarding import ASSIGN_FIELDS, ASSIGNS, REPLIES, UNIQUE_ASSIGNS, UPGRADED
 from .metrics import Metrics
 from .protocol import (
@@ -195,12 +196,14 @@ class Assignments(Generic[LinkT]):
             log.warning(
                 "gearmand %s sent a %s of %d bytes with no handle: dropped",
                 route_name(self._route), frame.type.name, frame.size,
+                extra=about(upstream=route_name(self._route), packet=frame.type.name, size=frame.size),
             )
             return _NO_JOB
         handle, function = fields[0], fields[1]
         log.warning(
             "job %s %s of %d bytes is over max_packet_size %d: failed, not given to the worker",
             text(function), text(handle), frame.size, link.framer.max_packet_size,
+            extra=about_job(function, handle, size=frame.size, reason="max_packet_size"),
         )
         reason = b"gproxy: a job of %d bytes exceeds max_packet_size %d" % (frame.size, link.framer.max_packet_size)
         if self._retrier is not None:
@@ -231,6 +234,7 @@ class Assignments(Generic[LinkT]):
                 "Gearman::Server does: workers' own GRAB_JOB is used; retries of jobs whose "
                 "unique id is not known get an empty one",
                 route_name(self._route), text(args["code"]), text(args["text"]).strip(),
+                extra=about(upstream=route_name(self._route)),
             )
         self._traits.grab_uniq = False
         self._traits.exception_ends_job = False  # the same server: WORK_FAIL ends jobs there

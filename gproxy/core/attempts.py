@@ -28,6 +28,7 @@ from ..config import Route
 from .assignments import Armed, ServerTraits
 from .deadlines import Deadlines
 from .ejection import Ejection
+from .fields import about, about_job
 from .forwarding import RESULTS
 from .jobs import Owner, TrackedJob
 from .metrics import Metrics
@@ -82,7 +83,10 @@ class Attempts(Generic[LinkT]):
         moved off (one of `retired`) is asked for."""
         ptype, handle = packet.type, handle_of(packet)
         if self.silenced.drops(handle, current, retired):
-            log.debug("dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle))
+            log.debug(
+                "dropped %s for %s from the worker: that job is held or has ended", ptype.name, text(handle),
+                extra=about(handle=text(handle), packet=ptype.name),
+            )
             return current, b""
         ended = ptype in RESULTS
         link, job = current, current.jobs.ended(handle) if ended else current.jobs.get(handle)
@@ -141,6 +145,7 @@ class Attempts(Generic[LinkT]):
             "job %s %s ran past its timeout (%.3gs): %s; what its worker still sends for it is dropped",
             text(job.function), text(job.handle), now - job.started_at,
             "failed back to the gproxy that retries it" if job.is_retry else "retried",
+            extra=about_job(job.function, job.handle, seconds=round(now - job.started_at, 3), reason="timeout"),
         )
         link.jobs.ended(job.handle)
         self._metrics.attempt_ended(job.function, now - job.started_at)

@@ -27,6 +27,7 @@ from .commands import (
     Shut,
     Timer,
 )
+from .fields import about
 from .protocol import text
 from .retry import NothingHeld, RecheckBudget, SendUpstream, Submit, Wakeup
 
@@ -96,7 +97,10 @@ class Connections:
         if self.done:
             return out
         if self._holds_retries():
-            log.info("%s: worker left while retries are held; keeping their gearmand connections", session.name)
+            log.info(
+                "%s: worker left while retries are held; keeping their gearmand connections", session.name,
+                extra=about(**session.log_fields),
+            )
             self._kept_for_retries = True
             for link in session.links:
                 if link.state is _OPEN and not self._holds(link):
@@ -117,7 +121,10 @@ class Connections:
                 self._fail(f"gearmand connection lost: {cause(error)}", logging.INFO)
             else:  # a connection that only holds jobs (the worker moved off it, or left): the
                 # pair goes on, so the cause is told here
-                log.info("%s: gearmand connection %s lost: %s", session.name, link.name, cause(error))
+                log.info(
+                    "%s: gearmand connection %s lost: %s", session.name, link.name, cause(error),
+                    extra=about(**session.log_fields, link=link.name, reason=cause(error)),
+                )
         elif not link.shut and (unfinished := link.framer.buffered):
             return self.refuse("mid_packet", mid_packet("gearmand", unfinished))
         elif current:
@@ -135,7 +142,10 @@ class Connections:
             return [Close(link)]  # (wanted no more)
         link.state = _OPEN
         pending, link.pending = link.pending, []
-        log.info("%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self._session.name)
+        log.info(
+            "%s: moved to a fresh gearmand connection; the old one keeps its held jobs", self._session.name,
+            extra=about(**self._session.log_fields, link=link.name),
+        )
         return [SendUpstream(link, b"".join(pending))]
 
     def link_failed(self, link: UpstreamLink, why: str) -> list[Command]:
@@ -152,7 +162,10 @@ class Connections:
             self._finish()
             return session.event_done()
         if timer is Timer.EJECTION:
-            log.warning("%s: worker back from its ejection; it is given jobs again", session.name)
+            log.warning(
+                "%s: worker back from its ejection; it is given jobs again", session.name,
+                extra=about(**session.log_fields),
+            )
             return session.ejection_over()
         return session.timeouts_due(now)
 
@@ -234,6 +247,10 @@ class Connections:
             log.warning(
                 "%s: worker ejected for %gs: %d failed jobs in a row (the last of %s); its grabs get NO_JOB",
                 self._session.name, command.delay, command.failures, text(command.function),
+                extra=about(
+                    **self._session.log_fields, seconds=command.delay, function=text(command.function),
+                    failures=command.failures,
+                ),
             )
             return [CallLater(Timer.EJECTION, command.delay)]
         elif isinstance(command, Finish):

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from .fields import about_job
 from .jobs import TrackedJob
 from .outcomes import Letter, Outcomes, instead
 from .policy import FinalException, GiveUp, Mode, OnDisconnect, Policies, Reason, RetryPolicy, Verdict, classify
@@ -70,12 +71,18 @@ class Intake:
             self._observed(job, verdict.why)
             return forwarded()
         if policy.max_attempts <= 1:
-            log.info("retry exhausted: %s %s after 1 attempt, failure forwarded", name, text(handle))
+            log.info(
+                "retry exhausted: %s %s after 1 attempt, failure forwarded", name, text(handle),
+                extra=about_job(function, handle, attempt=1, reason="exhausted"),
+            )
             self.metrics.count(self.metrics.exhausted, function)
             return forwarded(self.outcomes.dead_letter(policy, job, 1, (ptype, failure)))
         if held >= policy.max_held:
             self.metrics.count(self.metrics.cap_rejections, function, GiveUp.MAX_HELD.value)
-            log.warning("%s already holds %d jobs (max_held): %s failure forwarded", name, policy.max_held, text(handle))
+            log.warning(
+                "%s already holds %d jobs (max_held): %s failure forwarded", name, policy.max_held, text(handle),
+                extra=about_job(function, handle, reason="max_held"),
+            )
             return forwarded(self.outcomes.dead_letter(policy, job, 1, (ptype, failure)))
         return verdict
 
@@ -92,6 +99,7 @@ class Intake:
         log.warning(
             "%s already holds %d jobs (max_held): %s, whose worker left, fails",
             text(job.function), policy.max_held, text(job.handle),
+            extra=about_job(job.function, job.handle, reason="max_held"),
         )
         return self._failed(job, policy, now, b"gproxy: its worker left")
 
@@ -128,10 +136,16 @@ class Intake:
             return Verdict(reason)
         if policy.max_attempts <= 1:
             self.metrics.count(self.metrics.exhausted, job.function)
-            log.warning("retry exhausted: %s %s after 1 attempt (%s), failed", name, text(job.handle), why)
+            log.warning(
+                "retry exhausted: %s %s after 1 attempt (%s), failed", name, text(job.handle), why,
+                extra=about_job(job.function, job.handle, attempt=1, reason=why),
+            )
         else:
             self.metrics.count(self.metrics.cap_rejections, job.function, GiveUp.MAX_HELD.value)
-            log.warning("%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, text(job.handle), why)
+            log.warning(
+                "%s already holds %d jobs (max_held): %s (%s) fails", name, policy.max_held, text(job.handle), why,
+                extra=about_job(job.function, job.handle, reason=why),
+            )
         return self._failed(job, policy, now, b"gproxy: " + why.encode())
 
     def _failed(self, job: TrackedJob, policy: RetryPolicy, now: float, why: bytes) -> Ending:
@@ -142,5 +156,8 @@ class Intake:
         return Ending(letter, build_packet(REQ, P.WORK_FAIL, handle=job.handle))
 
     def _observed(self, job: TrackedJob, why: str) -> None:
-        log.info("observe: would retry %s %s (%s)", text(job.function), text(job.handle), why)
+        log.info(
+            "observe: would retry %s %s (%s)", text(job.function), text(job.handle), why,
+            extra=about_job(job.function, job.handle, reason=why),
+        )
         self.metrics.count(self.metrics.observed, job.function)

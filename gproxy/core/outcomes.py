@@ -16,6 +16,7 @@ import logging
 from typing import NamedTuple, Protocol
 
 from .dead_letter import envelope
+from .fields import about_job
 from .jobs import Payload
 from .metrics import Metrics
 from .policy import FinalException, GiveUp, RetryPolicy, exception_text
@@ -82,6 +83,7 @@ def instead(policy: RetryPolicy, function: bytes, handle: bytes, failure: bytes)
         text(function), text(handle),
         "WORK_FAIL" if policy.final_exception is FinalException.FAIL else "WORK_WARNING and WORK_FAIL",
         text(exception_text(failure)),
+        extra=about_job(function, handle),
     )
     fail = build_packet(REQ, P.WORK_FAIL, handle=handle)
     if policy.final_exception is FinalException.BOTH:
@@ -104,12 +106,17 @@ class Outcomes:
             log.warning(
                 "retry exhausted: %s %s failed %d attempts, last failure forwarded",
                 text(job.function), text(job.handle), job.attempt,
+                extra=about_job(job.function, job.handle, attempt=job.attempt, reason="exhausted"),
             )
         elif why is GiveUp.MAX_HOLD_TIME:
             self.metrics.count(self.metrics.cap_rejections, job.function, why.value)
             log.warning(
                 "retry of %s %s waited max_hold_time (%gs): last failure forwarded",
                 text(job.function), text(job.handle), job.policy.max_hold_time,
+                extra=about_job(
+                    job.function, job.handle, attempt=job.attempt, reason="max_hold_time",
+                    seconds=job.policy.max_hold_time,
+                ),
             )
         if ptype is not P.WORK_EXCEPTION:
             return build_packet(REQ, P.WORK_FAIL, handle=job.handle)

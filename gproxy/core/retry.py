@@ -40,6 +40,7 @@ from typing import Final, Generic, TypeVar
 
 from .budget import Budgets
 from .deadlines import deadline_passed
+from .fields import about, about_job
 from .intake import Ending, Intake
 from .jobs import Payload, TrackedJob
 from .metrics import Metrics
@@ -324,6 +325,10 @@ class HeldJobs(Generic[OwnerT, RouteT]):
             "retrying %s %s: attempt %d of %d in %.2fs (%s)",
             text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
             delay, verdict.why,
+            extra=about_job(
+                job.function, job.handle, attempt=job.attempt + 1, max_attempts=job.policy.max_attempts,
+                seconds=round(delay, 3), reason=verdict.reason.value, pattern=verdict.pattern and text(verdict.pattern),
+            ),
         )
         # A backoff that ends after the deadline wakes at the deadline, to give up.
         return [Wakeup(job.key, min(delay, job.policy.max_hold_time), job.wait)]
@@ -343,6 +348,7 @@ class HeldJobs(Generic[OwnerT, RouteT]):
         log.info(
             "retry of %s %s deferred: the retry budget of %s is spent",
             text(job.function), text(job.handle), text(job.function),
+            extra=about_job(job.function, job.handle, reason="budget"),
         )
         actions: list[Action[OwnerT, RouteT]] = [Wakeup(job.key, job.deadline - now, job.wait)]
         if (delay := self.budgets.defer(job.function, job.key, now)) is not None:
@@ -477,6 +483,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 "gearmand assigned held job %s %s again (it took the job back, e.g. a "
                 "CAN_DO_TIMEOUT fired): the hold ends, the job runs as gearmand decided",
                 text(job.function), text(handle),
+                extra=about_job(job.function, handle),
             )
             self.jobs.move(job, Event.REASSIGNED)
             actions = self.jobs.nothing_held(job.owner)
@@ -590,6 +597,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         log.warning(
             "operator: retrying %s %s now, attempt %d of %d",
             text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
+            extra=about_job(job.function, job.handle, attempt=job.attempt + 1, reason="operator"),
         )
         # (A deferred job keeps its place in line, which skips it: it is no longer DEFERRED.)
         return [self.jobs.submit(job, Event.OPERATOR_RETRY)]
@@ -603,6 +611,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         log.warning(
             "operator: giving up %s %s after %d attempts; its last failure is forwarded",
             text(job.function), text(job.handle), job.attempt,
+            extra=about_job(job.function, job.handle, attempt=job.attempt, reason="operator"),
         )
         return self.jobs.give_up(job, now, GiveUp.OPERATOR)
 
@@ -610,7 +619,10 @@ class Retrier(Generic[OwnerT, RouteT]):
         """No retry of `function` starts until resume() (held jobs wait, up to max_hold_time)."""
         if function not in self.paused:
             self.paused.add(function)
-            log.warning("operator: retries of %s paused", text(function))
+            log.warning(
+                "operator: retries of %s paused", text(function),
+                extra=about(function=text(function), reason="operator"),
+            )
 
     def resume(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
         """Retries of `function` go on: those paused are submitted, oldest first, as the
@@ -620,7 +632,10 @@ class Retrier(Generic[OwnerT, RouteT]):
         self.paused.discard(function)
         waiting = sorted((job for job in self.held.values() if job.function == function and job.state is State.PAUSED),
                          key=lambda job: job.key)
-        log.warning("operator: retries of %s resumed (%d paused jobs go on)", text(function), len(waiting))
+        log.warning(
+            "operator: retries of %s resumed (%d paused jobs go on)", text(function), len(waiting),
+            extra=about(function=text(function), reason="operator", jobs=len(waiting)),
+        )
         actions: list[Action[OwnerT, RouteT]] = []
         for job in waiting:
             actions += self.jobs.turn(job, now, job.function in self.paused)
@@ -644,6 +659,7 @@ class Retrier(Generic[OwnerT, RouteT]):
         log.warning(
             "retry of %s %s refused by gearmand (%s): last failure forwarded",
             text(job.function), text(job.handle), text(error),
+            extra=about_job(job.function, job.handle, reason=text(error)),
         )
         return self.jobs.give_up(job, now, GiveUp.REFUSED)
 
@@ -658,7 +674,10 @@ class Retrier(Generic[OwnerT, RouteT]):
         if ptype in _RELAYED:
             return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args))]
         if ptype is P.WORK_COMPLETE:
-            log.info("retry succeeded: %s %s on attempt %d", text(job.function), text(job.handle), job.attempt)
+            log.info(
+                "retry succeeded: %s %s on attempt %d", text(job.function), text(job.handle), job.attempt,
+                extra=about_job(job.function, job.handle, attempt=job.attempt),
+            )
             self.metrics.job_ended(job.function, "complete", now - job.started_at)
             self.jobs.move(job, Event.SUCCEEDED)
             return [SendUpstream(job.owner, _for_handle(ptype, job.handle, args)), *self.jobs.nothing_held(job.owner)]
@@ -669,6 +688,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             log.info(
                 "retry failed for good: %s %s on attempt %d (not retryable), forwarded",
                 text(job.function), text(job.handle), job.attempt,
+                extra=about_job(job.function, job.handle, attempt=job.attempt, reason="not retryable"),
             )
             return self.jobs.give_up(job, now, GiveUp.FINAL)
         if job.attempt >= job.policy.max_attempts:
@@ -682,7 +702,10 @@ class Retrier(Generic[OwnerT, RouteT]):
         job = self.held.get(key) if key is not None else None
         if job is None:
             return []
-        log.warning("retry of %s %s failed for good: %s", text(job.function), text(job.handle), text(reason))
+        log.warning(
+            "retry of %s %s failed for good: %s", text(job.function), text(job.handle), text(reason),
+            extra=about_job(job.function, job.handle, reason=text(reason)),
+        )
         job.last_failure = (P.WORK_EXCEPTION, reason)
         return self.jobs.give_up(job, now, GiveUp.FINAL)
 
@@ -709,6 +732,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 log.info(
                     "retry connection lost: resubmitting %s %s as attempt %d of %d",
                     text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
+                    extra=about_job(job.function, job.handle, attempt=job.attempt + 1),
                 )
                 actions.append(self.jobs.submit(job, Event.CONNECTION_LOST))
         return actions
@@ -721,6 +745,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             log.warning(
                 "connection holding %s %s lost: gearmand requeues it, retry abandoned",
                 text(job.function), text(job.handle),
+                extra=about_job(job.function, job.handle),
             )
             self.jobs.move(job, Event.OWNER_LOST)
         return []

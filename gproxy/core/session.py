@@ -134,9 +134,12 @@ class Session:
         traits: ServerTraits | None = None,
         name: str | None = None,
         drain: Drain | None = None,
+        log_fields: dict[str, str] | None = None,
     ) -> None:
         self.name = upstream_name if name is None else name
         """The pair's name in log lines (its worker's address and route)."""
+        self.log_fields = log_fields if log_fields is not None else {}
+        """The same as fields of the log lines (peer, via, upstream: see core.fields)."""
         self.max_packet_size = max_packet_size
         self.metrics = metrics if metrics is not None else Metrics()
         self.current = UpstreamLink(upstream_name, max_packet_size, self.metrics, self)

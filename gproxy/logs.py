@@ -1,0 +1,47 @@
+"""gproxy's log lines, as text (the default) or as one JSON object per line.
+
+Every line names what it is about in its text; the same values travel with the record as
+`fields` (see `core.fields`), so a JSON line carries them as fields of its own: a log
+store filters on `function` or `peer` without parsing the message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import Any, Final
+
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """time (RFC 3339, UTC, microseconds), level, logger, message, the line's fields, and a
+    traceback as one field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="microseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update((key, value) for key, value in fields.items() if key not in line)
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure(level: str, log_format: str) -> None:
+    """The root logger's one handler (stderr), in `log_format` ("text" or "json")."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
