@@ -33,17 +33,27 @@ _EPSILON: Final = 1e-9
 
 
 class RetryBudget:
-    def __init__(self, ratio: float, min_per_second: float, ttl: float) -> None:
+    def __init__(self, ratio: float, min_per_second: float, ttl: float, generation: int = 0) -> None:
+        self.generation = generation
+        """Of the policies it was tuned to (Budgets.reconfigure)."""
+        self.slice = 0.0
+        """Seconds per slice; also how long a deferred retry waits before the next look."""
+        self._slices: list[float] = []
+        self._epoch: int | None = None
+        """Number of the slice last written to (time // slice)."""
+        self.retune(ratio, min_per_second, ttl)
+
+    def retune(self, ratio: float, min_per_second: float, ttl: float) -> None:
+        """New settings (a reload): the window goes on, unless its length changed."""
         if ratio < 0 or min_per_second < 0 or not ttl > 0:
             raise ValueError(f"bad retry budget: ratio={ratio}, min_per_second={min_per_second}, ttl={ttl}")
         self.ratio = ratio
         self.reserve = min_per_second * ttl
         """Retries allowed in every window whatever the traffic: the floor."""
-        self.slice = ttl / SLICES
-        """Seconds per slice; also how long a deferred retry waits before the next look."""
-        self._slices = [0.0] * SLICES
-        self._epoch: int | None = None
-        """Number of the slice last written to (time // slice)."""
+        if self.slice != ttl / SLICES:
+            self.slice = ttl / SLICES
+            self._slices = [0.0] * SLICES
+            self._epoch = None
 
     def deposit(self, now: float) -> None:
         """A first attempt was seen: it earns `ratio` retries for the next `ttl` seconds."""
@@ -95,6 +105,8 @@ class Budgets:
 
     def __init__(self, policies: Policies) -> None:
         self.policies = policies
+        self._generation = 0
+        """Bumped by reconfigure: a budget of an older generation is retuned when next used."""
         self._budgets: dict[int, RetryBudget] = {}
         """By hash(function name): see budget()."""
         self._sweep_at = BUDGETS_SWEPT_FROM
@@ -127,9 +139,18 @@ class Budgets:
                 self._sweep_at = max(BUDGETS_SWEPT_FROM, 2 * len(self._budgets))
             policy = self.policies.for_function(function)
             budget = self._budgets[key] = RetryBudget(
-                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl
+                policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl, self._generation
             )
+        elif budget.generation != self._generation:
+            policy = self.policies.for_function(function)
+            budget.retune(policy.budget_ratio, policy.budget_min_per_second, policy.budget_ttl)
+            budget.generation = self._generation
         return budget
+
+    def reconfigure(self, policies: Policies) -> None:
+        """New policies (a reload): each budget takes its new settings when next used."""
+        self.policies = policies
+        self._generation += 1
 
     def balances(self, now: float, functions: Iterable[bytes]) -> dict[bytes, float]:
         """The balance of each of `functions` (a gauge): what its budget allows now."""

@@ -313,6 +313,50 @@ class HeldJobs(Generic[OwnerT, RouteT]):
         self.metrics.job_outcome(job.function, "retried")
         return self.backoff(job, verdict, now)
 
+    def recheck(self, function: bytes, now: float) -> list[Action[OwnerT, RouteT]]:
+        """The budget's look at `function`'s line: the deferred retries it allows are
+        submitted, oldest first; one past its deadline is given up."""
+        actions: list[Action[OwnerT, RouteT]] = []
+
+        def waits(key: int) -> bool:
+            """Is job `key` still deferred? (One past its deadline is given up.)"""
+            job = self.by_key.get(key)
+            if job is None or job.state is not State.DEFERRED:
+                return False  # ended meanwhile
+            if deadline_passed(job.deadline, now):
+                actions.extend(self.give_up(job, now, GiveUp.MAX_HOLD_TIME))
+                return False
+            return True
+
+        def go(key: int) -> None:
+            actions.append(self.submit(self.by_key[key], Event.BUDGET_GRANTED))
+
+        if (delay := self.budgets.recheck(function, now, waits, go)) is not None:
+            actions.append(RecheckBudget(function, delay))
+        return actions
+
+    def retry_lost(self, job: HeldJob[OwnerT, RouteT], now: float) -> list[Action[OwnerT, RouteT]]:
+        """(retry_connection_lost) `job`'s submission, or its retry job, was lost with the
+        retry connection."""
+        if job.state is State.SUBMITTING:  # never acknowledged: perhaps never arrived
+            return [self.resubmit(job)]
+        if job.attempt >= job.policy.max_attempts:  # the retry job existed, and may have run
+            return self.give_up(job, now, GiveUp.EXHAUSTED)
+        log.info(
+            "retry connection lost: resubmitting %s %s as attempt %d of %d",
+            text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
+            extra=about_job(job.function, job.handle, attempt=job.attempt + 1),
+        )
+        return [self.submit(job, Event.CONNECTION_LOST)]
+
+    def reconfigure(self, policies: Policies) -> None:
+        """Every held job follows its function's new policy from its next decision on; its
+        attempt count and its deadline stay. (A max_attempts at or below a job's count ends
+        it at its next failure: the attempt already on its way still runs.)"""
+        self.policies = policies
+        for job in self.by_key.values():
+            job.policy = policies.for_function(job.function)
+
     def backoff(self, job: HeldJob[OwnerT, RouteT], verdict: Verdict, now: float) -> list[Action[OwnerT, RouteT]]:
         """(failed) The job is held, or held again: a wait for its next attempt starts."""
         self.move(job, Event.FAILED)
@@ -566,24 +610,7 @@ class Retrier(Generic[OwnerT, RouteT]):
                 if (job := self.held.get(key)) is not None and job.state is State.DEFERRED:
                     self.jobs.move(job, Event.PAUSED)
             return []
-        actions: list[Action[OwnerT, RouteT]] = []
-
-        def waits(key: int) -> bool:
-            """Is job `key` still deferred? (One past its deadline is given up.)"""
-            job = self.held.get(key)
-            if job is None or job.state is not State.DEFERRED:
-                return False  # ended meanwhile
-            if deadline_passed(job.deadline, now):
-                actions.extend(self.jobs.give_up(job, now, GiveUp.MAX_HOLD_TIME))
-                return False
-            return True
-
-        def go(key: int) -> None:
-            actions.append(self.jobs.submit(self.held[key], Event.BUDGET_GRANTED))
-
-        if (delay := self.budgets.recheck(function, now, waits, go)) is not None:
-            actions.append(RecheckBudget(function, delay))
-        return actions
+        return self.jobs.recheck(function, now)
 
     # -- an operator's hand (the admin endpoint)
 
@@ -614,6 +641,12 @@ class Retrier(Generic[OwnerT, RouteT]):
             extra=about_job(job.function, job.handle, attempt=job.attempt, reason="operator"),
         )
         return self.jobs.give_up(job, now, GiveUp.OPERATOR)
+
+    def reconfigure(self, policies: Policies) -> None:
+        """New policies (a reload), from each decision on (see HeldJobs.reconfigure)."""
+        self.policies = self.intake.policies = policies
+        self.budgets.reconfigure(policies)
+        self.jobs.reconfigure(policies)
 
     def pause(self, function: bytes) -> None:
         """No retry of `function` starts until resume() (held jobs wait, up to max_hold_time)."""
@@ -724,17 +757,7 @@ class Retrier(Generic[OwnerT, RouteT]):
             and (job.state is State.RUNNING or (job.state is State.SUBMITTING and job.key in in_flight))
         ]
         for job in lost:
-            if job.state is State.SUBMITTING:  # never acknowledged: perhaps never arrived
-                actions.append(self.jobs.resubmit(job))
-            elif job.attempt >= job.policy.max_attempts:  # the retry job existed, and may have run
-                actions += self.jobs.give_up(job, now, GiveUp.EXHAUSTED)
-            else:
-                log.info(
-                    "retry connection lost: resubmitting %s %s as attempt %d of %d",
-                    text(job.function), text(job.handle), job.attempt + 1, job.policy.max_attempts,
-                    extra=about_job(job.function, job.handle, attempt=job.attempt + 1),
-                )
-                actions.append(self.jobs.submit(job, Event.CONNECTION_LOST))
+            actions += self.jobs.retry_lost(job, now)
         return actions
 
     def owner_lost(self, owner: OwnerT) -> list[Action[OwnerT, RouteT]]:
