@@ -15,7 +15,7 @@ import signal
 import sys
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -25,6 +25,7 @@ from .control import Proxy
 from .core.fields import about
 from .core.held import table
 from .dataplane import DataPlane
+from .reload import ConfigSource
 
 log = logging.getLogger("gproxy")
 
@@ -60,24 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "replay":
         return replay_command(argv[1:])
     args = build_parser().parse_args(argv)
+    flags = {
+        "listen": args.listen,
+        "upstream": args.upstream,
+        "metrics_listen": args.metrics_listen,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    source = ConfigSource(args.config, flags)
     try:
-        config = load_config(
-            args.config,
-            {
-                "listen": args.listen,
-                "upstream": args.upstream,
-                "metrics_listen": args.metrics_listen,
-                "log_level": args.log_level,
-                "log_format": args.log_format,
-            },
-        )
+        config = load_config(args.config, flags)
     except ConfigError as exc:
         print(f"gproxy: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, config.log_format)
     plane = DataPlane()
     try:
-        plane.run_host(run_until_signalled, config, plane)
+        plane.run_host(run_until_signalled, config, plane, source)
     except OSError as exc:
         log.error("cannot start: %s", exc, extra=about(reason=str(exc)))
         return 1
@@ -180,30 +180,38 @@ def _toml(value: object) -> str:
     return repr(value)  # (numbers: repr(inf) is "inf", as TOML writes it)
 
 
-async def run_until_signalled(config: Config, plane: DataPlane | None = None) -> None:
+async def run_until_signalled(
+    config: Config, plane: DataPlane | None = None, source: ConfigSource | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM; then drain for up to the grace period (a second signal
     cuts it short), close every connection (gearmand requeues whatever is left) and return,
-    so the process exits 0. `plane`: the data plane hosting this trio run, if one does."""
-    proxy = Proxy(config, plane=plane)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    so the process exits 0. SIGHUP reloads the config file (`source`). `plane`: the data
+    plane hosting this trio run, if one does."""
+    proxy = Proxy(config, plane=plane, source=source)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         await proxy.listen()
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve)
-            signum = await signals.__anext__()
+            while (signum := await signals.__anext__()) == signal.SIGHUP:
+                proxy.reloader.reload()
             log.info(
                 "%s received: stopping (send it again to stop at once)", signal.Signals(signum).name,
                 extra=about(signal=signal.Signals(signum).name),
             )
             async with trio.open_nursery() as draining:
-                draining.start_soon(_cancel_on_next_signal, signals, draining.cancel_scope)
-                await proxy.shutdown(config.shutdown_grace_period)
+                draining.start_soon(_cancel_on_next_signal, signals, draining.cancel_scope, proxy.reloader.reload)
+                await proxy.shutdown(proxy.config.shutdown_grace_period)
                 draining.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     log.info("stopped", extra=about())
 
 
-async def _cancel_on_next_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-    signum = await signals.__anext__()
+async def _cancel_on_next_signal(
+    signals: AsyncIterator[int], scope: trio.CancelScope, reload: Callable[[], object]
+) -> None:
+    """A second SIGINT or SIGTERM cuts the drain short; a SIGHUP still reloads."""
+    while (signum := await signals.__anext__()) == signal.SIGHUP:
+        reload()
     log.warning(
         "%s received again: stopping now", signal.Signals(signum).name,
         extra=about(signal=signal.Signals(signum).name),

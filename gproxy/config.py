@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Final
 
 from .core.metrics import DEFAULT_MAX_FUNCTIONS
 from .core.policy import FinalException, Mode, OnDisconnect, Policies, Priority, RetryPolicy
@@ -99,6 +99,21 @@ class Config:
     admin: bool = False
     """The metrics listener also takes the POSTs that steer held retries (unauthenticated)."""
     upstream_keepalive: Keepalive = Keepalive()
+
+
+LIVE: Final = frozenset({"policies", "log_level", "log_format", "shutdown_grace_period"})
+"""What a reload changes in a running gproxy (the retry keys are `policies`): the rest is
+bound to sockets, listeners or label sets made at start."""
+_KEYS_OF: Final = {"policies": "retry or functions", "routes": "listen, upstream or routes"}
+
+
+def unreloadable(running: Config, new: Config) -> str | None:
+    """The first setting that differs between `running` and `new` and cannot change without
+    a restart (as the config file names it), or None."""
+    for setting in fields(Config):
+        if setting.name not in LIVE and getattr(running, setting.name) != getattr(new, setting.name):
+            return _KEYS_OF.get(setting.name, setting.name)
+    return None
 
 
 def parse_address(value: Any, key: str, *, port_zero_ok: bool) -> Address:

@@ -40,6 +40,7 @@ from .drain_wait import DrainWait
 from .http_endpoint import bind_http, serve_http
 from .memory import Trimmer
 from .pair import Connect, Ended, ForAnother, Pair, PairSet, PairTimer, Posted
+from .reload import ConfigSource, Reloader
 from .retry_client import RetryClient
 from .scrape import ProxyState
 from .steering import Steering
@@ -60,8 +61,12 @@ class Proxy:
     see cli), the proxy uses it as it is; otherwise it makes one and drives it from a task.
     """
 
-    def __init__(self, config: Config, metrics: Metrics | None = None, plane: DataPlane | None = None) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics | None = None, plane: DataPlane | None = None,
+        source: ConfigSource | None = None,
+    ) -> None:
         self.config = config
+        """In force now: a reload replaces it (reconfigure)."""
         self.metrics = metrics if metrics is not None else Metrics(max_functions=config.metrics_max_functions)
         self.retrier: Retrier[UpstreamLink, Route] = Retrier(config.policies, metrics=self.metrics)
         self.pairs = PairSet()
@@ -76,7 +81,8 @@ class Proxy:
         self.dialer = Dialer(self.metrics, config.upstream_keepalive)
         self.acceptor = Acceptor(config.routes, self.metrics, self.dialer, self._start_pair)
         self.supervisor = Supervisor(self.pairs)
-        self.operator = Steering(config.admin, self.retrier, self.perform, self.supervisor)
+        self.reloader = Reloader(source or ConfigSource(), lambda: self.config, self.reconfigure, self.metrics)
+        self.operator = Steering(config.admin, self.retrier, self.perform, self.supervisor, self.reloader.reload)
         self._drain_wait = DrainWait(self.pairs, self.retrier)
         self._http: list[trio.SocketListener] = []
         self._traits: dict[Route, ServerTraits] = {route: ServerTraits() for route in config.routes}
@@ -92,6 +98,12 @@ class Proxy:
         self._timers = Timers(self._timer_failed)
         self._pair_timers: dict[tuple[Pair, Timer], TimerHandle] = {}
         """What pairs asked to be called back for (PairTimer), until it fires or they end."""
+
+    def reconfigure(self, config: Config) -> None:
+        """`config` in force from the next decision on (Reloader: only what may change live
+        differs from the running one)."""
+        self.config = config
+        self.retrier.reconfigure(config.policies)
 
     @property
     def listen_addresses(self) -> list[Address]:

@@ -45,6 +45,8 @@ class Operator(Protocol):
 
     def resume(self, function: bytes) -> None: ...
 
+    def reload(self) -> tuple[bool, str]: ...
+
 
 async def bind_http(address: Address) -> tuple[list[trio.SocketListener], Address]:
     """Bind the listeners (an OSError here, the address in use, is plain: the command
@@ -122,9 +124,13 @@ async def _respond(request: bytes, metrics: Metrics, ready: Readiness, operator:
 
 
 def _steer(operator: Operator, path: bytes) -> bytes:
-    """POST /held/KEY/retry, /held/KEY/give-up, /functions/NAME/pause, /functions/NAME/resume."""
+    """POST /held/KEY/retry, /held/KEY/give-up, /functions/NAME/pause, /functions/NAME/resume,
+    /reload."""
     if not operator.admin:
         return _json(403, {"error": "admin is off: set admin = true in gproxy's config to steer held retries"})
+    if path == b"/reload":
+        done, message = operator.reload()
+        return _json(200, {"ok": message}) if done else _json(409, {"error": message})
     segments = path.split(b"/")
     if len(segments) != 4 or segments[0] != b"":
         return _json(404, {"error": "not found"})

@@ -28,10 +28,13 @@ class Steering:
     def __init__(
         self, admin: bool, retrier: Retrier[UpstreamLink, Route],
         perform: Callable[[Sequence[Action[UpstreamLink, Route]]], None], supervisor: Supervisor,
+        reload: Callable[[], tuple[bool, str]],
     ) -> None:
         self.admin = admin
         """The POSTs are allowed (the listener is unauthenticated: off by default)."""
         self._retrier, self._perform, self._supervisor = retrier, perform, supervisor
+        self.reload = reload
+        """Re-read the config file (reload.Reloader): (done, what happened)."""
 
     def held(self, function: bytes | None) -> dict[str, Any]:
         return held_view(self._retrier, trio.current_time(), function)

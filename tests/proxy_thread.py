@@ -19,6 +19,7 @@ from gproxy.core.jobs import TrackedJob
 from gproxy.control import Proxy
 from gproxy.core.policy import Policies, RetryPolicy
 from gproxy.core.retry import HeldJob
+from gproxy.reload import ConfigSource
 
 R = TypeVar("R")
 
@@ -28,8 +29,10 @@ class ProxyThread:
     advance() or lets it run with thaw(): a retry waits exactly as long as the test wants,
     instead of racing a backoff on a loaded machine."""
 
-    def __init__(self, config: Config, frozen: bool = False) -> None:
+    def __init__(self, config: Config, frozen: bool = False, source: ConfigSource | None = None) -> None:
         self.config = config
+        self.source = source
+        """The config file a reload reads (proxy.reloader)."""
         self.clock = trio.testing.MockClock(rate=0.0) if frozen else None
         self.proxy: Proxy | None = None
         self._started = threading.Event()
@@ -116,5 +119,5 @@ class ProxyThread:
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
-            self.proxy = await nursery.start(Proxy(self.config).serve)
+            self.proxy = await nursery.start(Proxy(self.config, source=self.source).serve)
             self._started.set()

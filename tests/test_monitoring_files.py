@@ -59,11 +59,14 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     "gproxy_retry_reconnects_total": {"upstream": None},
     "gproxy_worker_ejections_total": {"function": None},
     "gproxy_worker_ejected": {"function": None},
+    "gproxy_config_last_reload_successful": {},
+    "gproxy_config_last_reload_success_timestamp_seconds": {},
 }
 HISTOGRAMS = {"gproxy_job_duration_seconds", "gproxy_attempt_duration_seconds"}
 GAUGES = {
     "gproxy_jobs_running", "gproxy_jobs_held", "gproxy_retry_budget_balance", "gproxy_connections",
     "gproxy_upstream_up", "gproxy_retry_connection_up", "gproxy_worker_ejected",
+    "gproxy_config_last_reload_successful", "gproxy_config_last_reload_success_timestamp_seconds",
 }
 TARGET_LABELS = {"instance": None, "job": None}
 
@@ -376,6 +379,8 @@ def _input_series() -> list[dict[str, str]]:
     series[f'gproxy_retry_connection_up{{{target},upstream="gearmand:4730"}}'] = "1x5 0x5 1x10"
     series[f'gproxy_retry_reconnects_total{{{target},upstream="gearmand:4730"}}'] = "0x5 0+3x5 15x10"
     series[f"gproxy_upstream_connect_errors_total{{{target}}}"] = "0+1x20"
+    series[f"gproxy_config_last_reload_successful{{{target}}}"] = "1x5 0x5 1x10"
+    series[f"gproxy_config_last_reload_success_timestamp_seconds{{{target}}}"] = "0x10 600x10"
     series[f'gproxy_resource_exhausted_total{{{target},resource="file_descriptors"}}'] = "0+2x20"
     series[f'gproxy_protocol_errors_total{{{target},reason="bad_magic"}}'] = "0+1x20"
     series[f'gproxy_packets_total{{{target},direction="to_gearmand",type="WORK_COMPLETE"}}'] = "0+30x20"

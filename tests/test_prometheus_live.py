@@ -297,6 +297,8 @@ def test_every_panel_and_rule_expression_returns_data(
     config = Config(routes=routes, policies=policies, metrics_listen=Address("127.0.0.1", 0))
     caplog.set_level(logging.WARNING, "gproxy.retry")
     with relay, ProxyThread(config) as proxy, prometheus(tmp_path, proxy.proxy.metrics_address) as base:
+        # A reload refused (this proxy has no config file to read again): the reload alert's data.
+        assert proxy.call(proxy.proxy.reloader.reload)[0] is False  # type: ignore[union-attr]
         def scraped() -> None:
             """Wait for a scrape that saw everything done so far."""
             now = time.time()
