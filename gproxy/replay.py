@@ -147,6 +147,11 @@ def replay(
             summary.replayed += 1
             report(f"replayed {what} to {function.decode(errors='replace')} as {created.decode(errors='replace')}"
                    f" at {clock() - started:.3f}s")
+        if summary.replayed and not dry_run:
+            # gearmand has taken every WORK_COMPLETE once it answers this (it reads a
+            # connection in order): only then does its count of what is left hold.
+            worker.send(build_packet(REQ, P.ECHO_REQ, data=b"replayed"))
+            worker.receive(P.ECHO_RES)
     except OSError as exc:
         raise ReplayError(f"connection to gearmand at {server} lost: {exc}") from exc
     finally:
