@@ -36,12 +36,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """gproxy's own handler on the root logger: a reload changes it, and only it."""
+
+
 def configure(level: str, log_format: str) -> None:
-    """The root logger's one handler (stderr), in `log_format` ("text" or "json")."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    """gproxy's lines to stderr at `level`, in `log_format` ("text" or "json"); again at a
+    reload (the handler stays, its format and the level change)."""
     root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
+    handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        root.addHandler(handler)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root.setLevel(level)

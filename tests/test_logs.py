@@ -17,6 +17,7 @@ import pytest
 
 from gproxy.config import ConfigError, load_config
 from gproxy.core.fields import about, about_job
+from gproxy import logs
 from gproxy.logs import JsonFormatter
 from tests.gearmand import Gearmand
 from tests.peer_procs import PeerSet, start_pyclient, start_pyworker
@@ -128,3 +129,19 @@ def test_every_line_of_a_real_run_is_one_json_object_with_its_fields(gearmand: G
     assert closed[0]["peer"] in closed[0]["message"] and closed[0]["reason"].startswith("protocol error")
     assert [line["signal"] for line in lines if "received: stopping" in line["message"]] == ["SIGTERM"]
     assert any(line["message"] == "drained: every job finished" for line in lines)
+
+
+def test_configuring_again_changes_gproxy_s_handler_and_leaves_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    try:
+        logs.configure("INFO", "text")
+        logs.configure("WARNING", "json")  # a reload
+        ours = [h for h in root.handlers if h not in before]
+        assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter) and root.level == logging.WARNING
+        assert caplog.handler in root.handlers
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before:
+                root.removeHandler(handler)
+        root.setLevel(level)
