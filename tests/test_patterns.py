@@ -64,7 +64,7 @@ def test_a_work_fail_has_no_text_to_match() -> None:
 
 
 def test_a_pattern_verdict_names_its_pattern_in_the_log_line() -> None:
-    assert Verdict(Reason.PATTERN, pattern=rb"SQLSTATE\[40001\]").why == r"pattern 'SQLSTATE\\[40001\\]'"
+    assert Verdict(Reason.PATTERN, pattern=rb"SQLSTATE\[40001\]").why == r'pattern "SQLSTATE\[40001\]"'
     assert Verdict(Reason.EXCEPTION).why == "exception"
 
 

@@ -42,8 +42,8 @@ def test_a_php_worker_s_real_driver_exceptions_are_retried_by_pattern(
         assert proxy.sample("gproxy_retries_total", function="php_db", reason="pattern") == 4
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying php_db")]
     assert sorted(line.rsplit("(", 1)[1] for line in logged) == sorted([
-        "pattern 'SQLSTATE\\\\[40001\\\\]')", "pattern 'database is locked')",
-        "pattern 'Connection refused')", "pattern 'Connection refused')",
+        'pattern "SQLSTATE\\[40001\\]")', 'pattern "database is locked")',
+        'pattern "Connection refused")', 'pattern "Connection refused")',
     ]), logged
     failures = sorted(line for line in attempts(tmp_path) if not line.endswith(" ok"))
     assert failures == ["1 deadlock", "1 locked", "1 mysqli", "1 refused"]

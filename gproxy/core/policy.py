@@ -174,7 +174,7 @@ class Verdict:
         """For log lines: the reason, and the pattern that matched."""
         if self.pattern is None:
             return self.reason.value
-        return f"{self.reason.value} {self.pattern.decode('utf-8', 'replace')!r}"
+        return f'{self.reason.value} "{self.pattern.decode("utf-8", "replace")}"'  # (as it is written)
 
 
 _HINT: Final = re.compile(rb"\s*after=(\d+(?:\.\d+)?)")
