@@ -102,8 +102,8 @@ class Proxy:
     def reconfigure(self, config: Config) -> None:
         """`config` in force from the next decision on (Reloader: only what may change live
         differs from the running one)."""
-        self.config = config
         self.retrier.reconfigure(config.policies)
+        self.config = config
 
     @property
     def listen_addresses(self) -> list[Address]:

@@ -40,7 +40,16 @@ class Reloader:
         self._metrics.reload_success_time.set(time.time())
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read the file and apply it; (done, what happened) for the one asking."""
+        """Re-read the file and apply it; (done, what happened) for the one asking. Never
+        raises: a signal handler's caller is the process itself."""
+        try:
+            return self._reload()
+        except Exception:  # a bug must cost the reload, never the process
+            log.exception("reload: internal error; the running config stays", extra=about(path=self._source.path))
+            self._metrics.reload_successful.set(0)
+            return False, "reload refused: internal error (see gproxy's log); the running config stays"
+
+    def _reload(self) -> tuple[bool, str]:
         path = self._source.path
         if path is None:
             return self._refused("no config file to read again (gproxy was started with flags only)")

@@ -154,3 +154,44 @@ def test_sighup_and_post_reload_on_the_running_command(gearmand: Gearmand, tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(WAIT_S)
+
+
+def test_a_sighup_during_a_drain_reloads_and_does_not_cut_the_drain_short(gearmand: Gearmand, tmp_path: Path) -> None:
+    host, port = gearmand.address
+    path = write(tmp_path / "gproxy.toml", f'listen = "127.0.0.1:0"\nupstream = "{host}:{port}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gproxy", "--config", str(path)], stderr=subprocess.PIPE, text=True)
+    gate = tmp_path / "gate"
+    try:
+        listening = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stderr.readline())
+        assert listening
+        with PeerSet() as peers:
+            peers.add(start_pyworker(("127.0.0.1", int(listening.group(1))), state_dir=tmp_path))
+            running = start_pyclient(gearmand.address, "block", str(gate))
+            wait_for(Path(f"{gate}.started").exists, WAIT_S, "the running job")
+            proc.send_signal(signal.SIGTERM)
+            lines = [proc.stderr.readline(), proc.stderr.readline()]
+            assert "draining: " in lines[1], lines
+            proc.send_signal(signal.SIGHUP)
+            assert "config reloaded from" in proc.stderr.readline()
+            assert proc.poll() is None  # still draining: the job runs
+            gate.touch()
+            assert running.result().stdout == b"unblocked"
+            assert proc.wait(WAIT_S) == 0
+        assert "drained: every job finished" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait(WAIT_S)
+
+
+def test_a_reload_that_fails_inside_is_refused_and_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path / "gproxy.toml", 'upstream = "g:1"\n')
+    running = load_config(str(path))
+
+    def broken(config: object) -> None:
+        raise RuntimeError("a bug")
+
+    metrics = Metrics()
+    done, message = Reloader(ConfigSource(str(path)), lambda: running, broken, metrics).reload()
+    assert (done, message) == (False, "reload refused: internal error (see gproxy's log); the running config stays")
+    assert metrics.registry.get_sample_value("gproxy_config_last_reload_successful") == 0
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] and "internal error" in caplog.text
