@@ -41,12 +41,24 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure(level: str, log_format: str) -> None:
-    """gproxy's lines to stderr at `level`, in `log_format` ("text" or "json"); again at a
-    reload (the handler stays, its format and the level change)."""
+    """gproxy's lines to stderr at `level`, in `log_format` ("text" or "json"): the
+    command's, at its start."""
     root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
-    if handler is None:
-        handler = _Stderr()
-        root.addHandler(handler)
+    if _ours(root) is None:
+        root.addHandler(_Stderr())
+    reconfigure(level, log_format)
+
+
+def reconfigure(level: str, log_format: str) -> None:
+    """A reload: gproxy's handler takes the new format, the root logger the new level. In a
+    process whose logging gproxy did not set up (a proxy run as a library, the tests'),
+    nothing changes: its logging is its owner's."""
+    root = logging.getLogger()
+    if (handler := _ours(root)) is None:
+        return
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root.setLevel(level)
+
+
+def _ours(root: logging.Logger) -> logging.Handler | None:
+    return next((h for h in root.handlers if isinstance(h, _Stderr)), None)

@@ -60,7 +60,7 @@ class Reloader:
         if (key := unreloadable(self._running(), new)) is not None:
             return self._refused(f"{key} cannot change without a restart")
         self._apply(new)
-        logs.configure(new.log_level, new.log_format)
+        logs.reconfigure(new.log_level, new.log_format)
         self._metrics.reload_successful.set(1)
         self._metrics.reload_success_time.set(time.time())
         message = f"config reloaded from {path}"

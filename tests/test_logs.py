@@ -135,8 +135,10 @@ def test_configuring_again_changes_gproxy_s_handler_and_leaves_the_others(caplog
     root = logging.getLogger()
     level, before = root.level, list(root.handlers)
     try:
+        logs.reconfigure("INFO", "json")  # not set up by gproxy: a reload leaves it alone
+        assert root.handlers == before and root.level == level
         logs.configure("INFO", "text")
-        logs.configure("WARNING", "json")  # a reload
+        logs.reconfigure("WARNING", "json")  # a reload
         ours = [h for h in root.handlers if h not in before]
         assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter) and root.level == logging.WARNING
         assert caplog.handler in root.handlers

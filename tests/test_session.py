@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gproxy.config import Address, Route
-from gproxy.core.commands import CallLater, Close, OpenUpstream, SendDownstream, Timer
+from gproxy.core.commands import CallLater, Close, Finish, OpenUpstream, SendDownstream, Timer
 from gproxy.core.connections import LinkState
 from gproxy.core.jobs import running_per_function
 from gproxy.core.policy import DISCONNECTED, TIMED_OUT, FinalException, Mode, OnDisconnect, Policies, RetryPolicy
 from gproxy.core.protocol import REQ, RES, PacketType, ProtocolError, build_packet
-from gproxy.core.retry import NothingHeld, Retrier, SendUpstream, Submit, Wakeup
+from gproxy.core.retry import NothingHeld, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
 from gproxy.core.session import (
     MAX_SILENCED,
     Command,
@@ -50,8 +50,9 @@ class Driven(Session):
         sent = self.passes_upstream(link, data)
         return (data if sent else b"") + self._split(super().from_upstream(link, data, now, sent), to_gearmand=False)
 
-    def link_closed(self, link: UpstreamLink) -> bytes:  # type: ignore[override]
-        return self._split(super().link_closed(link), to_gearmand=False)
+    def link_closed(self, link: UpstreamLink) -> bytes:
+        """gearmand connection `link` was lost (a reset)."""
+        return self._split(self.link_ended(link, ConnectionResetError("reset")), to_gearmand=False)
 
     def _split(self, commands: list[Command], to_gearmand: bool) -> bytes:
         forwarded = []
@@ -929,3 +930,14 @@ def test_no_timeout_fires_once_the_worker_has_left_and_reset_abilities_forgets_i
     assert other.deadlines.any_registered
     other.from_downstream(req(P.RESET_ABILITIES), now=0.0)
     assert not other.deadlines.any_registered
+
+
+def test_after_its_finish_a_pair_passes_on_only_the_retrier_s_actions_for_the_process() -> None:
+    """A held job of another pair may be woken by this pair's last event: its Wakeup,
+    Submit and RecheckBudget go on; nothing of this pair's own follows its Finish."""
+    session = Session("up", route=ROUTE, retrier=Retrier(Policies(FAST)))
+    assert session.stop() == [Finish("gproxy stopped", logging.DEBUG)]  # (it closes every connection)
+    process = [Wakeup(7, 1.0, 1), RecheckBudget(b"f", 0.5), Submit(ROUTE, 7, b"f", b"u", b"p", P.SUBMIT_JOB)]
+    own = [SendDownstream(b"late"), CallLater(Timer.LINGER, 1.0), SendUpstream(session.current, b"late")]
+    session.command(*own[:2], *process, own[2])
+    assert session.event_done() == process

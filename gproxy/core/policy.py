@@ -187,11 +187,10 @@ def classify(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> Verdict 
     text = exception_text(payload)
     if policy.fatal_marker and text.startswith(policy.fatal_marker):
         return None
-    window = text[:PATTERN_WINDOW]
-    if policy.fatal_on and matching(policy.fatal_on, window) is not None:
+    if policy.fatal_on and matching(policy.fatal_on, text) is not None:
         return None
     if not text.startswith(policy.exception_marker):
-        if policy.retry_on and (pattern := matching(policy.retry_on, window)) is not None:
+        if policy.retry_on and (pattern := matching(policy.retry_on, text)) is not None:
             return Verdict(Reason.PATTERN, pattern=pattern.pattern)
         return None
     hint = _HINT.match(text, len(policy.exception_marker))
@@ -214,10 +213,10 @@ def classify_retry(policy: RetryPolicy, ptype: PacketType, payload: bytes) -> tu
     return classify(policy, ptype, payload), (ptype, payload)
 
 
-def matching(patterns: tuple[re.Pattern[bytes], ...], window: bytes) -> re.Pattern[bytes] | None:
-    """The first of `patterns` found anywhere in `window`."""
+def matching(patterns: tuple[re.Pattern[bytes], ...], text: bytes) -> re.Pattern[bytes] | None:
+    """The first of `patterns` found in the first PATTERN_WINDOW bytes of `text`."""
     for pattern in patterns:
-        if pattern.search(window) is not None:
+        if pattern.search(text, 0, PATTERN_WINDOW) is not None:
             return pattern
     return None
 

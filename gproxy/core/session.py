@@ -263,11 +263,6 @@ class Session:
         """May `data` from gearmand on `link` go on before the Session sees it? (Forwarding.upstream)"""
         return self.forwarding.upstream(data, link, link is self.current and not self.worker_gone)
 
-    def unfinished(self, link: UpstreamLink | None = None) -> int:
-        """Bytes of an unfinished frame from the worker (or from gearmand on `link`): at an
-        EOF, non-zero means that side left in the middle of a packet."""
-        return self.downstream.buffered if link is None else link.framer.buffered
-
     def retire_if_idle(self, link: UpstreamLink) -> bool:
         """The Retrier holds nothing more on `link`: True if it is a retired link that may
         close now (it is forgotten here)."""
@@ -316,15 +311,10 @@ class Session:
         actions += retrier.worker_left(link, self.route, originals, now, ran=not assigned_late)
         return actions
 
-    def link_closed(self, link: UpstreamLink) -> list[Command]:
-        """`link`'s connection is gone: gearmand requeues whatever it still held. The worker
-        is owed what will not come now: NO_JOB for each grab still open on a connection it
-        was moved off."""
-        self.forget(link)
-        return self.event_done()
-
     def forget(self, link: UpstreamLink) -> None:
-        """link_closed, within an event (Connections: the link's connection closes)."""
+        """`link`'s connection is gone (Connections): gearmand requeues whatever it still
+        held. The worker is owed what will not come now: NO_JOB for each grab still open on
+        a connection it was moved off."""
         if link in self.retired:
             self.retired.remove(link)
             if not self.worker_gone and link.grabs_pending:
