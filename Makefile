@@ -2,16 +2,16 @@
 # Debian machine: the real Gearman peers and job servers (the C gearmand, /usr/sbin/gearmand,
 # and gearman-server's Perl Gearman::Server, /usr/bin/gearmand), Prometheus (server and
 # promtool, for the alert rule tests and the live dashboard test), systemd (systemd-analyze,
-# to verify the unit) and iproute2 (ip and tc, for the network partition test, which also
-# needs root) from Debian's packages, and a venv with the project.
+# to verify the unit), iproute2 (ip and tc, for the network partition test, which also
+# needs root) and haproxy (the TLS terminator of the TLS tests, and the benchmark's baseline)
+# from Debian's packages, and a venv with the project.
 
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2
-BENCH_APT_PACKAGES := haproxy
+APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl libio-socket-ssl-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2 haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo bench chaos fuzz system-deps bench-deps apt-install clean
+.PHONY: test demo bench chaos fuzz system-deps apt-install clean
 
 test: system-deps $(VENV)/.installed
 	$(VENV)/bin/ruff check gproxy
@@ -21,7 +21,7 @@ test: system-deps $(VENV)/.installed
 demo: system-deps $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
 
-bench: system-deps bench-deps $(VENV)/.installed
+bench: system-deps $(VENV)/.installed
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 # The chaos tier's long run (tests/chaos): `make chaos SECONDS=600 SEED=1`
@@ -35,9 +35,6 @@ fuzz: system-deps $(VENV)/.installed
 
 system-deps:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
-
-bench-deps:
-	@$(MAKE) --no-print-directory apt-install PACKAGES="$(BENCH_APT_PACKAGES)"
 
 # Installs only what is missing, so a prepared machine pays nothing.
 apt-install:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dataplane_relay import Forward  # noqa: E402
 
 from gproxy.config import Address, Route  # noqa: E402
+from gproxy.handshake import Transport  # noqa: E402
 from gproxy.dataplane import DataPlane  # noqa: E402
 from gproxy.core.metrics import Metrics  # noqa: E402
 from gproxy.pair import Pair, PairSet  # noqa: E402
@@ -61,7 +62,7 @@ def per_read_us(kind: str, script: list[tuple[str, bytes]]) -> float:
         retrier = Retrier(Policies(), metrics=metrics)
         pair = Pair("bench", Session("up", route=ROUTE, retrier=retrier, metrics=metrics), plane,
                     SimpleNamespace(post=lambda item: None), PairSet())  # type: ignore[arg-type]
-        pair.start(worker, "worker", upstream)
+        pair.start(Transport(worker), "worker", Transport(upstream))
     else:
         forward = Forward()
         a, b = plane.add(worker, forward, "worker"), plane.add(upstream, forward, "gearmand")

@@ -1,6 +1,9 @@
 """The accept side: every route's listeners, accepting workers, and opening their pairs.
 
-A worker accepted is connected to the route's gearmand before it becomes a pair; a worker
+A worker accepted on a route with `listen_tls` shakes hands first (a worker that fails to
+is closed with one WARNING naming it and why, and counted in
+gproxy_tls_handshake_failures_total; one that closes before sending a byte, a port probe, is
+no failure). It is connected to the route's gearmand before it becomes a pair; a worker
 whose gearmand cannot be reached is closed with its reason, as a pair's close line. accept()
 failing for want of gproxy's own file descriptors or memory is counted, warned of at most
 once a minute, and tried again shortly; workers wait in the backlog meanwhile. A drain stops
@@ -17,11 +20,13 @@ from typing import Final
 
 import trio
 
-from .config import Address, Route
+from .config import Address, Config, Route
 from .core.fields import about, pair_fields, pair_name
 from .core.limits import cannot_connect, own_exhaustion
 from .core.metrics import Metrics
+from .core.tls_refusals import ClosedBeforeHandshake, HandshakeFailed
 from .dialer import Dialer
+from .handshake import Transport, handshake
 
 log = logging.getLogger("gproxy.control")
 pair_logger = logging.getLogger("gproxy.pair")
@@ -36,16 +41,20 @@ _ACCEPT_RETRY: Final = {
     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 }
 
-StartPair = Callable[[dict[str, str], socket.socket, str, socket.socket, Route], None]
-"""Make a pair of (name, worker socket, peer address, gearmand socket, route) and start it."""
+StartPair = Callable[[dict[str, str], Transport, str, Transport, Route], None]
+"""Make a pair of (its log fields, the worker's connection, its address, gearmand's
+connection, route) and start it."""
 
 
 class Acceptor:
     """Listens on `routes`; each worker accepted, once connected to gearmand, goes to
     `start_pair`."""
 
-    def __init__(self, routes: tuple[Route, ...], metrics: Metrics, dialer: Dialer, start_pair: StartPair) -> None:
-        self._routes, self._metrics, self._dialer, self._start_pair = routes, metrics, dialer, start_pair
+    def __init__(
+        self, running: Callable[[], Config], metrics: Metrics, dialer: Dialer, start_pair: StartPair,
+    ) -> None:
+        self._running, self._metrics, self._dialer, self._start_pair = running, metrics, dialer, start_pair
+        self._routes = running().routes
         self.addresses: list[Address] = []
         """Where each route listens, in order (its port, if it asked for port 0)."""
         self._bound: list[tuple[Route, list[trio.SocketListener]]] = []
@@ -121,21 +130,38 @@ class Acceptor:
     async def _open_pair(self, worker: socket.socket, peer: str, route: Route) -> None:
         fields = pair_fields(peer, _address(worker.getsockname()), str(route.upstream))
         name = pair_name(fields)
+        secured: Transport | None = None
         try:
-            upstream = await self._dialer.socket(route)
+            if (tls := self._running().tls_of(route).listen) is None:
+                secured = Transport(worker)
+            else:
+                secured = Transport(worker, await handshake(worker, tls.context))
+            upstream = await self._dialer.transport(route)
         except (OSError, trio.TooSlowError) as exc:
-            pair_logger.warning(
-                "%s: closed: %s", name, cannot_connect(exc),
-                extra=about(**fields, reason=cannot_connect(exc)),
-            )
+            if isinstance(exc, HandshakeFailed) and secured is None:
+                self._refused(name, fields, route, exc)
+            else:
+                pair_logger.warning(
+                    "%s: closed: %s", name, cannot_connect(exc),
+                    extra=about(**fields, reason=cannot_connect(exc)),
+                )
             worker.close()
             return
         try:
-            self._start_pair(fields, worker, peer, upstream, route)
+            self._start_pair(fields, secured, peer, upstream, route)
         except Exception:  # (a task of the process's nursery: nothing may escape it)
             pair_logger.exception("%s: closed: internal error", name, extra=about(**fields, reason="internal error"))
             worker.close()
-            upstream.close()
+            upstream.sock.close()
+
+    def _refused(self, name: str, fields: dict[str, str], route: Route, exc: HandshakeFailed) -> None:
+        """The worker's handshake failed: one line (a WARNING, unless it sent nothing at all)."""
+        reason = f"TLS handshake failed: {exc}"
+        if isinstance(exc, ClosedBeforeHandshake):
+            pair_logger.info("%s: closed: %s", name, exc, extra=about(**fields, reason=str(exc)))
+            return
+        self._metrics.tls_handshake_failures.labels("downstream", str(route.listen)).inc()
+        pair_logger.warning("%s: closed: %s", name, reason, extra=about(**fields, reason=reason))
 
 
 def _address(peer: tuple[str, int]) -> str:

@@ -151,6 +151,11 @@ def check_config_command(argv: Sequence[str]) -> int:
     print(f"{args.file}: ok")
     for route in config.routes:
         print(f"route: listen {route.listen} -> gearmand {route.upstream}")
+        tls = config.tls_of(route)
+        for side, settings in (("listen_tls", tls.listen), ("upstream_tls", tls.upstream)):
+            if settings is not None:  # (the files loaded: check-config has read them)
+                named = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "context"}
+                print(f"  {side}: " + ", ".join(f"{k} = {_toml(v)}" for k, v in named.items() if v is not None))
     if config.metrics_listen is not None:
         print(f"metrics: {config.metrics_listen} (admin POSTs {'on' if config.admin else 'off'})")
     print("[upstream_keepalive]:")

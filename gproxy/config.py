@@ -6,6 +6,7 @@ listens rather than misbehaving later.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +15,7 @@ from typing import Any, Final
 from .core.metrics import DEFAULT_MAX_FUNCTIONS
 from .core.policy import FinalException, Mode, OnDisconnect, Policies, Priority, RetryPolicy
 from .core.protocol import DEFAULT_MAX_PACKET_SIZE
+from .tls import PLAIN, CertificateError, ListenTls, RouteTls, UpstreamTls, client_context, server_context
 
 DEFAULT_LISTEN = "127.0.0.1:4730"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -21,10 +23,12 @@ LOG_FORMATS = ("text", "json")
 _TOP_LEVEL_KEYS = {
     "listen", "upstream", "metrics_listen", "metrics_max_functions", "max_packet_size",
     "log_level", "log_format", "routes", "retry", "functions", "shutdown_grace_period", "admin",
-    "upstream_keepalive",
+    "upstream_keepalive", "listen_tls", "upstream_tls",
 }
 DEFAULT_SHUTDOWN_GRACE_PERIOD = 25.0
-_ROUTE_KEYS = {"listen", "upstream"}
+_ROUTE_KEYS = {"listen", "upstream", "listen_tls", "upstream_tls"}
+_LISTEN_TLS_KEYS = ("cert", "key", "client_ca")
+_UPSTREAM_TLS_KEYS = ("ca", "cert", "key", "server_name")
 
 
 class ConfigError(Exception):
@@ -99,11 +103,16 @@ class Config:
     admin: bool = False
     """The metrics listener also takes the POSTs that steer held retries (unauthenticated)."""
     upstream_keepalive: Keepalive = Keepalive()
+    tls: dict[Route, RouteTls] = field(default_factory=dict)
+    """The routes that speak TLS on either side, and how (their certificates loaded)."""
+
+    def tls_of(self, route: Route) -> RouteTls:
+        return self.tls.get(route, PLAIN)
 
 
-LIVE: Final = frozenset({"policies", "log_level", "log_format", "shutdown_grace_period"})
-"""What a reload changes in a running gproxy (the retry keys are `policies`): the rest is
-bound to sockets, listeners or label sets made at start."""
+LIVE: Final = frozenset({"policies", "log_level", "log_format", "shutdown_grace_period", "tls"})
+"""What a reload changes in a running gproxy (the retry keys are `policies`; `tls` applies
+to the next handshakes): the rest is bound to sockets, listeners or label sets made at start."""
 _KEYS_OF: Final = {"policies": "retry or functions", "routes": "listen, upstream or routes"}
 
 
@@ -142,8 +151,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     unknown = sorted(set(settings) - _TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+    routes, tls = _routes(settings, os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd())
     return Config(
-        routes=_routes(settings),
+        routes=routes,
+        tls=tls,
         metrics_listen=(
             parse_address(settings["metrics_listen"], "metrics_listen", port_zero_ok=True)
             if settings.get("metrics_listen")
@@ -212,12 +223,14 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def _routes(settings: dict[str, Any]) -> tuple[Route, ...]:
+def _routes(settings: dict[str, Any], base: str) -> tuple[tuple[Route, ...], dict[Route, RouteTls]]:
+    """The routes, and the TLS of those that have any (files relative to `base`)."""
     if "routes" not in settings:
         if "upstream" not in settings:
             raise ConfigError("upstream: required (the gearmand to proxy to, HOST:PORT)")
-        return (_route(settings, "", default_listen=DEFAULT_LISTEN),)
-    for key in ("listen", "upstream"):
+        route = _route(settings, "", default_listen=DEFAULT_LISTEN)
+        return (route,), _tls_by_route([(route, _route_tls(settings, "", route, base))])
+    for key in ("listen", "upstream", "listen_tls", "upstream_tls"):
         if key in settings:
             raise ConfigError(
                 f"{key}: cannot be combined with [[routes]]; give each route its own {key}"
@@ -231,14 +244,70 @@ def _routes(settings: dict[str, Any]) -> tuple[Route, ...]:
         if route.listen in seen and route.listen.port != 0:
             raise ConfigError(f"routes[{i}].listen: {route.listen} is already used by another route")
         seen.add(route.listen)
-    return routes
+    return routes, _tls_by_route(
+        [(route, _route_tls(table, f"routes[{i}].", route, base)) for i, (route, table) in enumerate(zip(routes, tables, strict=True))]
+    )
+
+
+def _tls_by_route(pairs: list[tuple[Route, RouteTls]]) -> dict[Route, RouteTls]:
+    return {route: tls for route, tls in pairs if tls != PLAIN}
+
+
+def _route_tls(table: dict[str, Any], prefix: str, route: Route, base: str) -> RouteTls:
+    listen, upstream = table.get("listen_tls"), table.get("upstream_tls")
+    return RouteTls(
+        listen=None if listen is None else _listen_tls(_tls_table(listen, f"{prefix}listen_tls", _LISTEN_TLS_KEYS, base)),
+        upstream=(
+            None if upstream is None
+            else _upstream_tls(_tls_table(upstream, f"{prefix}upstream_tls", _UPSTREAM_TLS_KEYS, base), route)
+        ),
+    )
+
+
+def _tls_table(value: Any, name: str, known: tuple[str, ...], base: str) -> tuple[str, dict[str, str]]:
+    """(name, its settings): every one a non-empty string; file paths made absolute."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a table with {', '.join(known)}")
+    settings = {}
+    for key, setting in value.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown TLS setting (known: {', '.join(known)})")
+        if not isinstance(setting, str) or not setting:
+            raise ConfigError(f"{name}.{key}: expected a non-empty string, got {setting!r}")
+        settings[key] = setting if key == "server_name" else os.path.join(base, setting)
+    if "key" in settings and "cert" not in settings:
+        raise ConfigError(f"{name}.key: given without cert (the certificate the key belongs to)")
+    return name, settings
+
+
+def _listen_tls(named: tuple[str, dict[str, str]]) -> ListenTls:
+    name, settings = named
+    if "cert" not in settings:
+        raise ConfigError(f"{name}.cert: required (gproxy's certificate for workers, PEM)")
+    cert, key, client_ca = settings["cert"], settings.get("key"), settings.get("client_ca")
+    try:
+        context = server_context(cert, key, client_ca)
+    except CertificateError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return ListenTls(cert=cert, key=key, client_ca=client_ca, context=context)
+
+
+def _upstream_tls(named: tuple[str, dict[str, str]], route: Route) -> UpstreamTls:
+    name, settings = named
+    ca, cert, key = settings.get("ca"), settings.get("cert"), settings.get("key")
+    try:
+        context = client_context(ca, cert, key)
+    except CertificateError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    server_name = settings.get("server_name", route.upstream.host)
+    return UpstreamTls(server_name=server_name, ca=ca, cert=cert, key=key, context=context)
 
 
 def _route(table: dict[str, Any], prefix: str, default_listen: str | None = None) -> Route:
     if prefix:
         unknown = sorted(set(table) - _ROUTE_KEYS)
         if unknown:
-            raise ConfigError(f"{prefix}{unknown[0]}: unknown route setting (known: listen, upstream)")
+            raise ConfigError(f"{prefix}{unknown[0]}: unknown route setting (known: {', '.join(sorted(_ROUTE_KEYS))})")
     for key in ("listen", "upstream"):
         if key not in table and not (key == "listen" and default_listen):
             raise ConfigError(f"{prefix}{key}: required")

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
 from .config import Keepalive
+from .core.tls_refusals import TlsError
+from .handshake import TlsSession, describe
 
 _INT_MAX = 2**31 - 1
+_RECORDS: Final = 65536
+"""Ciphertext read at once by a TLS connection."""
 
 
 class Connection:
@@ -88,6 +94,48 @@ class Connection:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+
+class TlsConnection(Connection):
+    """A Connection whose peer speaks TLS (its handshake done): the same promises, plaintext
+    in and out."""
+
+    def __init__(self, sock: socket.socket, session: TlsSession, peer: tuple[str, int] | None = None) -> None:
+        super().__init__(sock, peer)
+        self._tls, self._incoming, self._outgoing = session.tls, session.incoming, session.outgoing
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Raises a TlsError if TLS fails (the peer refused something of ours, or sent garbage)."""
+        while True:
+            try:
+                return self._tls.read(max_bytes)  # (b"": the peer's close_notify)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLError as exc:
+                raise TlsError(describe(exc)) from None
+            if self._outgoing.pending:  # (post-handshake messages: a key update's answer)
+                await super().send_all(self._outgoing.read())
+            records = await super().receive(_RECORDS)
+            if not records:
+                return b""
+            self._incoming.write(records)
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            raise TlsError(describe(exc)) from None
+        await super().send_all(self._outgoing.read())  # (no checkpoint since the write: in order)
+
+    def send_eof(self) -> None:
+        """A close_notify, then the TCP half-close."""
+        with contextlib.suppress(ssl.SSLError):  # (SSLWantReadError: sent; the peer's is not waited for)
+            self._tls.unwrap()
+        with contextlib.suppress(OSError):
+            self.sock.send(self._outgoing.read())
+        super().send_eof()
 
 
 def set_keepalive(sock: socket.socket, keepalive: Keepalive) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import socket
 from collections.abc import Sequence
 from functools import partial
 
@@ -37,6 +36,7 @@ from .core.session import Session, UpstreamLink
 from .dataplane import DataPlane
 from .dialer import Dialer
 from .drain_wait import DrainWait
+from .handshake import Transport
 from .http_endpoint import bind_http, serve_http
 from .memory import Trimmer
 from .pair import Connect, Ended, ForAnother, Pair, PairSet, PairTimer, Posted
@@ -78,8 +78,8 @@ class Proxy:
         self.scraped = ProxyState(self.pairs, self.retrier, self._retry_clients, trio.current_time)
         """What a scrape reads: the pairs, the Retrier and the retry clients, never a copy."""
         self.metrics.read_from(self.scraped)
-        self.dialer = Dialer(self.metrics, config.upstream_keepalive)
-        self.acceptor = Acceptor(config.routes, self.metrics, self.dialer, self._start_pair)
+        self.dialer = Dialer(self.metrics, lambda: self.config)
+        self.acceptor = Acceptor(lambda: self.config, self.metrics, self.dialer, self._start_pair)
         self.supervisor = Supervisor(self.pairs)
         self.reloader = Reloader(source or ConfigSource(), lambda: self.config, self.reconfigure, self.metrics)
         self.operator = Steering(config.admin, self.retrier, self.perform, self.supervisor, self.reloader.reload)
@@ -89,6 +89,10 @@ class Proxy:
         for route in config.routes:  # (series from the start, for rates and alerts)
             self.metrics.retry_connection_up.labels(str(route.upstream)).set(1)
             self.metrics.retry_reconnects.labels(str(route.upstream))
+            if config.tls_of(route).listen is not None:
+                self.metrics.tls_handshake_failures.labels("downstream", str(route.listen))
+            if config.tls_of(route).upstream is not None:
+                self.metrics.tls_handshake_failures.labels("upstream", str(route.upstream))
         self._trimmer = Trimmer()
         self._nursery: trio.Nursery | None = None
         self._posted: collections.deque[Posted] = collections.deque()
@@ -104,6 +108,7 @@ class Proxy:
         differs from the running one)."""
         self.retrier.reconfigure(config.policies)
         self.config = config
+        self.dialer.forget_refusals()
 
     @property
     def listen_addresses(self) -> list[Address]:
@@ -167,13 +172,11 @@ class Proxy:
         self.acceptor.stop()
         await self._drain_wait.wait(grace_period)
 
-    def _start_pair(
-        self, fields: dict[str, str], worker: socket.socket, peer: str, upstream: socket.socket, route: Route
-    ) -> None:
+    def _start_pair(self, fields: dict[str, str], worker: Transport, peer: str, upstream: Transport, route: Route) -> None:
         assert self.plane is not None
         name = pair_name(fields)
         session = Session(
-            f"{upstream.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
+            f"{upstream.sock.getsockname()[1]}->{route.upstream}", self.config.max_packet_size,
             retrier=self.retrier, route=route, metrics=self.metrics, traits=self._traits[route], name=name, drain=self.drain,
             log_fields=fields,
         )
@@ -274,11 +277,11 @@ class Proxy:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
         pair = connect.pair
         try:
-            sock = await self.dialer.socket(pair.route)
+            upstream = await self.dialer.transport(pair.route)
         except (OSError, trio.TooSlowError) as exc:
             return pair.link_failed(connect.link, cannot_connect(exc, fresh=True))
         with self.supervisor.supervised("move to a fresh gearmand connection", [connect.link]):
-            pair.link_connected(connect.link, sock)
+            pair.link_connected(connect.link, upstream)
 
     def _retry_timer(self, wakeup: Wakeup) -> None:
         what = f"retry timer of {self.retrier.describe(wakeup.key)}"

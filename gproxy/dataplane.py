@@ -29,11 +29,14 @@ import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import trio
 
 from .core.fields import about
+
+if TYPE_CHECKING:
+    from .handshake import TlsSession
 
 log = logging.getLogger("gproxy.dataplane")
 
@@ -68,12 +71,14 @@ class Endpoint:
     """One connected socket of the data plane, and what waits to be written to it."""
 
     __slots__ = ("_eof_pending", "_mask", "_out", "_plane", "buffered", "closed", "ended", "error", "fd", "handler",
-                 "peer", "reading", "shut", "sock", "watched")
+                 "peer", "reading", "receive", "shut", "sock", "watched")
 
     def __init__(self, plane: DataPlane, sock: socket.socket, handler: Handler, peer: str) -> None:
         self._plane = plane
         self.sock = sock
         self.fd = sock.fileno()
+        self.receive: Callable[[int], bytes] = sock.recv
+        """What the loop reads with: the socket's recv, or a TLS endpoint's decrypting one."""
         self.handler = handler
         self.peer = peer
         self.reading = True
@@ -229,10 +234,16 @@ class DataPlane:
     def __len__(self) -> int:
         return len(self._endpoints)
 
-    def add(self, sock: socket.socket, handler: Handler, peer: str) -> Endpoint:
-        """Take over a connected socket: from now on only this loop reads and writes it."""
+    def add(self, sock: socket.socket, handler: Handler, peer: str, tls: TlsSession | None = None) -> Endpoint:
+        """Take over a connected socket (with `tls`: whose handshake is done): from now on
+        only this loop reads and writes it."""
         sock.setblocking(False)
-        endpoint = Endpoint(self, sock, handler, peer)
+        if tls is None:
+            endpoint = Endpoint(self, sock, handler, peer)
+        else:
+            from .tls_endpoint import TlsEndpoint  # (it is an Endpoint: imported once this module is)
+
+            endpoint = TlsEndpoint(self, sock, handler, peer, tls)
         self._endpoints[endpoint.fd] = endpoint
         self._epoll.register(endpoint.fd, _READ)
         return endpoint
@@ -262,7 +273,7 @@ class DataPlane:
                 if (endpoint.reading and mask & read) or (mask & broken and not endpoint.ended):
                     # (a hang-up is read even while paused: its EOF or error)
                     try:
-                        data = endpoint.sock.recv(RECEIVE_SIZE)
+                        data = endpoint.receive(RECEIVE_SIZE)
                     except BlockingIOError:
                         continue
                     except OSError as exc:

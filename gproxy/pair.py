@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +27,7 @@ from .core.protocol import ProtocolError
 from .core.retry import NothingHeld, RecheckBudget, SendUpstream, Submit, Wakeup
 from .core.session import Command, Session, UpstreamLink
 from .dataplane import HIGH_WATER, DataPlane, Endpoint
+from .handshake import Transport
 
 log = logging.getLogger("gproxy.pair")
 
@@ -132,10 +132,10 @@ class Pair:
         """The open gearmand connections' sockets, by the Session's name for them."""
         self._link_of: dict[Endpoint, UpstreamLink] = {}
 
-    def start(self, worker: socket.socket, peer: str, upstream: socket.socket) -> None:
-        """Take over the worker's socket and its first gearmand connection's."""
+    def start(self, worker: Transport, peer: str, upstream: Transport) -> None:
+        """Take over the worker's connection and its first gearmand connection."""
         self._pairs.add(self)
-        self.worker = self._plane.add(worker, self, peer)
+        self.worker = self._plane.add(worker.sock, self, peer, worker.tls)
         self._attach(self.session.current, upstream)
 
     @property
@@ -201,9 +201,9 @@ class Pair:
 
     # -- the control plane's answers
 
-    def link_connected(self, link: UpstreamLink, sock: socket.socket) -> None:
+    def link_connected(self, link: UpstreamLink, upstream: Transport) -> None:
         """The connection an OpenUpstream asked for."""
-        self._attach(link, sock)
+        self._attach(link, upstream)
         self.execute(self.session.link_opened(link))
 
     def link_failed(self, link: UpstreamLink, why: str) -> None:
@@ -298,8 +298,8 @@ class Pair:
             else:
                 endpoint.resume()
 
-    def _attach(self, link: UpstreamLink, sock: socket.socket) -> None:
-        endpoint = self._plane.add(sock, self, f"gearmand via {link.name}")
+    def _attach(self, link: UpstreamLink, upstream: Transport) -> None:
+        endpoint = self._plane.add(upstream.sock, self, f"gearmand via {link.name}", upstream.tls)
         self._endpoints[link] = endpoint
         self._link_of[endpoint] = link
 

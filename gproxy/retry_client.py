@@ -35,6 +35,7 @@ from .core.protocol import DEFAULT_MAX_PACKET_SIZE
 from .core.reconnect import Failure, Reconnects, Recovered, Report
 from .core.retry import Action, Retrier, Submit
 from .core.submitter import HELLO, Broken, Created, Event, JobPacket, Refused, Silence, Submitter, TooLarge
+from .core.tls_refusals import TlsError
 
 log = logging.getLogger("gproxy.retry")
 RECEIVE_SIZE = 65536
@@ -105,7 +106,8 @@ class RetryClient:
             try:
                 connection = await self._connect()
             except (OSError, trio.TooSlowError) as exc:
-                await self._pause(self.reconnects.failed(trio.current_time()), f": cannot connect ({str(exc) or 'timed out'})")
+                why = f"TLS handshake failed: {exc}" if isinstance(exc, TlsError) else str(exc) or "timed out"
+                await self._pause(self.reconnects.failed(trio.current_time()), f": cannot connect ({why})")
                 continue
             self.reconnects.connected(trio.current_time())
             self._connection, self._submitter = connection, Submitter(self._max_packet_size)

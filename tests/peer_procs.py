@@ -39,6 +39,7 @@ PYCLIENT = PEERS_DIR / "pyclient.py"
 PYBURST = PEERS_DIR / "pyburst.py"
 PYJOBS = PEERS_DIR / "pyjobs.py"
 PERLWORKER = PEERS_DIR / "worker.pl"
+PERLCLIENT = PEERS_DIR / "client.pl"
 PHPWORKER = PEERS_DIR / "worker.php"
 PYTHON = sys.executable  # the venv that has pygearman
 GEARMAN_CLI = "gearman"
@@ -280,6 +281,7 @@ def start_perlworker(
     log_dir: Path | None = None,
     timeouts: Mapping[str, str] | None = None,
     chaos: bool = False,
+    tls: Mapping[str, Path] | None = None,
 ) -> PeerProcess:
     """Start tests/peers/worker.pl (Perl Gearman::Worker, plain GRAB_JOB); wait for `ready`.
 
@@ -287,8 +289,11 @@ def start_perlworker(
     `timeouts` {function: value} registers those functions with CAN_DO_TIMEOUT `function\\0value`
     (the value is sent verbatim; gearmand 1.1.20 reads milliseconds, at least 1000).
     chaos=True also registers the chaos functions (chaos_log(state_dir)).
+    `tls` {"ca": ..., "cert": ..., "key": ...} (any of them, or none: {}) connects over TLS.
     """
     argv = _worker_argv([PERL, str(PERLWORKER)], address, client_id, echo, state_dir)
+    if tls is not None:
+        argv += ["--tls", *(arg for key, path in tls.items() for arg in (f"--tls-{key}", str(path)))]
     for function, value in (timeouts or {}).items():
         argv += ["--timeout", f"{function}={value}"]
     if chaos:
@@ -569,6 +574,24 @@ def run_pyclient(*args: Any, **kwargs: Any) -> ClientRun:
     background handle); `.report` is the parsed JSON line (state, data_updates,
     warning_updates, status, exception, exception_updates, stray_nul_fail, ended_by...)."""
     return start_pyclient(*args, **kwargs).result()
+
+
+def run_perlclient(
+    address: Address, function: str, payload: str, *, unique: str | None = None,
+    tls: Mapping[str, Path] | None = None, timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Run tests/peers/client.pl (Perl Gearman::Client) to the job's end: its JSON line
+    ({"state": "complete"|"fail", "result": ...}), with "exit" its exit code. `tls` as for
+    start_perlworker."""
+    argv = [PERL, str(PERLCLIENT), address_str(address), function, payload, "--timeout", str(timeout)]
+    if unique is not None:
+        argv += ["--unique", unique]
+    if tls is not None:
+        argv += ["--tls", *(arg for key, path in tls.items() for arg in (f"--tls-{key}", str(path)))]
+    done = subprocess.run(argv, capture_output=True, timeout=timeout + 10, check=False)
+    lines = [line for line in done.stdout.decode("utf-8", "replace").splitlines() if line.startswith("{")]
+    report: dict[str, Any] = json.loads(lines[-1]) if lines else {"stderr": done.stderr.decode("utf-8", "replace")}
+    return {**report, "exit": done.returncode}
 
 
 def run_cli_client(

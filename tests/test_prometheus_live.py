@@ -11,6 +11,7 @@ counters must equal what the test drove.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -34,6 +35,7 @@ import pytest
 from gproxy.config import Address, Config, Route
 from gproxy.core.protocol import REQ, RES, PacketType, build_packet
 from gproxy.core.policy import Mode, Policies, RetryPolicy
+from gproxy.tls import ListenTls, RouteTls, server_context
 from tests.fault_relay import FaultRelay
 from tests.gearmand import Gearmand, find_free_port, wait_for
 from tests.peer_procs import (
@@ -41,6 +43,7 @@ from tests.peer_procs import (
     start_pyworker,
 )
 from tests.proxy_thread import ProxyThread
+from tests.tls_files import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "gproxy-dashboard.json"
@@ -154,7 +157,8 @@ WARMED_UP = {
 
 
 def drive_the_workload(
-    gearmand: Gearmand, proxy: ProxyThread, dead_route: Address, tmp_path: Path, scraped: Callable[[], None]
+    gearmand: Gearmand, proxy: ProxyThread, dead_route: Address, tls_route: Address, tmp_path: Path,
+    scraped: Callable[[], None],
 ) -> None:
     def sample(name: str, **labels: str) -> float | None:
         assert proxy.proxy is not None
@@ -205,6 +209,10 @@ def drive_the_workload(
             bad.recv(1)
     with socket.create_connection((dead_route.host, dead_route.port)) as lost:  # gearmand down
         lost.recv(1)
+    with socket.create_connection(tls_route.host_port) as plain:  # plain text to a TLS port
+        plain.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"in clear"))
+        with contextlib.suppress(ConnectionResetError):  # (closed with the packet unread)
+            plain.recv(1)
     # gproxy out of file descriptors (this process's: gproxy runs in a thread here): a worker
     # waits to be accepted, each accept() that fails is counted, and it is served once there
     # is room again.
@@ -293,8 +301,14 @@ def test_every_panel_and_rule_expression_returns_data(
         Route(Address("127.0.0.1", 0), Address(*gearmand.address)),
         Route(Address("127.0.0.1", 0), Address("127.0.0.1", dead)),
         Route(Address("127.0.0.1", 0), Address(*relay.address)),
+        Route(Address("127.0.0.1", 0), Address("localhost", gearmand.address[1])),  # workers speak TLS
     )
-    config = Config(routes=routes, policies=policies, metrics_listen=Address("127.0.0.1", 0))
+    pki = make_pki(tmp_path / "pki")
+    listen_tls = ListenTls(cert=str(pki.server.both), context=server_context(str(pki.server.both), None, None))
+    config = Config(
+        routes=routes, policies=policies, metrics_listen=Address("127.0.0.1", 0),
+        tls={routes[3]: RouteTls(listen=listen_tls)},
+    )
     caplog.set_level(logging.WARNING, "gproxy.retry")
     with relay, ProxyThread(config) as proxy, prometheus(tmp_path, proxy.proxy.metrics_address) as base:
         # A reload refused (this proxy has no config file to read again): the reload alert's data.
@@ -309,7 +323,9 @@ def test_every_panel_and_rule_expression_returns_data(
 
         # Counters must be seen before they grow, or rate() and increase() see no change.
         scraped()
-        drive_the_workload(gearmand, proxy, proxy.proxy.listen_addresses[1], tmp_path, scraped)
+        drive_the_workload(
+            gearmand, proxy, proxy.proxy.listen_addresses[1], proxy.proxy.listen_addresses[3], tmp_path, scraped,
+        )
         scraped()
 
         assert scalar(base, 'sum(gproxy_retries_total{function="flaky"})') == 2 * RETRIED_JOBS
@@ -336,6 +352,7 @@ def test_every_panel_and_rule_expression_returns_data(
         assert scalar(base, 'sum(gproxy_retries_observed_total{function="flaky_fail"})') == 3
         assert scalar(base, 'sum(gproxy_jobs_total{function="fatal",outcome="exception"})') == 3
         assert scalar(base, 'sum(gproxy_protocol_errors_total{reason="unknown_type"})') == PROTOCOL_ERRORS
+        assert scalar(base, 'sum(gproxy_tls_handshake_failures_total{side="downstream"})') == 1
         assert scalar(base, f'gproxy_upstream_up{{upstream="127.0.0.1:{dead}"}}') == 0
         # gproxy's own limit is not gearmand's: its route stayed up.
         assert (scalar(base, 'sum(gproxy_resource_exhausted_total{resource="file_descriptors"})') or 0) >= 1

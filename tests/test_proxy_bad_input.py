@@ -24,6 +24,7 @@ from gproxy.core.policy import Policies
 from gproxy.core.protocol import REQ, RES, Framer, Packet, PacketType, build_packet
 from gproxy.core.retry import Retrier
 from gproxy.core.session import Session, UpstreamLink
+from gproxy.handshake import Transport
 from gproxy.dataplane import DataPlane
 from gproxy.pair import Pair, PairSet, PairTimer
 
@@ -268,7 +269,7 @@ def test_a_pair_logs_its_close_before_it_closes_the_workers_connection() -> None
                 SimpleNamespace(post=lambda item: None), PairSet())  # type: ignore[arg-type]
     worker, worker_peer = socket.socketpair()
     upstream, upstream_peer = socket.socketpair()
-    pair.start(worker, "w", upstream)
+    pair.start(Transport(worker), "w", Transport(upstream))
     seen: list[bool] = []
 
     class Watch(logging.Handler):
@@ -297,7 +298,7 @@ def test_a_side_that_lingers_after_the_other_closed_is_cut_when_its_grace_period
                 SimpleNamespace(post=posted.append), PairSet())  # type: ignore[arg-type]
     worker, worker_peer = socket.socketpair()
     upstream, upstream_peer = socket.socketpair()
-    pair.start(worker, "w", upstream)
+    pair.start(Transport(worker), "w", Transport(upstream))
     try:
         worker_peer.shutdown(socket.SHUT_WR)  # the worker is done; gearmand's side stays open
         plane.poll(1.0)

@@ -13,6 +13,8 @@ import errno
 from collections.abc import Iterator
 from typing import Final
 
+from .tls_refusals import TlsError
+
 RESOURCES: Final = ("file_descriptors", "memory", "buffers", "local_ports")
 """The values of gproxy_resource_exhausted_total's `resource` label."""
 
@@ -84,4 +86,6 @@ def cannot_connect(exc: BaseException, gearmand: str = "gearmand", fresh: bool =
     limit if it is one (a ResourceExhausted), else gearmand unreachable."""
     if isinstance(exc, ResourceExhausted):
         return f"gproxy cannot open {'a fresh' if fresh else 'a'} connection to {gearmand}: {exc}"
+    if isinstance(exc, TlsError):
+        return f"{gearmand}{' (a fresh connection)' if fresh else ''}: TLS handshake failed: {exc}"
     return f"{gearmand} unreachable{' for a fresh connection' if fresh else ''}: {str(exc) or 'timed out'}"

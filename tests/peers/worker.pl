@@ -3,6 +3,11 @@
 #
 # Usage: worker.pl HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]
 #                  [--timeout FUNCTION=VALUE]... [--chaos]
+#                  [--tls [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]]
+#
+# --tls connects over TLS, as the library does it (job server { use_ssl => 1, ca_file,
+# cert_file, key_file }: IO::Socket::SSL, which checks the server's certificate against
+# ca_file and its name against HOST).
 #
 # Why this library: it sends plain GRAB_JOB, so gearmand answers JOB_ASSIGN (no unique);
 # it sends SET_CLIENT_ID before every CAN_DO; after a GRAB_JOB it waits only 0.5 s for the
@@ -87,8 +92,8 @@ my $JSON            = JSON::PP->new->canonical;
 my $chaos_attempts  = 0;
 
 my $USAGE = "usage: $0 HOST:PORT [--client-id ID] [--no-echo] [--state-dir DIR]"
-    . " [--timeout FUNCTION=VALUE]... [--chaos]\n";
-my ($client_id, $no_echo, $state_dir, $chaos);
+    . " [--timeout FUNCTION=VALUE]... [--chaos] [--tls [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]]\n";
+my ($client_id, $no_echo, $state_dir, $chaos, $tls, $tls_ca, $tls_cert, $tls_key);
 my %timeouts;
 GetOptions(
     "client-id=s" => \$client_id,
@@ -96,8 +101,24 @@ GetOptions(
     "state-dir=s" => \$state_dir,
     "timeout=s"   => \%timeouts,
     "chaos"       => \$chaos,
+    "tls"         => \$tls,
+    "tls-ca=s"    => \$tls_ca,
+    "tls-cert=s"  => \$tls_cert,
+    "tls-key=s"   => \$tls_key,
 ) or die $USAGE;
 my $address = shift @ARGV or die $USAGE;
+my $job_server = $address;
+if ($tls) {
+    my ($host, $port) = ($address =~ /^\[?(.*?)\]?:(\d+)$/) or die $USAGE;
+    $job_server = {
+        host    => $host,
+        port    => $port,
+        use_ssl => 1,
+        (defined $tls_ca   ? (ca_file   => $tls_ca)   : ()),
+        (defined $tls_cert ? (cert_file => $tls_cert) : ()),
+        (defined $tls_key  ? (key_file  => $tls_key)  : ()),
+    };
+}
 $state_dir //= tempdir("perlworker-state-XXXXXX", TMPDIR => 1, CLEANUP => 1);
 -d $state_dir or mkdir $state_dir or die "worker.pl: mkdir $state_dir: $!\n";
 
@@ -105,7 +126,7 @@ $SIG{TERM} = sub { exit 0 };
 STDOUT->autoflush(1);
 
 my $worker = Gearman::Worker->new(
-    job_servers => [$address],
+    job_servers => [$job_server],
     (defined $client_id ? (client_id => $client_id) : ()),
 );
 
