@@ -26,7 +26,7 @@ from .core.limits import cannot_connect, own_exhaustion
 from .core.metrics import Metrics
 from .core.tls_refusals import ClosedBeforeHandshake, HandshakeFailed
 from .dialer import Dialer
-from .handshake import Transport, handshake
+from .handshake import Transport, close_with_alert, handshake
 
 log = logging.getLogger("gproxy.control")
 pair_logger = logging.getLogger("gproxy.pair")
@@ -140,11 +140,12 @@ class Acceptor:
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, HandshakeFailed) and secured is None:
                 self._refused(name, fields, route, exc)
-            else:
-                pair_logger.warning(
-                    "%s: closed: %s", name, cannot_connect(exc),
-                    extra=about(**fields, reason=cannot_connect(exc)),
-                )
+                close_with_alert(worker, exc)
+                return
+            pair_logger.warning(
+                "%s: closed: %s", name, cannot_connect(exc),
+                extra=about(**fields, reason=cannot_connect(exc)),
+            )
             worker.close()
             return
         try:

@@ -30,7 +30,7 @@ from .core.limits import own_exhaustion
 from .core.metrics import Metrics
 from .core.protocol import REQ, RES, PacketType, build_packet
 from .core.tls_refusals import HandshakeFailed, HoldOff, TlsError
-from .handshake import Transport, handshake
+from .handshake import Transport, close_with_alert, handshake
 from .tls import UpstreamTls
 
 log = logging.getLogger("gproxy.control")
@@ -77,7 +77,10 @@ class Dialer:
             with trio.fail_after(CONNECT_TIMEOUT):
                 transport = await self._secure(sock, tls)
         except (trio.TooSlowError, HandshakeFailed) as exc:
-            sock.close()
+            if isinstance(exc, HandshakeFailed):
+                close_with_alert(sock, exc)
+            else:
+                sock.close()
             failure = exc if isinstance(exc, HandshakeFailed) else HandshakeFailed(
                 f"no TLS handshake and ECHO within {CONNECT_TIMEOUT:g}s", lasting=False
             )

@@ -66,8 +66,7 @@ async def handshake(
             except ssl.SSLWantReadError:
                 done = False
             except ssl.SSLError as exc:
-                _send_quietly(sock, outgoing.read())  # (the alert: the peer learns why)
-                raise HandshakeFailed(describe(exc), lasting=True) from None
+                raise HandshakeFailed(describe(exc), lasting=True, alert=outgoing.read()) from None
             await _send(sock, outgoing.read())
             if done:
                 return TlsSession(tls, incoming, outgoing)
@@ -128,7 +127,8 @@ async def _send(sock: socket.socket, data: bytes) -> None:
             raise HandshakeFailed(f"connection lost during the TLS handshake: {exc.strerror or exc}", lasting=False) from None
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    """Send what fits now; a peer that cannot take an alert learns nothing more."""
+def close_with_alert(sock: socket.socket, failed: HandshakeFailed) -> None:
+    """Close a connection whose handshake failed, telling the peer why if it can take it now."""
     with contextlib.suppress(OSError):
-        sock.send(data)
+        sock.send(failed.alert)
+    sock.close()

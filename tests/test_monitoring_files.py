@@ -462,6 +462,7 @@ def test_alert_rules_use_known_names_and_are_complete() -> None:
         "GproxyRetryStorm", "GproxyRetriesExhausted", "GproxyDeadLetters",
         "GproxyRetriesDeferred", "GproxyRetryCapRejections", "GproxyUpstreamDown",
         "GproxyProtocolErrors", "GproxyResourceExhausted", "GproxyRetryConnectionDown",
+        "GproxyConfigReloadFailed", "GproxyTlsHandshakeFailures",
     }
     assert re.search(r"^\s*- name: gproxy\s*$", ALERTS.read_text(), re.MULTILINE)
     tests = ALERT_TESTS.read_text()

@@ -6,10 +6,14 @@ shipped retry defaults unless a test says otherwise."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,14 +105,17 @@ def test_a_worker_without_a_certificate_from_the_client_ca_is_refused_with_one_w
             )
         with pytest.raises(RuntimeError, match="before printing 'ready'"):
             start_perlworker(proxy.address, state_dir=tmp_path, tls={"ca": pki.ca})
+        # (Each worker may try more than once: Gearman::Worker connects again after a failure.)
         refusals = [r for r in caplog.records if r.name == "gproxy.pair" and "TLS handshake failed" in r.getMessage()]
-        assert [r.levelno for r in refusals] == [logging.WARNING, logging.WARNING]
-        stranger, anonymous = (r.getMessage() for r in refusals)
-        assert stranger.startswith("peer 127.0.0.1:") and "certificate verify failed" in stranger, stranger
-        assert "certificate" in anonymous, anonymous
+        assert {r.levelno for r in refusals} == {logging.WARNING}
         fields = [r.fields for r in refusals]  # type: ignore[attr-defined]  # (a JSON line's fields)
-        assert all(f["peer"].startswith("127.0.0.1:") and f["reason"].startswith("TLS handshake failed: ") for f in fields)
-        assert handshake_failures(proxy, "downstream", ("127.0.0.1", 0)) == 2
+        assert len({f["peer"] for f in fields}) == len(refusals)  # one line per connection refused
+        assert all(r.getMessage().startswith(f"peer {f['peer']} (via ") for r, f in zip(refusals, fields, strict=True))
+        assert {f["reason"] for f in fields} == {
+            "TLS handshake failed: certificate verify failed: unable to get local issuer certificate",
+            "TLS handshake failed: peer did not return a certificate",
+        }
+        assert handshake_failures(proxy, "downstream", ("127.0.0.1", 0)) == len(refusals)
         # The worker that presented the right certificate serves on.
         assert run_pyclient(gearmand.address, "reverse", "still").stdout == b"llits"
 
@@ -233,3 +240,46 @@ def _read(connection: ssl.SSLSocket, size: int) -> bytes:
     while len(got) < size and (chunk := connection.recv(size - len(got))):
         got += chunk
     return got
+
+
+def test_the_gproxy_command_with_tls_on_both_sides_and_json_logs(
+    gearmand: Gearmand, mutual_terminator: Haproxy, pki: Pki, tmp_path: Path
+) -> None:
+    """The production path (the data plane as the process's main loop, trio its guest):
+    Perl worker and client over mutual TLS to gproxy, gproxy over mutual TLS to haproxy in
+    front of gearmand, a failure retried on the retry connection; a worker with a certificate
+    of another CA refused, its JSON line naming it and why."""
+    host, port = mutual_terminator.address
+    path = tmp_path / "gproxy.toml"
+    path.write_text(
+        f'listen = "127.0.0.1:0"\nupstream = "{host}:{port}"\nlog_format = "json"\n'
+        f'[listen_tls]\ncert = "{pki.server.cert}"\nkey = "{pki.server.key}"\nclient_ca = "{pki.ca}"\n'
+        f'[upstream_tls]\nca = "{pki.ca}"\ncert = "{pki.client.cert}"\nkey = "{pki.client.key}"\n'
+        '[retry]\nbackoff_initial = 0.05\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "gproxy", "--config", str(path)], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        listening = json.loads(proc.stderr.readline())
+        proxy = ("127.0.0.1", int(listening["via"].rsplit(":", 1)[1]))
+        worker_tls = {"ca": pki.ca, "cert": pki.client.cert, "key": pki.client.key}
+        with PeerSet() as peers:
+            peers.add(start_perlworker(proxy, state_dir=tmp_path, tls=worker_tls))
+            report = run_perlclient(proxy, "flaky", "1:command", unique="tls-command-1", tls=worker_tls)
+            assert report == {"state": "complete", "result": "ok after 2", "exit": 0}
+            with pytest.raises(RuntimeError, match="before printing 'ready'"):
+                start_perlworker(
+                    proxy, state_dir=tmp_path, tls={"ca": pki.ca, "cert": pki.stranger.cert, "key": pki.stranger.key},
+                )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    lines = [json.loads(line) for line in rest.splitlines()]
+    assert proc.returncode == 0
+    retried = [(line["function"], line.get("reason"), line["attempt"]) for line in lines if line["logger"] == "gproxy.retry"]
+    assert retried == [("flaky", "exception", 2), ("flaky", None, 2)]  # retrying; then it succeeded
+    refused = [line for line in lines if line["level"] == "WARNING"]  # (the worker may try twice)
+    assert refused and all(line["logger"] == "gproxy.pair" and line["peer"].startswith("127.0.0.1:") for line in refused)
+    assert {line["reason"] for line in refused} == {
+        "TLS handshake failed: certificate verify failed: unable to get local issuer certificate",
+    }

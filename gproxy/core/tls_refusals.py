@@ -32,9 +32,12 @@ class HandshakeFailed(TlsError):
     `lasting`: the peers disagree, and will until one of them is changed; else the
     connection itself failed (closed, timed out)."""
 
-    def __init__(self, reason: str, *, lasting: bool) -> None:
+    def __init__(self, reason: str, *, lasting: bool, alert: bytes = b"") -> None:
         super().__init__(reason)
         self.lasting = lasting
+        self.alert = alert
+        """What TLS would tell the peer of it: sent when it is closed, after the failure is
+        logged (so a peer that has heard of it finds it in the log)."""
 
 
 class ClosedBeforeHandshake(HandshakeFailed):
