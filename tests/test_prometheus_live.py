@@ -53,6 +53,7 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 RETRIED_JOBS = 40
 EXHAUSTED = 5
 PROTOCOL_ERRORS = 7
+TLS_FAILURES = 7
 # stream_flaky: a budget of BUDGET retries per BUDGET_TTL seconds and nothing per first
 # attempt. DEFERRED_JOBS jobs that fail once, all at once (within milliseconds; exact counts
 # need them within 0.9 * BUDGET_TTL): BUDGET retries go at once, the others are deferred
@@ -209,10 +210,11 @@ def drive_the_workload(
             bad.recv(1)
     with socket.create_connection((dead_route.host, dead_route.port)) as lost:  # gearmand down
         lost.recv(1)
-    with socket.create_connection(tls_route.host_port) as plain:  # plain text to a TLS port
-        plain.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"in clear"))
-        with contextlib.suppress(ConnectionResetError):  # (closed with the packet unread)
-            plain.recv(1)
+    for _ in range(TLS_FAILURES):
+        with socket.create_connection(tls_route.host_port) as plain:  # plain text to a TLS port
+            plain.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"in clear"))
+            with contextlib.suppress(ConnectionResetError):  # (closed with the packet unread)
+                plain.recv(1)
     # gproxy out of file descriptors (this process's: gproxy runs in a thread here): a worker
     # waits to be accepted, each accept() that fails is counted, and it is served once there
     # is room again.
@@ -352,7 +354,7 @@ def test_every_panel_and_rule_expression_returns_data(
         assert scalar(base, 'sum(gproxy_retries_observed_total{function="flaky_fail"})') == 3
         assert scalar(base, 'sum(gproxy_jobs_total{function="fatal",outcome="exception"})') == 3
         assert scalar(base, 'sum(gproxy_protocol_errors_total{reason="unknown_type"})') == PROTOCOL_ERRORS
-        assert scalar(base, 'sum(gproxy_tls_handshake_failures_total{side="downstream"})') == 1
+        assert scalar(base, 'sum(gproxy_tls_handshake_failures_total{side="downstream"})') == TLS_FAILURES
         assert scalar(base, f'gproxy_upstream_up{{upstream="127.0.0.1:{dead}"}}') == 0
         # gproxy's own limit is not gearmand's: its route stayed up.
         assert (scalar(base, 'sum(gproxy_resource_exhausted_total{resource="file_descriptors"})') or 0) >= 1
