@@ -130,18 +130,15 @@ class Acceptor:
     async def _open_pair(self, worker: socket.socket, peer: str, route: Route) -> None:
         fields = pair_fields(peer, _address(worker.getsockname()), str(route.upstream))
         name = pair_name(fields)
-        secured: Transport | None = None
         try:
-            if (tls := self._running().tls_of(route).listen) is None:
-                secured = Transport(worker)
-            else:
-                secured = Transport(worker, await handshake(worker, tls.context))
+            secured = await self._secure(worker, route)
+        except HandshakeFailed as exc:
+            self._refused(name, fields, route, exc)
+            close_with_alert(worker, exc)
+            return
+        try:
             upstream = await self._dialer.transport(route)
         except (OSError, trio.TooSlowError) as exc:
-            if isinstance(exc, HandshakeFailed) and secured is None:
-                self._refused(name, fields, route, exc)
-                close_with_alert(worker, exc)
-                return
             pair_logger.warning(
                 "%s: closed: %s", name, cannot_connect(exc),
                 extra=about(**fields, reason=cannot_connect(exc)),
@@ -154,6 +151,12 @@ class Acceptor:
             pair_logger.exception("%s: closed: internal error", name, extra=about(**fields, reason="internal error"))
             worker.close()
             upstream.sock.close()
+
+    async def _secure(self, worker: socket.socket, route: Route) -> Transport:
+        """The worker's connection, after its TLS handshake if its route has `listen_tls`."""
+        if (tls := self._running().tls_of(route).listen) is None:
+            return Transport(worker)
+        return Transport(worker, await handshake(worker, tls.context))
 
     def _refused(self, name: str, fields: dict[str, str], route: Route, exc: HandshakeFailed) -> None:
         """The worker's handshake failed: one line (a WARNING, unless it sent nothing at all)."""

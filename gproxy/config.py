@@ -255,17 +255,18 @@ def _tls_by_route(pairs: list[tuple[Route, RouteTls]]) -> dict[Route, RouteTls]:
 
 def _route_tls(table: dict[str, Any], prefix: str, route: Route, base: str) -> RouteTls:
     listen, upstream = table.get("listen_tls"), table.get("upstream_tls")
+    listen_name, upstream_name = f"{prefix}listen_tls", f"{prefix}upstream_tls"
     return RouteTls(
-        listen=None if listen is None else _listen_tls(_tls_table(listen, f"{prefix}listen_tls", _LISTEN_TLS_KEYS, base)),
+        listen=None if listen is None else _listen_tls(_tls_table(listen, listen_name, _LISTEN_TLS_KEYS, base), listen_name),
         upstream=(
             None if upstream is None
-            else _upstream_tls(_tls_table(upstream, f"{prefix}upstream_tls", _UPSTREAM_TLS_KEYS, base), route)
+            else _upstream_tls(_tls_table(upstream, upstream_name, _UPSTREAM_TLS_KEYS, base), upstream_name, route)
         ),
     )
 
 
-def _tls_table(value: Any, name: str, known: tuple[str, ...], base: str) -> tuple[str, dict[str, str]]:
-    """(name, its settings): every one a non-empty string; file paths made absolute."""
+def _tls_table(value: Any, name: str, known: tuple[str, ...], base: str) -> dict[str, str]:
+    """Its settings, every one a non-empty string; file paths made absolute."""
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: expected a table with {', '.join(known)}")
     settings = {}
@@ -277,11 +278,10 @@ def _tls_table(value: Any, name: str, known: tuple[str, ...], base: str) -> tupl
         settings[key] = setting if key == "server_name" else os.path.join(base, setting)
     if "key" in settings and "cert" not in settings:
         raise ConfigError(f"{name}.key: given without cert (the certificate the key belongs to)")
-    return name, settings
+    return settings
 
 
-def _listen_tls(named: tuple[str, dict[str, str]]) -> ListenTls:
-    name, settings = named
+def _listen_tls(settings: dict[str, str], name: str) -> ListenTls:
     if "cert" not in settings:
         raise ConfigError(f"{name}.cert: required (gproxy's certificate for workers, PEM)")
     cert, key, client_ca = settings["cert"], settings.get("key"), settings.get("client_ca")
@@ -292,8 +292,7 @@ def _listen_tls(named: tuple[str, dict[str, str]]) -> ListenTls:
     return ListenTls(cert=cert, key=key, client_ca=client_ca, context=context)
 
 
-def _upstream_tls(named: tuple[str, dict[str, str]], route: Route) -> UpstreamTls:
-    name, settings = named
+def _upstream_tls(settings: dict[str, str], name: str, route: Route) -> UpstreamTls:
     ca, cert, key = settings.get("ca"), settings.get("cert"), settings.get("key")
     try:
         context = client_context(ca, cert, key)

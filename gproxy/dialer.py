@@ -17,7 +17,6 @@ gproxy_tls_handshake_failures_total, and one that lasts holds that gearmand off 
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Callable
 from typing import Final
@@ -32,8 +31,6 @@ from .core.protocol import REQ, RES, PacketType, build_packet
 from .core.tls_refusals import HandshakeFailed, HoldOff, TlsError
 from .handshake import Transport, close_with_alert, handshake
 from .tls import UpstreamTls
-
-log = logging.getLogger("gproxy.control")
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach gearmand (and, with TLS, to shake hands and have an ECHO answered)
@@ -76,21 +73,19 @@ class Dialer:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 transport = await self._secure(sock, tls)
-        except (trio.TooSlowError, HandshakeFailed) as exc:
-            if isinstance(exc, HandshakeFailed):
-                close_with_alert(sock, exc)
-            else:
-                sock.close()
-            failure = exc if isinstance(exc, HandshakeFailed) else HandshakeFailed(
-                f"no TLS handshake and ECHO within {CONNECT_TIMEOUT:g}s", lasting=False
-            )
-            self._refused(route, failure)
-            raise failure from None
+        except trio.TooSlowError:
+            failure = HandshakeFailed(f"no TLS handshake and ECHO within {CONNECT_TIMEOUT:g}s", lasting=False)
+        except HandshakeFailed as exc:
+            failure = exc
         except BaseException:  # (cancelled: nobody will close it otherwise)
             sock.close()
             raise
-        self._hold_offs.pop(route, None)
-        return transport
+        else:
+            self._hold_offs.pop(route, None)
+            return transport
+        close_with_alert(sock, failure)
+        self._refused(route, failure)
+        raise failure
 
     async def _socket(self, route: Route, config: Config) -> socket.socket:
         metrics = self._metrics
@@ -126,9 +121,9 @@ class Dialer:
                 if not (data := await connection.receive(len(_ECHO_RES) - len(answer))):
                     raise HandshakeFailed("closed before answering an ECHO (no gearmand behind it?)", lasting=False)
                 answer += data
-        except TlsError as exc:
-            if isinstance(exc, HandshakeFailed):
-                raise
+        except HandshakeFailed:
+            raise
+        except TlsError as exc:  # (an alert: the terminator refused gproxy's certificate)
             raise HandshakeFailed(str(exc), lasting=True) from None
         except OSError as exc:
             raise HandshakeFailed(f"connection lost before answering an ECHO: {exc}", lasting=False) from None
