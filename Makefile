@@ -4,19 +4,26 @@
 # promtool, for the alert rule tests and the live dashboard test), systemd (systemd-analyze,
 # to verify the unit), iproute2 (ip and tc, for the network partition test, which also
 # needs root) and haproxy (the TLS terminator of the TLS tests, and the benchmark's baseline)
-# from Debian's packages, and a venv with the project.
+# from Debian's packages, a C compiler and the Python headers (gcc, python3-dev: the compiled
+# fast path, gproxy/_dataplane.pyx, is built into the venv), and a venv with the project.
 
 PYTHON ?= python3
 VENV := .venv
-APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl libio-socket-ssl-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2 haproxy
+APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl libio-socket-ssl-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2 haproxy gcc python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test demo bench chaos fuzz system-deps apt-install clean
+
+# The whole suite on the compiled data plane, then the data plane's own tests and a few
+# end-to-end ones on the pure-Python one (GPROXY_NO_EXTENSIONS=1): both paths, every run.
+PURE_TESTS := tests/test_fast_path.py tests/test_dataplane.py tests/test_tls_endpoint.py tests/test_proxy_bad_input.py \
+	tests/test_tls_real_peers.py tests/test_proxy_real_peers.py tests/test_supervision.py
 
 test: system-deps $(VENV)/.installed
 	$(VENV)/bin/ruff check gproxy
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	GPROXY_NO_EXTENSIONS=1 $(VENV)/bin/python -m pytest -q $(PURE_TESTS)
 
 demo: system-deps $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
@@ -49,11 +56,11 @@ apt-install:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py gproxy/_dataplane.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info gproxy/_dataplane.c gproxy/*.so

@@ -21,6 +21,7 @@ from functools import partial
 
 import trio
 
+from . import __version__
 from .accept import Acceptor
 from .config import Address, Config, Route
 from .connection import Connection
@@ -33,7 +34,7 @@ from .core.limits import cannot_connect
 from .core.metrics import Metrics
 from .core.retry import Action, NothingHeld, RecheckBudget, Retrier, SendUpstream, Submit, Wakeup
 from .core.session import Session, UpstreamLink
-from .dataplane import DataPlane
+from .dataplane import DataPlane, fast_path
 from .dialer import Dialer
 from .drain_wait import DrainWait
 from .handshake import Transport
@@ -78,6 +79,7 @@ class Proxy:
         self.scraped = ProxyState(self.pairs, self.retrier, self._retry_clients, trio.current_time)
         """What a scrape reads: the pairs, the Retrier and the retry clients, never a copy."""
         self.metrics.read_from(self.scraped)
+        self.metrics.build_info.labels(__version__, fast_path()).set(1)
         self.dialer = Dialer(self.metrics, lambda: self.config)
         self.acceptor = Acceptor(lambda: self.config, self.metrics, self.dialer, self._start_pair)
         self.supervisor = Supervisor(self.pairs)

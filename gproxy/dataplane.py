@@ -405,3 +405,16 @@ class MonotonicClock(trio.abc.Clock):
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
         return deadline - time.monotonic()
+
+
+EndpointPy, DataPlanePy = Endpoint, DataPlane
+"""The pure-Python data plane, always importable."""
+if not TYPE_CHECKING and not os.environ.get("GPROXY_NO_EXTENSIONS"):
+    with contextlib.suppress(ImportError):  # (not built: the pure one serves)
+        from ._dataplane import DataPlane, Endpoint
+
+
+def fast_path() -> str:
+    """Which data plane runs: "compiled" (gproxy/_dataplane.pyx) or "pure" (this module's:
+    not built, or GPROXY_NO_EXTENSIONS set)."""
+    return "pure" if DataPlane is DataPlanePy else "compiled"

@@ -62,12 +62,14 @@ METRICS: dict[str, dict[str, frozenset[str] | None]] = {
     "gproxy_config_last_reload_successful": {},
     "gproxy_config_last_reload_success_timestamp_seconds": {},
     "gproxy_tls_handshake_failures_total": {"side": frozenset({"downstream", "upstream"}), "address": None},
+    "gproxy_build_info": {"version": None, "data_plane": frozenset({"compiled", "pure"})},
 }
 HISTOGRAMS = {"gproxy_job_duration_seconds", "gproxy_attempt_duration_seconds"}
 GAUGES = {
     "gproxy_jobs_running", "gproxy_jobs_held", "gproxy_retry_budget_balance", "gproxy_connections",
     "gproxy_upstream_up", "gproxy_retry_connection_up", "gproxy_worker_ejected",
     "gproxy_config_last_reload_successful", "gproxy_config_last_reload_success_timestamp_seconds",
+    "gproxy_build_info",
 }
 TARGET_LABELS = {"instance": None, "job": None}
 
@@ -118,6 +120,8 @@ def test_the_table_is_what_gproxy_exports() -> None:
     metrics.retry_reconnects.labels("gearmand:4730").inc()
     metrics.tls_handshake_failures.labels("downstream", "0.0.0.0:4730").inc()
     metrics.tls_handshake_failures.labels("upstream", "gearmand:4730").inc()
+    metrics.build_info.labels("0.3.0", "compiled").set(1)
+    metrics.build_info.labels("0.3.0", "pure").set(1)
     metrics.read_from(Resizing())
     exported: dict[str, dict[str, set[str]]] = {}
     kinds: dict[str, str] = {}
@@ -385,6 +389,7 @@ def _input_series() -> list[dict[str, str]]:
     series[f"gproxy_config_last_reload_successful{{{target}}}"] = "1x5 0x5 1x10"
     series[f"gproxy_config_last_reload_success_timestamp_seconds{{{target}}}"] = "0x10 600x10"
     series[f'gproxy_resource_exhausted_total{{{target},resource="file_descriptors"}}'] = "0+2x20"
+    series[f'gproxy_build_info{{{target},version="0.3.0",data_plane="compiled"}}'] = "1x20"
     series[f'gproxy_tls_handshake_failures_total{{{target},side="upstream",address="gearmand:4730"}}'] = "0x5 1x5 2x10"
     series[f'gproxy_protocol_errors_total{{{target},reason="bad_magic"}}'] = "0+1x20"
     series[f'gproxy_packets_total{{{target},direction="to_gearmand",type="WORK_COMPLETE"}}'] = "0+30x20"

@@ -4,6 +4,7 @@ check` accepts, with complete metadata and nothing of the tests in the wheel."""
 from __future__ import annotations
 
 import email.parser
+import os
 import subprocess
 import sys
 import tarfile
@@ -21,8 +22,9 @@ def test_the_sdist_and_wheel_build_and_pass_twine_check(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     version = gproxy.__version__
-    wheel, sdist = tmp_path / f"gproxy-{version}-py3-none-any.whl", tmp_path / f"gproxy-{version}.tar.gz"
-    assert wheel.exists() and sdist.exists(), sorted(p.name for p in tmp_path.iterdir())
+    (wheel,) = tmp_path.glob(f"gproxy-{version}-cp3*-linux_*.whl")  # (the compiled fast path: a platform wheel)
+    sdist = tmp_path / f"gproxy-{version}.tar.gz"
+    assert sdist.exists(), sorted(p.name for p in tmp_path.iterdir())
     checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)],
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0 and checked.stdout.count("PASSED") == 2, checked.stdout + checked.stderr
@@ -32,6 +34,8 @@ def test_the_sdist_and_wheel_build_and_pass_twine_check(tmp_path: Path) -> None:
         metadata = email.parser.Parser().parsestr(files.read(f"gproxy-{version}.dist-info/METADATA").decode())
         entry_points = files.read(f"gproxy-{version}.dist-info/entry_points.txt").decode()
     assert {"gproxy/cli.py", "gproxy/core/held.py", "gproxy/core/session.py", "gproxy/py.typed"} <= set(names)
+    assert [name for name in names if name.startswith("gproxy/_dataplane") and name.endswith(".so")]
+    assert "gproxy/dataplane.py" in names  # (the pure one beside it)
     assert not [name for name in names if name.startswith(("tests/", "bench/"))]
     assert f"gproxy-{version}.dist-info/licenses/LICENSE" in names
     assert metadata["Name"] == "gproxy" and metadata["Version"] == version
@@ -44,7 +48,31 @@ def test_the_sdist_and_wheel_build_and_pass_twine_check(tmp_path: Path) -> None:
     assert "gproxy = gproxy.cli:main" in entry_points
     with tarfile.open(sdist) as archive:
         members = {Path(name).name for name in archive.getnames()}
-    assert {"LICENSE", "README.md", "pyproject.toml"} <= members
+    assert {"LICENSE", "README.md", "pyproject.toml", "setup.py", "_dataplane.pyx"} <= members
+
+
+def test_a_wheel_built_without_a_compiler_runs_the_pure_data_plane(tmp_path: Path) -> None:
+    """No C compiler (CC=false): the extension is optional, the build goes on, gproxy works."""
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CC": "false"},
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("gproxy-*.whl")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(wheel) as files:
+        assert not [name for name in files.namelist() if name.endswith(".so")]
+        files.extractall(unpacked)
+    # (Without the editable install's finder, which would find the checkout's extension.)
+    probe = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+        "from gproxy.dataplane import fast_path; print(fast_path())"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(unpacked)}, cwd=tmp_path,
+    )
+    assert ran.stdout.strip() == "pure", ran.stdout + ran.stderr
 
 
 def test_the_changelog_starts_with_this_release() -> None:

@@ -108,6 +108,7 @@ class Metrics:
         self.retry_connection_up = Gauge("gproxy_retry_connection_up", "0 while gproxy cannot keep its retry connection to this gearmand (from the first failure until a connection has proved itself), else 1.", ["upstream"], registry=r)
         self.reload_successful = Gauge("gproxy_config_last_reload_successful", "1 if the last reload of the config file (or the start) succeeded, 0 if it was refused.", registry=r)
         self.reload_success_time = Gauge("gproxy_config_last_reload_success_timestamp_seconds", "When the config in force was loaded (the start, or the last reload that succeeded), in seconds since the epoch.", registry=r)
+        self.build_info = Gauge("gproxy_build_info", "1, labelled with gproxy's version and which data plane runs: compiled (the fast path) or pure (Python).", ["version", "data_plane"], registry=r)
         self.tls_handshake_failures = Counter("gproxy_tls_handshake_failures", "TLS handshakes that failed: side=\"downstream\" a worker's with gproxy (address: the route's listen address), side=\"upstream\" gproxy's with gearmand (address: the route's gearmand).", ["side", "address"], registry=r)
         self.retry_reconnects = Counter("gproxy_retry_reconnects", "Tries to connect to this gearmand again for retries, after a failure or a loss.", ["upstream"], registry=r)
         for reason in PROTOCOL_ERRORS:
