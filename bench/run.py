@@ -1,7 +1,13 @@
 """Benchmark: the same small-job workload with workers direct, via haproxy (tcp), via relays, via gproxy.
 
-Only the workers go through the hop; clients always talk to gearmand directly. The setups are
-interleaved within each round so drift hits all alike; medians across rounds are reported.
+Only the workers go through the hop; clients always talk to gearmand directly. Workloads: `seq`
+(one worker, one client submitting jobs one after another), `seq4` (the same client, four
+workers behind the hop: every job wakes them all, the NOOP/GRAB_JOB/NO_JOB/PRE_SLEEP exchange
+of each sleeping worker crosses the hop with it) and `conc` (C workers and C clients at
+once). gproxy runs twice: compiled (`gproxy`) and pure Python (`gproxy-pure`,
+GPROXY_NO_EXTENSIONS=1). The CPU each hop's process spends per job (user and system, from
+/proc/PID/stat) is measured over the seq4 workload. The setups are interleaved within each
+round so drift hits all alike; medians across rounds are reported.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from ports import free_ports  # noqa: E402
 
-SETUPS = ("direct", "haproxy", "epoll-relay", "dataplane-relay", "trio-relay", "gproxy")
+SETUPS = ("direct", "haproxy", "epoll-relay", "dataplane-relay", "trio-relay", "gproxy", "gproxy-pure")
+TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 CTX = mp.get_context("fork")  # fresh peer processes per measurement, cheaply
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
 HAPROXY_CFG = """global
@@ -43,10 +50,11 @@ backend be
 
 
 def start(stack: contextlib.ExitStack, name: str, argv: list[str], port: int, log: Path,
-          stop_signal: int = signal.SIGTERM) -> subprocess.Popen:
+          stop_signal: int = signal.SIGTERM, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a server, wait until it accepts on `port`; the stack stops it however we exit."""
     fh = stack.enter_context(open(log, "wb"))
-    proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
 
     def stop() -> None:  # the finally kills even if a signal interrupts the polite wait
         try:
@@ -81,18 +89,28 @@ def _check(procs: list[mp.Process], deadline: float, what: str) -> None:
         raise TimeoutError(f"peers did not {what} in time")
 
 
-def measure(worker_port: int, gear_port: int, conc: int, jobs_each: int, tag: str) -> tuple[list[int], float]:
-    """`conc` workers (via the hop) and `conc` clients (direct): (all latencies in ns, jobs/s)."""
+def cpu_ticks(pid: int | None) -> tuple[int, int]:
+    """(user, system) clock ticks a process has used; (0, 0) for none (direct)."""
+    if pid is None:
+        return (0, 0)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+
+
+def measure(worker_port: int, gear_port: int, workers: int, clients: int, jobs_each: int,
+            tag: str) -> tuple[list[int], float]:
+    """`workers` workers (via the hop) and `clients` clients (direct): (all latencies in ns, jobs/s)."""
     function, procs, pipes = f"bench-{tag}".encode(), [], []
-    ready = [CTX.Event() for _ in range(2 * conc)]
+    ready = [CTX.Event() for _ in range(workers + clients)]
     go = CTX.Event()
     try:
-        for i in range(conc):
+        for i in range(workers):
             procs.append(CTX.Process(target=peers.worker, args=(worker_port, function, ready[i]), daemon=True))
+        for i in range(clients):
             rx, tx = CTX.Pipe(duplex=False)
             pipes.append(rx)
             procs.append(CTX.Process(target=peers.client, daemon=True, args=(
-                gear_port, function, jobs_each, ready[conc + i], go, tx, f"{tag}-{i}")))
+                gear_port, function, jobs_each, ready[workers + i], go, tx, f"{tag}-{i}")))
         for p in procs:
             p.start()
         deadline = time.monotonic() + peers.IO_TIMEOUT
@@ -134,17 +152,19 @@ def table(rows: list[list[str]], markdown: bool) -> str:
 
 
 def report(res: dict[str, dict[str, list[float]]], c: int) -> str:
-    med = {s: {k: statistics.median(v) for k, v in m.items()} for s, m in res.items() if m["seq"]}
-    rows = [["setup", "seq median µs/job", "seq p99 µs", "seq jobs/s", f"conc jobs/s (C={c})"]]
-    rows += [[s, f"{m['lat']:.1f}", f"{m['p99']:.1f}", f"{m['seq']:.0f}", f"{m['conc']:.0f}"] for s, m in med.items()]
-    ratios = [["ratio (median of rounds, min-max)", "seq latency", "seq jobs/s", "conc jobs/s", "added µs/job"]]
-    pairs = (("gproxy", "haproxy"), ("gproxy", "epoll-relay"), ("epoll-relay", "haproxy"),
-             ("dataplane-relay", "epoll-relay"), ("gproxy", "dataplane-relay"),
+    med = {s: {k: statistics.median(v) if v else 0.0 for k, v in m.items()} for s, m in res.items() if m["seq"]}
+    rows = [["setup", "seq µs/job", "seq p99 µs", "seq4 µs/job", f"conc jobs/s (C={c})", "CPU µs/job seq4 (user)"]]
+    rows += [[s, f"{m['lat']:.1f}", f"{m['p99']:.1f}", f"{m['lat4']:.1f}", f"{m['conc']:.0f}",
+              "-" if s == "direct" else f"{m['cpu']:.0f} ({m['user']:.0f})"] for s, m in med.items()]
+    ratios = [["ratio (median of rounds, min-max)", "seq latency", "seq4 latency", "conc jobs/s", "CPU/job seq4",
+               "user CPU/job seq4"]]
+    pairs = (("gproxy", "haproxy"), ("gproxy-pure", "haproxy"), ("gproxy", "gproxy-pure"),
+             ("gproxy", "epoll-relay"), ("epoll-relay", "haproxy"), ("dataplane-relay", "epoll-relay"),
              ("gproxy", "trio-relay"), ("trio-relay", "haproxy"), ("gproxy", "direct"), ("haproxy", "direct"))
     for a, b in pairs:
         if a in med and b in med:
-            ratios.append([f"{a}/{b}"] + [_ratio(res[a][k], res[b][k]) for k in ("lat", "seq", "conc")]
-                          + [f"{med[a]['lat'] - med[b]['lat']:+.1f}"])
+            cpu = [_ratio(res[a][k], res[b][k]) if b != "direct" else "-" for k in ("cpu", "user")]
+            ratios.append([f"{a}/{b}"] + [_ratio(res[a][k], res[b][k]) for k in ("lat", "lat4", "conc")] + cpu)
     return "\n\n".join([table(rows, False), table(ratios, False), table(rows, True), table(ratios, True)])
 
 
@@ -168,7 +188,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds, each runs every setup (default 5)")
     ap.add_argument("--concurrency", type=int, default=4, help="workers = clients when concurrent (default 4)")
     ap.add_argument("--only", choices=SETUPS, action="append", help="run just this setup (repeatable)")
-    ap.add_argument("--workload", choices=("both", "seq", "conc"), default="both")
+    ap.add_argument("--workload", choices=("all", "seq", "seq4", "conc"), default="all")
     ap.add_argument("--quick", action="store_true", help="1000 jobs, 3 rounds (about 10 s)")
     args = ap.parse_args()
     if args.quick:
@@ -179,7 +199,8 @@ def main() -> int:
             return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     c, began = args.concurrency, time.monotonic()
-    res = {s: {"lat": [], "p99": [], "seq": [], "conc": []} for s in args.only or SETUPS}
+    res = {s: {"lat": [], "p99": [], "seq": [], "lat4": [], "conc": [], "cpu": [], "user": []}
+           for s in args.only or SETUPS}
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="gbench-") as tmp:
         d = Path(tmp)
@@ -201,10 +222,15 @@ def main() -> int:
             "trio-relay": start(stack, "trio-relay", [sys.executable, str(Path(__file__).parent / "relay.py"),
                                 str(ports["trio-relay"]), str(g)], ports["trio-relay"], d / "trio-relay.out",
                                 signal.SIGINT),
-            "gproxy": start(stack, "gproxy", [sys.executable, "-m", "gproxy", "--listen", f"127.0.0.1:{ports['gproxy']}",
-                            "--upstream", f"127.0.0.1:{g}", "--log-level", "WARNING"], ports["gproxy"],
-                            d / "gproxy.out", signal.SIGINT),
+            **{
+                name: start(stack, name, [sys.executable, "-m", "gproxy", "--listen", f"127.0.0.1:{ports[name]}",
+                            "--upstream", f"127.0.0.1:{g}", "--log-level", "WARNING"], ports[name],
+                            d / f"{name}.out", signal.SIGINT, env={"GPROXY_NO_EXTENSIONS": "1"} if pure else {})
+                for name, pure in (("gproxy", False), ("gproxy-pure", True))
+            },
         }
+        pids = {name: p.pid for name, p in servers.items()}
+        pids["direct"] = None  # type: ignore[assignment]
         print("  ".join(f"{n} :{ports['direct' if n == 'gearmand' else n]} pid {p.pid}" for n, p in servers.items())
               + f"  jobs={args.jobs} rounds={args.rounds} concurrency={c} cpus={os.cpu_count()}", flush=True)
         for rnd in range(-1, args.rounds):  # round -1 is a short warm-up, not reported
@@ -212,12 +238,17 @@ def main() -> int:
             for setup in res:
                 if setup in failed:
                     continue
-                lat, seq, conc = [0], 0.0, 0.0
+                lat, lat4, seq, conc, ticks = [0], [0], 0.0, 0.0, (0, 0)
                 try:
-                    if args.workload != "conc":
-                        lat, seq = measure(ports[setup], g, 1, n, f"{setup}-s{rnd}")
-                    if args.workload != "seq":
-                        conc = measure(ports[setup], g, c, max(1, n // c), f"{setup}-c{rnd}")[1]
+                    if args.workload in ("all", "seq"):
+                        lat, seq = measure(ports[setup], g, 1, 1, n, f"{setup}-s{rnd}")
+                    if args.workload in ("all", "seq4"):
+                        before = cpu_ticks(pids[setup])
+                        lat4 = measure(ports[setup], g, 4, 1, n, f"{setup}-f{rnd}")[0]
+                        after = cpu_ticks(pids[setup])
+                        ticks = (after[0] - before[0], after[1] - before[1])
+                    if args.workload in ("all", "conc"):
+                        conc = measure(ports[setup], g, c, c, max(1, n // c), f"{setup}-c{rnd}")[1]
                 except Exception as exc:
                     failed[setup] = f"round {rnd + 1 or 'warm-up'}: {type(exc).__name__}: {exc}"
                     print(f"FAILED {setup}: {failed[setup]}", file=sys.stderr, flush=True)
@@ -226,15 +257,21 @@ def main() -> int:
                     raise SystemExit("server(s) died:\n" + "\n".join(dead))
                 if rnd >= 0 and setup not in failed:
                     lat.sort()
+                    lat4.sort()
                     r = res[setup]
                     r["lat"].append(lat[len(lat) // 2] / 1000)
                     r["p99"].append(lat[int(len(lat) * 0.99)] / 1000)
                     r["seq"].append(seq)
+                    r["lat4"].append(lat4[len(lat4) // 2] / 1000)
                     r["conc"].append(conc)
-                    print(f"round {rnd + 1}/{args.rounds} {setup:10} seq {r['lat'][-1]:7.1f} µs/job "
-                          f"{seq:6.0f} jobs/s   conc {conc:6.0f} jobs/s", flush=True)
-        if "gproxy" in failed:
-            print(f"gproxy output:\n{(d / 'gproxy.out').read_text()[-2000:]}", file=sys.stderr)
+                    r["cpu"].append((ticks[0] + ticks[1]) * TICK_US / n)
+                    r["user"].append(ticks[0] * TICK_US / n)
+                    print(f"round {rnd + 1}/{args.rounds} {setup:15} seq {r['lat'][-1]:7.1f} µs/job   "
+                          f"seq4 {r['lat4'][-1]:7.1f} µs/job, CPU {r['cpu'][-1]:5.0f} µs/job "
+                          f"(user {r['user'][-1]:4.0f})   conc {conc:6.0f} jobs/s", flush=True)
+        for name in ("gproxy", "gproxy-pure"):
+            if name in failed:
+                print(f"{name} output:\n{(d / f'{name}.out').read_text()[-2000:]}", file=sys.stderr)
     print(f"\nmedians over {args.rounds} rounds of {args.jobs} jobs; {time.monotonic() - began:.1f} s in all\n")
     print(report({s: m for s, m in res.items() if s not in failed}, c))
     for s, why in failed.items():

@@ -124,8 +124,7 @@ cdef class Endpoint:
         if not self._out and type(data) is bytes:
             size = PyBytes_GET_SIZE(data)
             start = PyBytes_AS_STRING(data)
-            with nogil:
-                sent = c_send(self.fd, start, size, MSG_NOSIGNAL)
+            sent = c_send(self.fd, start, size, MSG_NOSIGNAL)  # (non-blocking: the GIL is kept)
             if sent < 0:
                 if errno != EAGAIN and errno != EINTR:
                     self._broken(_os_error(errno))
@@ -345,8 +344,7 @@ cdef class DataPlane:
                 if (endpoint.reading and mask & _READ) or (mask & _BROKEN and not endpoint.ended):
                     # (a hang-up is read even while paused: its EOF or error)
                     if endpoint._native:
-                        with nogil:
-                            got = c_recv(fd, self._buffer, _RECEIVE_SIZE, 0)
+                        got = c_recv(fd, self._buffer, _RECEIVE_SIZE, 0)  # (non-blocking)
                         if got < 0:
                             if errno == EAGAIN or errno == EINTR:
                                 continue
