@@ -151,7 +151,10 @@ def test_the_image_is_multi_stage_slim_non_root_with_gproxy_as_entrypoint() -> N
     assert builder[0] == ("FROM", "${PYTHON_IMAGE} AS builder")
     assert final[0] == ("FROM", "${PYTHON_IMAGE}")
     final_text = " ".join(arguments for _, arguments in final)
-    # The wheels come from the builder; the final stage compiles and downloads nothing.
+    # The wheels come from the builder, which compiles the data plane; the final stage
+    # compiles and downloads nothing.
+    builder_text = " ".join(arguments for _, arguments in builder)
+    assert "gcc" in builder_text and "setup.py" in builder_text
     assert "--no-index" in final_text and "from=builder" in final_text
     for tool in ("apt-get", "gcc", "build-essential", "pip wheel"):
         assert tool not in final_text, tool
