@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The whole suite on the compiled data plane, then the data plane's own tests and a few
 # end-to-end ones on the pure-Python one (GPROXY_NO_EXTENSIONS=1): both paths, every run.
-PURE_TESTS := tests/test_fast_path.py tests/test_dataplane.py tests/test_tls_endpoint.py tests/test_proxy_bad_input.py \
+PURE_TESTS := tests/test_fast_path.py tests/test_gate.py tests/test_dataplane.py tests/test_tls_endpoint.py tests/test_proxy_bad_input.py \
 	tests/test_tls_real_peers.py tests/test_proxy_real_peers.py tests/test_supervision.py
 
 test: system-deps $(VENV)/.installed

@@ -11,6 +11,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.errno cimport EAGAIN, EINTR, ENOTCONN, errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp
 
 import collections
 import contextlib
@@ -19,7 +20,10 @@ import socket
 
 import trio
 
+from .core.connections import LinkState
 from .core.fields import about
+from .core.forwarding import WATCHED_DOWNSTREAM, WATCHED_DRAINING, WATCHED_UPSTREAM
+from .core.protocol import HEADER_SIZE, REQ, RES, PacketType
 from .dataplane import HIGH_WATER, MAX_EVENTS, RECEIVE_SIZE, MonotonicClock, log
 
 
@@ -63,6 +67,9 @@ cdef uint32_t _WRITE = EPOLLOUT
 cdef uint32_t _BROKEN = EPOLLERR | EPOLLHUP
 cdef Py_ssize_t _HIGH_WATER = HIGH_WATER
 cdef Py_ssize_t _RECEIVE_SIZE = RECEIVE_SIZE
+
+
+cdef class Gate
 cdef enum:
     _MAX_EVENTS = 256  # (MAX_EVENTS of the pure module, checked at import below)
 
@@ -95,6 +102,8 @@ cdef class Endpoint:
     cdef public bint shut
     cdef public uint32_t _mask
     cdef bint _native
+    cdef public Gate gate
+    """The Session's bypass rule for what this endpoint reads (None: every read to the handler)."""
 
     def __init__(self, DataPlane plane, sock, handler, str peer):
         self._plane = plane
@@ -114,6 +123,7 @@ cdef class Endpoint:
         self.shut = False
         self._mask = _READ
         self._native = type(self) is Endpoint  # (a subclass reads through its `receive`)
+        self.gate = None
 
     def write(self, data):
         """Send `data` after whatever waits already; never blocks, never raises."""
@@ -184,6 +194,7 @@ cdef class Endpoint:
             self._plane._forget(self)
             self.sock.close()
             self.handler = _CLOSED
+            self.gate = None
 
     def _flush(self):
         """Write what waits; True if the buffer fell below HIGH_WATER from above it."""
@@ -298,6 +309,12 @@ cdef class DataPlane:
         self._ctl(EPOLL_CTL_ADD, endpoint.fd, _READ)
         return endpoint
 
+    def guard(self, endpoint, pair, session, endpoints, link=None):
+        """Let `endpoint`'s reads that the Session need not see bypass it (see Gate); a TLS
+        endpoint's go to its pair, whose Session bypasses them in Python."""
+        if type(endpoint) is Endpoint:
+            (<Endpoint>endpoint).gate = Gate(pair, session, endpoints, link)
+
     cdef _ctl(self, int op, int fd, uint32_t mask):
         cdef epoll_event event
         event.events = mask
@@ -351,6 +368,8 @@ cdef class DataPlane:
                             self._ended(endpoint, handler, _os_error(errno))
                             continue
                         data = PyBytes_FromStringAndSize(self._buffer, got)
+                        if got and endpoint.gate is not None and endpoint.gate.bypasses(data):
+                            continue
                     else:
                         try:
                             data = endpoint.receive(_RECEIVE_SIZE)
@@ -468,3 +487,80 @@ cdef class DataPlane:
         if self._epfd >= 0:
             c_close(self._epfd)
             self._epfd = -1
+
+
+cdef object _OPEN = LinkState.OPEN
+cdef Py_ssize_t _HEADER = HEADER_SIZE
+cdef int _TYPES = max(PacketType) + 1
+
+
+cdef class Gate:
+    """Session.bypasses_downstream and .bypasses_upstream, compiled: a read that is one whole
+    packet of a type the Session does not watch now goes on to the other side and is
+    counted, with no Python call. The facts are the Session's own, read when a packet comes
+    (its framer, drain, ejection, current link, whether the worker is there); the type sets
+    are core/forwarding.py's. tests/test_gate.py holds this to the pure rule."""
+
+    cdef object session
+    cdef object link
+    cdef object framer
+    cdef object pair
+    cdef object endpoints
+    cdef bytes magic
+    cdef Py_ssize_t max_packet_size
+    cdef unsigned char watched[64]
+    cdef unsigned char watched_draining[64]
+
+    def __init__(self, pair, session, endpoints, link=None):
+        """`endpoints`: the pair's endpoints by link (for the worker's reads); `link`: the
+        link whose reads this gate sees (None: the worker's)."""
+        cdef int number
+        self.pair, self.session, self.endpoints, self.link = pair, session, endpoints, link
+        self.framer = session.downstream if link is None else link.framer
+        self.magic = self.framer.magic
+        self.max_packet_size = self.framer.max_packet_size
+        watched = WATCHED_DOWNSTREAM if link is None else WATCHED_UPSTREAM
+        draining = WATCHED_DRAINING if link is None else WATCHED_UPSTREAM
+        if _TYPES > 64:
+            raise ImportError("more packet types than the gate's tables hold")
+        for number in range(64):
+            known = number < _TYPES and number in PacketType._value2member_map_
+            self.watched[number] = not known or PacketType(number) in watched
+            self.watched_draining[number] = not known or PacketType(number) in draining
+
+    cpdef bint bypasses(self, bytes data) except -1:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
+        cdef uint32_t number, length
+        if size < _HEADER:
+            return False
+        if memcmp(p, PyBytes_AS_STRING(self.magic), 4) != 0:
+            return False
+        number = (p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
+        length = (p[8] << 24) | (p[9] << 16) | (p[10] << 8) | p[11]
+        if number >= 64 or length + _HEADER != size or length > self.max_packet_size:
+            return False
+        session = self.session
+        cdef bint answered_here
+        if self.link is None:
+            answered_here = session.drain.started or session.ejection.until is not None  # (grabs_answered_here)
+            if (self.watched_draining[number] if answered_here else self.watched[number]):
+                return False
+            current = session.current
+            if current.state is not _OPEN:
+                return False
+            other = self.endpoints.get(current)
+        else:
+            if self.watched[number] or self.link is not session.current or session.worker_gone:
+                return False
+            other = self.pair.worker
+        if other is None:
+            return False
+        framer = self.framer
+        if framer._pending or framer._skipping or framer._error is not None:
+            return False
+        framer.counts[number] += 1
+        other.write(data)
+        if other.buffered:
+            self.pair._flow()
+        return True

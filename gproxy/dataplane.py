@@ -70,8 +70,8 @@ class Handler(Protocol):
 class Endpoint:
     """One connected socket of the data plane, and what waits to be written to it."""
 
-    __slots__ = ("_eof_pending", "_mask", "_out", "_plane", "buffered", "closed", "ended", "error", "fd", "handler",
-                 "peer", "reading", "receive", "shut", "sock", "watched")
+    __slots__ = ("_eof_pending", "_mask", "_out", "_plane", "buffered", "closed", "ended", "error", "fd", "gate",
+                 "handler", "peer", "reading", "receive", "shut", "sock", "watched")
 
     def __init__(self, plane: DataPlane, sock: socket.socket, handler: Handler, peer: str) -> None:
         self._plane = plane
@@ -80,6 +80,9 @@ class Endpoint:
         self.receive: Callable[[int], bytes] = sock.recv
         """What the loop reads with: the socket's recv, or a TLS endpoint's decrypting one."""
         self.handler = handler
+        self.gate: object | None = None
+        """The compiled data plane's bypass of the Session (never set here: the pure Pair
+        asks its Session itself)."""
         self.peer = peer
         self.reading = True
         """Reads are wanted (the pair may pause them for backpressure)."""
@@ -247,6 +250,10 @@ class DataPlane:
         self._endpoints[endpoint.fd] = endpoint
         self._epoll.register(endpoint.fd, _READ)
         return endpoint
+
+    def guard(self, endpoint: Endpoint, pair: object, session: object, endpoints: object, link: object = None) -> None:
+        """(The compiled data plane gives `endpoint` a Gate; here the Pair bypasses its
+        Session itself: Session.bypasses_downstream.)"""
 
     def poll(self, timeout: float) -> int:
         """Serve everything ready now (waiting up to `timeout` seconds, -1: until something

@@ -136,6 +136,7 @@ class Pair:
         """Take over the worker's connection and its first gearmand connection."""
         self._pairs.add(self)
         self.worker = self._plane.add(worker.sock, self, peer, worker.tls)
+        self._plane.guard(self.worker, self, self.session, self._endpoints)
         self._attach(self.session.current, upstream)
 
     @property
@@ -162,6 +163,9 @@ class Pair:
         # latency is the sum of its hops, and its bookkeeping need not be one of them.
         session, worker = self.session, self.worker
         if endpoint is worker:
+            if endpoint.gate is None and session.bypasses_downstream(data):  # (unwatched: counted, sent)
+                self._write(self._endpoints[session.current], data)
+                return
             upstream, sent = self._endpoints.get(session.current), False
             if upstream is not None and session.passes_downstream(data):
                 self._write(upstream, data)
@@ -172,6 +176,9 @@ class Pair:
                 commands = session.refuse(exc.reason, f"protocol error from peer: {exc}")
         else:
             link, sent = self._link_of[endpoint], False
+            if endpoint.gate is None and worker is not None and session.bypasses_upstream(link, data):
+                self._write(worker, data)
+                return
             if worker is not None and session.passes_upstream(link, data):
                 self._write(worker, data)
                 sent = True
@@ -300,6 +307,7 @@ class Pair:
 
     def _attach(self, link: UpstreamLink, upstream: Transport) -> None:
         endpoint = self._plane.add(upstream.sock, self, f"gearmand via {link.name}", upstream.tls)
+        self._plane.guard(endpoint, self, self.session, self._endpoints, link)
         self._endpoints[link] = endpoint
         self._link_of[endpoint] = link
 

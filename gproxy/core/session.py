@@ -255,6 +255,30 @@ class Session:
             sent_already(self._commands, self._back, data)
         return self.event_done()
 
+    def bypasses_downstream(self, data: bytes) -> bool:
+        """True if `data` from the worker is one whole packet of a type the Session does not
+        watch now, and the current link is open: it is counted here, and the caller sends it
+        to that link as it is, without calling from_downstream. (The compiled data plane's
+        Gate decides the same in C; tests/test_gate.py holds the two to each other.)"""
+        ptype = self.downstream.whole(data)
+        if ptype is None or self.current.state is not _OPEN:
+            return False
+        if ptype in (WATCHED_DRAINING if grabs_answered_here(self.drain.started, self.ejection) else WATCHED_DOWNSTREAM):
+            return False
+        self.downstream.counts[ptype] += 1
+        return True
+
+    def bypasses_upstream(self, link: UpstreamLink, data: bytes) -> bool:
+        """As bypasses_downstream, for `data` from gearmand on `link`, to the worker: only on
+        the current link, while the worker is there."""
+        if link is not self.current or self.worker_gone:
+            return False
+        ptype = link.framer.whole(data)
+        if ptype is None or ptype in WATCHED_UPSTREAM:
+            return False
+        link.framer.counts[ptype] += 1
+        return True
+
     def passes_downstream(self, data: bytes) -> bool:
         """May `data` from the worker go on before the Session sees it? (Forwarding.downstream)"""
         return self.forwarding.downstream(data, self.drain.started, self.traits.grab_uniq, self.current, self.retired)
