@@ -22,7 +22,10 @@ import trio
 
 from .core.connections import LinkState
 from .core.fields import about
-from .core.forwarding import WATCHED_DOWNSTREAM, WATCHED_DRAINING, WATCHED_UPSTREAM
+from .core.forwarding import (
+    BYPASS_DOWNSTREAM, BYPASS_UPSTREAM, GRAB_JOB_UNIQ_PACKET, UPGRADED, WATCHED_DOWNSTREAM, WATCHED_DRAINING,
+    WATCHED_UPSTREAM,
+)
 from .core.protocol import HEADER_SIZE, REQ, RES, PacketType
 from .dataplane import HIGH_WATER, MAX_EVENTS, RECEIVE_SIZE, MonotonicClock, log
 
@@ -496,10 +499,12 @@ cdef int _TYPES = max(PacketType) + 1
 
 cdef class Gate:
     """Session.bypasses_downstream and .bypasses_upstream, compiled: a read that is one whole
-    packet of a type the Session does not watch now goes on to the other side and is
-    counted, with no Python call. The facts are the Session's own, read when a packet comes
-    (its framer, drain, ejection, current link, whether the worker is there); the type sets
-    are core/forwarding.py's. tests/test_gate.py holds this to the pure rule."""
+    packet the Session need not see goes on to the other side and is counted, with no Python
+    call: a type it does not watch now, a worker's grab (its entry put on the current link's
+    grabs_pending, a GRAB_JOB sent as GRAB_JOB_UNIQ where gearmand knows it), gearmand's NO_JOB
+    (its grab taken off). The facts are the Session's own, read when a packet comes (its
+    framer, drain, ejection, traits, current link, whether the worker is there); the type
+    sets are core/forwarding.py's. tests/test_gate.py holds this to the pure rule."""
 
     cdef object session
     cdef object link
@@ -510,6 +515,8 @@ cdef class Gate:
     cdef Py_ssize_t max_packet_size
     cdef unsigned char watched[64]
     cdef unsigned char watched_draining[64]
+    cdef unsigned char bypass[64]
+    cdef unsigned char upgraded[64]
 
     def __init__(self, pair, session, endpoints, link=None):
         """`endpoints`: the pair's endpoints by link (for the worker's reads); `link`: the
@@ -521,37 +528,45 @@ cdef class Gate:
         self.max_packet_size = self.framer.max_packet_size
         watched = WATCHED_DOWNSTREAM if link is None else WATCHED_UPSTREAM
         draining = WATCHED_DRAINING if link is None else WATCHED_UPSTREAM
+        bypass = BYPASS_DOWNSTREAM if link is None else BYPASS_UPSTREAM
         if _TYPES > 64:
             raise ImportError("more packet types than the gate's tables hold")
         for number in range(64):
             known = number < _TYPES and number in PacketType._value2member_map_
-            self.watched[number] = not known or PacketType(number) in watched
-            self.watched_draining[number] = not known or PacketType(number) in draining
+            ptype = PacketType(number) if known else None
+            self.watched[number] = not known or ptype in watched
+            self.watched_draining[number] = not known or ptype in draining
+            self.bypass[number] = known and ptype in bypass
+            self.upgraded[number] = known and ptype in UPGRADED
 
     cpdef bint bypasses(self, bytes data) except -1:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
         cdef uint32_t number, length
-        if size < _HEADER:
-            return False
-        if memcmp(p, PyBytes_AS_STRING(self.magic), 4) != 0:
+        cdef bint answered_here, grab = False
+        if size < _HEADER or memcmp(p, PyBytes_AS_STRING(self.magic), 4) != 0:
             return False
         number = (p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]
         length = (p[8] << 24) | (p[9] << 16) | (p[10] << 8) | p[11]
         if number >= 64 or length + _HEADER != size or length > self.max_packet_size:
             return False
         session = self.session
-        cdef bint answered_here
-        if self.link is None:
+        link = self.link
+        if link is None:
             answered_here = session.drain.started or session.ejection.until is not None  # (grabs_answered_here)
-            if (self.watched_draining[number] if answered_here else self.watched[number]):
+            if answered_here:
+                if self.watched_draining[number]:
+                    return False
+            elif self.bypass[number]:
+                grab = True
+            elif self.watched[number]:
                 return False
-            current = session.current
-            if current.state is not _OPEN:
+            link = session.current
+            if link.state is not _OPEN:
                 return False
-            other = self.endpoints.get(current)
+            other = self.endpoints.get(link)
         else:
-            if self.watched[number] or self.link is not session.current or session.worker_gone:
+            if (self.watched[number] and not self.bypass[number]) or link is not session.current or session.worker_gone:
                 return False
             other = self.pair.worker
         if other is None:
@@ -559,6 +574,15 @@ cdef class Gate:
         framer = self.framer
         if framer._pending or framer._skipping or framer._error is not None:
             return False
+        if grab:  # (Assignments.grab)
+            upgrade = self.upgraded[number] and session.traits.grab_uniq
+            link.grabs_pending.append(upgrade)
+            if upgrade:
+                data = GRAB_JOB_UNIQ_PACKET
+        elif self.bypass[number]:  # a NO_JOB: its grab answered (Assignments.received)
+            pending = link.grabs_pending
+            if pending:
+                pending.popleft()
         framer.counts[number] += 1
         other.write(data)
         if other.buffered:

@@ -163,8 +163,8 @@ class Pair:
         # latency is the sum of its hops, and its bookkeeping need not be one of them.
         session, worker = self.session, self.worker
         if endpoint is worker:
-            if endpoint.gate is None and session.bypasses_downstream(data):  # (unwatched: counted, sent)
-                self._write(self._endpoints[session.current], data)
+            if endpoint.gate is None and (bypass := session.bypasses_downstream(data)) is not None:
+                self._write(self._endpoints[session.current], bypass)
                 return
             upstream, sent = self._endpoints.get(session.current), False
             if upstream is not None and session.passes_downstream(data):

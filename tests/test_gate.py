@@ -49,9 +49,11 @@ reads = st.one_of(
     st.binary(max_size=30),
     st.just(b"getpid\n"),
 )
+rarely = st.sampled_from([False, False, False, True])  # (each of these stops a bypass: mostly off)
 states = st.fixed_dictionaries({
-    "draining": st.booleans(), "ejected": st.booleans(), "connecting": st.booleans(),
-    "worker_gone": st.booleans(), "retired": st.booleans(), "partial": st.booleans(),
+    "draining": rarely, "ejected": rarely, "connecting": rarely,
+    "worker_gone": rarely, "retired": rarely, "partial": rarely,
+    "grab_uniq": st.booleans(), "grabs": st.lists(st.booleans(), max_size=2),
 })
 
 
@@ -71,6 +73,8 @@ def made(state: dict[str, bool], upstream: bool) -> tuple[Session, UpstreamLink,
         link = UpstreamLink("retired", 1 << 20, session.metrics, session)
     if state["partial"]:
         (link.framer if upstream else session.downstream).receive(b"\0RE")
+    session.traits.grab_uniq = state["grab_uniq"]
+    link.grabs_pending.extend(state["grabs"])
     return session, link, Sink(), Sink()
 
 
@@ -89,21 +93,26 @@ def test_the_gate_decides_as_the_session_does(data: bytes, state: dict[str, bool
         expected = pure.bypasses_upstream(pure_link, data)
     else:
         expected = pure.bypasses_downstream(data)
-    assert gate.bypasses(data) == expected
+    assert gate.bypasses(data) == (expected is not None and expected is not False)
     sent = worker.written if upstream else gearmand.written
-    assert sent == ([data] if expected else [])
+    if upstream:
+        assert sent == ([data] if expected else [])
+    else:
+        assert sent == ([expected] if expected is not None else [])
+    assert list(link.grabs_pending) == list(pure_link.grabs_pending)
+    assert list(compiled.current.grabs_pending) == list(pure.current.grabs_pending)
     direction = "from_gearmand" if upstream else "to_gearmand"
     assert compiled.metrics.packets[direction] == pure.metrics.packets[direction]
 
 
 @pytest.mark.parametrize("kind", ["pure", "compiled"])
 def test_what_passes_is_what_no_rule_watches(kind: str) -> None:
-    """By hand, for both: a NOOP from gearmand and a PRE_SLEEP from the worker pass; a
-    GRAB_JOB_UNIQ and a NO_JOB (the Session keeps its books on grabs) do not, nor a sleep
-    gproxy answers itself, nor anything for a worker that has left."""
+    """By hand, for both: a NOOP from gearmand and a PRE_SLEEP from the worker pass, and so
+    do grabs and NO_JOBs, with their books kept on grabs_pending; a job's assignment and its
+    result do not, nor a sleep gproxy answers itself, nor anything for a worker that has left."""
     session, _, worker, gearmand = made({
         "draining": False, "ejected": False, "connecting": False, "worker_gone": False, "retired": False,
-        "partial": False,
+        "partial": False, "grab_uniq": True, "grabs": [],
     }, upstream=False)
     if kind == "compiled":
         if dataplane.fast_path() != "compiled":
@@ -117,9 +126,19 @@ def test_what_passes_is_what_no_rule_watches(kind: str) -> None:
         down = session.bypasses_downstream
         up = lambda data: session.bypasses_upstream(session.current, data)  # noqa: E731
     assert down(build_packet(REQ, PacketType.PRE_SLEEP))
-    assert not down(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
+    assert down(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))  # its entry on grabs_pending
+    assert down(build_packet(REQ, PacketType.GRAB_JOB))  # upgraded: gearmand knows GRAB_JOB_UNIQ
+    assert list(session.current.grabs_pending) == [False, True]
+    assert gearmand.written[-1:] == [build_packet(REQ, PacketType.GRAB_JOB_UNIQ)] or kind == "pure"
     assert up(build_packet(RES, PacketType.NOOP))
-    assert not up(build_packet(RES, PacketType.NO_JOB))
+    assert up(build_packet(RES, PacketType.NO_JOB))  # the oldest grab answered
+    assert list(session.current.grabs_pending) == [True]
+    session.traits.grab_uniq = False  # (a server that refused GRAB_JOB_UNIQ: the worker's own grab goes)
+    assert down(build_packet(REQ, PacketType.GRAB_JOB)) in (True, build_packet(REQ, PacketType.GRAB_JOB))
+    assert list(session.current.grabs_pending) == [True, False]
+    assert kind == "pure" or gearmand.written[-1] == build_packet(REQ, PacketType.GRAB_JOB)
+    assert not down(build_packet(REQ, PacketType.WORK_COMPLETE, handle=b"H:1", data=b"done"))
+    assert not up(build_packet(RES, PacketType.JOB_ASSIGN, handle=b"H:1", function=b"f", data=b"x"))
     assert session.metrics.packets["to_gearmand"][PacketType.PRE_SLEEP] == 1
     assert session.metrics.packets["from_gearmand"][PacketType.NOOP] == 1
     session.ejection.until = 10.0  # ejected, then draining: its sleep is gproxy's to answer

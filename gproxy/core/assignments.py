@@ -34,7 +34,7 @@ from . import forwarding
 from .deadlines import Deadlines
 from .ejection import Ejection
 from .fields import about, about_job
-from .forwarding import ASSIGN_FIELDS, ASSIGNS, REPLIES, UNIQUE_ASSIGNS, UPGRADED
+from .forwarding import ASSIGN_FIELDS, ASSIGNS, GRAB_JOB_UNIQ_PACKET, REPLIES, UNIQUE_ASSIGNS, UPGRADED
 from .metrics import Metrics
 from .protocol import (
     HEADER_SIZE,
@@ -55,7 +55,6 @@ from .uniques import parse_retry_unique
 log = logging.getLogger("gproxy.session")
 P = PacketType
 _GRAB_JOB: Final = build_packet(REQ, P.GRAB_JOB)
-_GRAB_JOB_UNIQ: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
 _NO_JOB: Final = build_packet(RES, P.NO_JOB)
 ANSWERED: Final = None
 """Assignments.grab's answer for a grab that gproxy answers itself: NO_JOB, for the worker."""
@@ -142,7 +141,7 @@ class Assignments(Generic[LinkT]):
             return ANSWERED
         upgrade = ptype in UPGRADED and self._traits.grab_uniq
         link.grabs_pending.append(upgrade)
-        return _GRAB_JOB_UNIQ if upgrade else packet.raw
+        return GRAB_JOB_UNIQ_PACKET if upgrade else packet.raw
 
     def received(self, link: LinkT, frame: Packet | Oversized, now: float, worker_gone: bool) -> bytes:
         """A watched packet from gearmand on `link`, or one too large: what goes to the

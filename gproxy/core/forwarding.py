@@ -29,7 +29,7 @@ from ..config import Route
 from .deadlines import Deadlines
 from .ejection import Ejection
 from .jobs import Owner
-from .protocol import HEADER_SIZE, Framer, PacketType
+from .protocol import HEADER_SIZE, REQ, Framer, PacketType, build_packet
 from .retry import Retrier
 from .silenced import Silenced
 
@@ -74,6 +74,17 @@ GO_FIRST: Final = frozenset({P.GRAB_JOB_UNIQ, P.GRAB_JOB_ALL, P.PRE_SLEEP})
 GO_FIRST_UNLESS_ENDED: Final = frozenset({P.WORK_COMPLETE, P.WORK_DATA, P.WORK_WARNING})
 """The same if their job is neither held nor ended, and the worker was not moved (a failure
 is a retry decision, a WORK_STATUS is checked whole)."""
+
+
+BYPASS_DOWNSTREAM: Final = GRABS
+"""Watched from the worker, and yet kept off the Session's event (Session.bypasses_downstream)
+unless its grabs are answered here: the grab goes to the current link as Assignments.grab
+sends it, and its entry goes on that link's grabs_pending."""
+BYPASS_UPSTREAM: Final = frozenset({P.NO_JOB})
+"""Watched from gearmand, and yet kept off the Session's event on the current link: the
+answer to the oldest grab, taken off grabs_pending as Assignments.received takes it."""
+GRAB_JOB_UNIQ_PACKET: Final = build_packet(REQ, P.GRAB_JOB_UNIQ)
+"""What an upgraded GRAB_JOB goes to gearmand as (ServerTraits.grab_uniq)."""
 
 
 def grabs_answered_here(draining: bool, ejection: Ejection) -> bool:

@@ -58,6 +58,8 @@ from .drain import Drain
 from .ejection import Ejection
 from .forwarding import ASSIGNS as _ASSIGNS
 from .forwarding import (
+    BYPASS_DOWNSTREAM,
+    BYPASS_UPSTREAM,
     JOB_PACKETS,
     REGISTRATION,
     WATCHED_DOWNSTREAM,
@@ -255,27 +257,40 @@ class Session:
             sent_already(self._commands, self._back, data)
         return self.event_done()
 
-    def bypasses_downstream(self, data: bytes) -> bool:
-        """True if `data` from the worker is one whole packet of a type the Session does not
-        watch now, and the current link is open: it is counted here, and the caller sends it
-        to that link as it is, without calling from_downstream. (The compiled data plane's
-        Gate decides the same in C; tests/test_gate.py holds the two to each other.)"""
+    def bypasses_downstream(self, data: bytes) -> bytes | None:
+        """What to send to the current link for `data` from the worker, without calling
+        from_downstream, or None (the Session must see it): for one whole packet of a type
+        the Session does not watch now (sent as it is), or a grab while grabs are not
+        answered here (sent as Assignments.grab sends it, its entry put on the link's
+        grabs_pending), while the current link is open. It is counted here. (The compiled
+        data plane's Gate decides the same in C; tests/test_gate.py holds the two to each
+        other.)"""
         ptype = self.downstream.whole(data)
         if ptype is None or self.current.state is not _OPEN:
-            return False
-        if ptype in (WATCHED_DRAINING if grabs_answered_here(self.drain.started, self.ejection) else WATCHED_DOWNSTREAM):
-            return False
+            return None
+        if grabs_answered_here(self.drain.started, self.ejection):
+            if ptype in WATCHED_DRAINING:
+                return None
+        elif ptype in BYPASS_DOWNSTREAM:  # (Assignments.grab: its entry on grabs_pending, maybe upgraded)
+            if (grab := self.assignments.grab(self.current, Packet(ptype, data), False, self.ejection)) is None:
+                return None  # (answered here: not while grabs go to gearmand)
+            data = grab
+        elif ptype in WATCHED_DOWNSTREAM:
+            return None
         self.downstream.counts[ptype] += 1
-        return True
+        return data
 
     def bypasses_upstream(self, link: UpstreamLink, data: bytes) -> bool:
-        """As bypasses_downstream, for `data` from gearmand on `link`, to the worker: only on
-        the current link, while the worker is there."""
+        """As bypasses_downstream, for `data` from gearmand on `link`, to the worker as it is:
+        only on the current link, while the worker is there; a NO_JOB takes its grab off
+        grabs_pending."""
         if link is not self.current or self.worker_gone:
             return False
         ptype = link.framer.whole(data)
-        if ptype is None or ptype in WATCHED_UPSTREAM:
+        if ptype is None or (ptype in WATCHED_UPSTREAM and ptype not in BYPASS_UPSTREAM):
             return False
+        if ptype in BYPASS_UPSTREAM and link.grabs_pending:
+            link.grabs_pending.popleft()
         link.framer.counts[ptype] += 1
         return True
 
