@@ -27,7 +27,7 @@ from .core.forwarding import (
     WATCHED_UPSTREAM,
 )
 from .core.protocol import HEADER_SIZE, REQ, RES, PacketType
-from .dataplane import HIGH_WATER, MAX_EVENTS, RECEIVE_SIZE, MonotonicClock, log
+from .dataplane import _CLOSED, HIGH_WATER, MAX_EVENTS, RECEIVE_SIZE, log, run_as_host
 
 
 cdef extern from "sys/epoll.h" nogil:
@@ -241,25 +241,6 @@ cdef class Endpoint:
         return f"Endpoint({self.peer}, fd {self.fd})"
 
 
-class _Closed:
-    """The handler of a closed endpoint: hears nothing."""
-
-    def received(self, endpoint, data):
-        pass
-
-    def ended(self, endpoint, error):
-        pass
-
-    def drained(self, endpoint):
-        pass
-
-    def failed(self, endpoint, exc):
-        pass
-
-
-_CLOSED = _Closed()
-
-
 cdef class DataPlane:
     """Owns the epoll object and the endpoints registered with it."""
 
@@ -451,29 +432,11 @@ cdef class DataPlane:
     def run_host(self, main, *args, clock=None):
         """Run `main(*args)` under trio as this loop's guest, serving sockets meanwhile;
         returns what it returns (or raises what it raises)."""
-        self.hosted = True
-        wake = self._ensure_wake_fd()
-        calls = collections.deque()
-        done = []
+        return run_as_host(self, main, *args, clock=clock)
 
-        def soon_threadsafe(fn):
-            calls.append(fn)
-            os.eventfd_write(wake, 1)
-
-        trio.lowlevel.start_guest_run(
-            main, *args,
-            run_sync_soon_threadsafe=soon_threadsafe,
-            run_sync_soon_not_threadsafe=calls.append,
-            done_callback=done.append,
-            host_uses_signal_set_wakeup_fd=False,
-            clock=clock if clock is not None else MonotonicClock(),
-        )
-        while not done:
-            self.poll(0 if calls or self._broken else -1)
-            for _ in range(len(calls)):  # those queued now; new ones wait for the next round
-                calls.popleft()()
-        self.hosted = False
-        return done[0].unwrap()
+    def reports_waiting(self):
+        """Broken writes are yet to be reported to their handlers (poll at once)."""
+        return bool(self._broken)
 
     def _ensure_wake_fd(self):
         if self._wake_fd is None:

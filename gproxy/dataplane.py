@@ -360,30 +360,11 @@ class DataPlane:
     def run_host(self, main: Callable[..., Awaitable[T]], *args: Any, clock: trio.abc.Clock | None = None) -> T:
         """Run `main(*args)` under trio as this loop's guest, serving sockets meanwhile;
         returns what it returns (or raises what it raises)."""
-        self.hosted = True
-        wake = self._ensure_wake_fd()
-        calls: collections.deque[Callable[[], object]] = collections.deque()
-        done: list[Any] = []
+        return run_as_host(self, main, *args, clock=clock)
 
-        def soon_threadsafe(fn: Callable[[], object]) -> None:
-            calls.append(fn)
-            os.eventfd_write(wake, 1)
-
-        trio.lowlevel.start_guest_run(
-            main, *args,
-            run_sync_soon_threadsafe=soon_threadsafe,
-            run_sync_soon_not_threadsafe=calls.append,
-            done_callback=done.append,
-            host_uses_signal_set_wakeup_fd=False,
-            clock=clock if clock is not None else MonotonicClock(),
-        )  # fmt: skip
-        while not done:
-            self.poll(0 if calls or self._broken else -1)
-            for _ in range(len(calls)):  # those queued now; new ones wait for the next round
-                calls.popleft()()
-        self.hosted = False
-        result: T = done[0].unwrap()
-        return result
+    def reports_waiting(self) -> bool:
+        """Broken writes are yet to be reported to their handlers (poll at once)."""
+        return bool(self._broken)
 
     def _ensure_wake_fd(self) -> int:
         if self._wake_fd is None:
@@ -398,6 +379,46 @@ class DataPlane:
             os.close(self._wake_fd)
             self._wake_fd = None
         self._epoll.close()
+
+
+class Host(Protocol):
+    """What run_as_host needs of a data plane (the pure one's or the compiled one's)."""
+
+    hosted: bool
+
+    def poll(self, timeout: float) -> int: ...
+
+    def reports_waiting(self) -> bool: ...
+
+    def _ensure_wake_fd(self) -> int: ...
+
+
+def run_as_host(plane: Host, main: Callable[..., Awaitable[T]], *args: Any, clock: trio.abc.Clock | None = None) -> T:
+    """Run `main(*args)` under trio as `plane`'s guest (DataPlane.run_host, both of them)."""
+    plane.hosted = True
+    wake = plane._ensure_wake_fd()
+    calls: collections.deque[Callable[[], object]] = collections.deque()
+    done: list[Any] = []
+
+    def soon_threadsafe(fn: Callable[[], object]) -> None:
+        calls.append(fn)
+        os.eventfd_write(wake, 1)
+
+    trio.lowlevel.start_guest_run(
+        main, *args,
+        run_sync_soon_threadsafe=soon_threadsafe,
+        run_sync_soon_not_threadsafe=calls.append,
+        done_callback=done.append,
+        host_uses_signal_set_wakeup_fd=False,
+        clock=clock if clock is not None else MonotonicClock(),
+    )  # fmt: skip
+    while not done:
+        plane.poll(0 if calls or plane.reports_waiting() else -1)
+        for _ in range(len(calls)):  # those queued now; new ones wait for the next round
+            calls.popleft()()
+    plane.hosted = False
+    result: T = done[0].unwrap()
+    return result
 
 
 class MonotonicClock(trio.abc.Clock):
