@@ -149,3 +149,21 @@ def test_what_passes_is_what_no_rule_watches(kind: str) -> None:
     assert up(build_packet(RES, PacketType.NOOP))  # (what comes from gearmand is not the drain's)
     session.worker_gone = True
     assert not up(build_packet(RES, PacketType.NOOP))
+
+
+@compiled_only
+def test_a_bypass_that_fills_the_other_side_stops_the_pair_reading_as_its_own_writes_do() -> None:
+    """A write the kernel did not take whole leaves the other side buffered: the gate asks
+    the pair to check its flow (Pair._flow, as Pair._write does), which pauses reading."""
+    from gproxy._dataplane import Gate
+
+    session, _, worker, gearmand = made({
+        "draining": False, "ejected": False, "connecting": False, "worker_gone": False, "retired": False,
+        "partial": False, "grab_uniq": True, "grabs": [],
+    }, upstream=False)
+    flows: list[bool] = []
+    pair = SimpleNamespace(worker=worker, _flow=lambda: flows.append(True))
+    gate = Gate(pair, session, {session.current: gearmand})
+    assert gate.bypasses(build_packet(REQ, PacketType.PRE_SLEEP)) and flows == []
+    gearmand.buffered = 100
+    assert gate.bypasses(build_packet(REQ, PacketType.PRE_SLEEP)) and flows == [True]

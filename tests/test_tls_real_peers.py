@@ -120,6 +120,19 @@ def test_a_worker_without_a_certificate_from_the_client_ca_is_refused_with_one_w
         assert run_pyclient(gearmand.address, "reverse", "still").stdout == b"llits"
 
 
+def test_a_refused_worker_hears_why_from_tls_itself(gearmand: Gearmand, pki: Pki, tmp_path: Path) -> None:
+    """gproxy's alert goes out with the close: the worker's TLS library names the refusal
+    (TLS 1.3 ends a client's handshake before the server checked its certificate, so it
+    comes with the first read), rather than an unexplained end of the connection."""
+    tables = f'[listen_tls]\ncert = "{pki.server.cert}"\nkey = "{pki.server.key}"\nclient_ca = "{pki.ca}"\n'
+    with gproxy(tmp_path, gearmand.address, tables) as proxy:
+        trusting = ssl.create_default_context(cafile=str(pki.ca))
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|certificate required"):
+            with trusting.wrap_socket(socket.create_connection(proxy.address, timeout=10), server_hostname="localhost") as tls:
+                tls.sendall(_ECHO)
+                tls.recv(100)
+
+
 def test_a_plain_worker_on_a_tls_port_is_named_and_a_port_probe_is_no_failure(
     gearmand: Gearmand, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,7 +12,10 @@
 use strict;
 use warnings;
 
+use FindBin ();
+use lib $FindBin::Bin;
 use Getopt::Long qw(GetOptions);
+use TlsJobServer ();
 use IO::Handle;
 use JSON::PP ();
 use Gearman::Client;
@@ -31,18 +34,7 @@ GetOptions(
 ) or die $USAGE;
 @ARGV == 3 or die $USAGE;
 my ($address, $function, $payload) = @ARGV;
-my $job_server = $address;
-if ($tls) {
-    my ($host, $port) = ($address =~ /^\[?(.*?)\]?:(\d+)$/) or die $USAGE;
-    $job_server = {
-        host    => $host,
-        port    => $port,
-        use_ssl => 1,
-        (defined $tls_ca   ? (ca_file   => $tls_ca)   : ()),
-        (defined $tls_cert ? (cert_file => $tls_cert) : ()),
-        (defined $tls_key  ? (key_file  => $tls_key)  : ()),
-    };
-}
+my $job_server = TlsJobServer::job_server($address, $tls, $tls_ca, $tls_cert, $tls_key);
 
 STDOUT->autoflush(1);
 my $client = Gearman::Client->new(job_servers => [$job_server]);

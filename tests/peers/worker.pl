@@ -79,7 +79,10 @@ use warnings;
 use Digest::SHA qw(sha1_hex);
 use Fcntl qw(O_WRONLY O_APPEND O_CREAT SEEK_CUR);
 use File::Temp qw(tempdir);
+use FindBin ();
+use lib $FindBin::Bin;
 use Getopt::Long qw(GetOptions);
+use TlsJobServer ();
 use IO::Handle;
 use JSON::PP ();
 use Time::HiRes qw(sleep time clock_gettime CLOCK_MONOTONIC);
@@ -107,18 +110,7 @@ GetOptions(
     "tls-key=s"   => \$tls_key,
 ) or die $USAGE;
 my $address = shift @ARGV or die $USAGE;
-my $job_server = $address;
-if ($tls) {
-    my ($host, $port) = ($address =~ /^\[?(.*?)\]?:(\d+)$/) or die $USAGE;
-    $job_server = {
-        host    => $host,
-        port    => $port,
-        use_ssl => 1,
-        (defined $tls_ca   ? (ca_file   => $tls_ca)   : ()),
-        (defined $tls_cert ? (cert_file => $tls_cert) : ()),
-        (defined $tls_key  ? (key_file  => $tls_key)  : ()),
-    };
-}
+my $job_server = TlsJobServer::job_server($address, $tls, $tls_ca, $tls_cert, $tls_key);
 $state_dir //= tempdir("perlworker-state-XXXXXX", TMPDIR => 1, CLEANUP => 1);
 -d $state_dir or mkdir $state_dir or die "worker.pl: mkdir $state_dir: $!\n";
 
