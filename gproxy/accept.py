@@ -131,6 +131,14 @@ class Acceptor:
         fields = pair_fields(peer, _address(worker.getsockname()), str(route.upstream))
         name = pair_name(fields)
         try:
+            await self._open(worker, peer, route, fields, name)
+        except Exception:  # (a task of the process's nursery: a bug costs this worker, nothing more)
+            pair_logger.exception("%s: closed: internal error", name, extra=about(**fields, reason="internal error"))
+            worker.close()
+
+    async def _open(self, worker: socket.socket, peer: str, route: Route, fields: dict[str, str], name: str) -> None:
+        """Shake hands (TLS), reach gearmand, start the pair; each failure one close line."""
+        try:
             secured = await self._secure(worker, route)
         except HandshakeFailed as exc:
             self._refused(name, fields, route, exc)
@@ -147,10 +155,9 @@ class Acceptor:
             return
         try:
             self._start_pair(fields, secured, peer, upstream, route)
-        except Exception:  # (a task of the process's nursery: nothing may escape it)
-            pair_logger.exception("%s: closed: internal error", name, extra=about(**fields, reason="internal error"))
-            worker.close()
+        except Exception:
             upstream.sock.close()
+            raise
 
     async def _secure(self, worker: socket.socket, route: Route) -> Transport:
         """The worker's connection, after its TLS handshake if its route has `listen_tls`."""

@@ -128,7 +128,12 @@ async def _send(sock: socket.socket, data: bytes) -> None:
 
 
 def close_with_alert(sock: socket.socket, failed: HandshakeFailed) -> None:
-    """Close a connection whose handshake failed, telling the peer why if it can take it now."""
+    """Close a connection whose handshake failed, telling the peer why if it can take it now:
+    the alert, the FIN after it, and what the peer sent meanwhile read away (closed unread, it
+    would make the kernel answer with a reset, which can overtake the alert)."""
     with contextlib.suppress(OSError):
         sock.send(failed.alert)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):  # (non-blocking: what has come, no more)
+            pass
     sock.close()

@@ -201,6 +201,27 @@ def test_an_error_while_a_pair_starts_closes_that_worker_and_the_proxy_serves_on
     assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
 
 
+def test_an_error_while_reaching_gearmand_closes_that_worker_and_the_proxy_serves_on(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in connecting (the dial, a TLS handshake) costs the worker it was for."""
+    from gproxy.dialer import Dialer
+
+    calls = _failing_once(monkeypatch, Dialer, "transport")
+    with ProxyThread.to(gearmand.address, FAST) as proxy:
+        first = socket.create_connection(proxy.address)
+        first.settimeout(10)
+        assert first.recv(10) == b""  # closed by gproxy, not left hanging
+        first.close()
+        second = socket.create_connection(proxy.address)  # the process serves on
+        second.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
+        second.settimeout(10)
+        assert second.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
+        second.close()
+    assert len(calls) == 2
+    assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
+
+
 def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
     gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
