@@ -166,6 +166,13 @@ def drive_the_workload(
         registry = proxy.proxy.metrics.registry
         return proxy.call(lambda: registry.get_sample_value(name, labels))
 
+    # Plain text to a TLS port, first: each refused connection is closed a moment after the
+    # peer reads the alert, long before the file descriptors are counted out below.
+    for _ in range(TLS_FAILURES):
+        with socket.create_connection(tls_route.host_port) as plain:
+            plain.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"in clear"))
+            with contextlib.suppress(ConnectionResetError):  # (closed with the packet unread)
+                plain.recv(1)
     with PeerSet() as peers:
         for n in range(2):
             peers.add(start_pyworker(proxy.address, state_dir=tmp_path))  # one attempt count
@@ -210,11 +217,6 @@ def drive_the_workload(
             bad.recv(1)
     with socket.create_connection((dead_route.host, dead_route.port)) as lost:  # gearmand down
         lost.recv(1)
-    for _ in range(TLS_FAILURES):
-        with socket.create_connection(tls_route.host_port) as plain:  # plain text to a TLS port
-            plain.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"in clear"))
-            with contextlib.suppress(ConnectionResetError):  # (closed with the packet unread)
-                plain.recv(1)
     # gproxy out of file descriptors (this process's: gproxy runs in a thread here): a worker
     # waits to be accepted, each accept() that fails is counted, and it is served once there
     # is room again.
