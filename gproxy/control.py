@@ -278,11 +278,12 @@ class Proxy:
     async def _connect_link(self, connect: Connect) -> None:
         """Move a worker to a fresh gearmand connection (see Session: CANT_DO while holding)."""
         pair = connect.pair
-        try:
-            upstream = await self.dialer.transport(pair.route)
-        except (OSError, trio.TooSlowError) as exc:
-            return pair.link_failed(connect.link, cannot_connect(exc, fresh=True))
         with self.supervisor.supervised("move to a fresh gearmand connection", [connect.link]):
+            try:
+                upstream = await self.dialer.transport(pair.route)
+            except (OSError, trio.TooSlowError) as exc:
+                pair.link_failed(connect.link, cannot_connect(exc, fresh=True))
+                return
             pair.link_connected(connect.link, upstream)
 
     def _retry_timer(self, wakeup: Wakeup) -> None:

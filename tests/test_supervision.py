@@ -23,7 +23,7 @@ from gproxy.core.protocol import REQ, RES, Framer, PacketType, build_packet
 from gproxy.core.retry import Retrier, Submit
 from gproxy.retry_client import RetryClient
 from tests.gearmand import Gearmand, wait_for
-from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_pyworker
+from tests.peer_procs import PeerSet, attempt_count, run_pyclient, start_perlworker, start_pyclient, start_pyworker
 from tests.proxy_thread import ProxyThread
 
 FAST = RetryPolicy(backoff_initial=0.02, jitter=False)
@@ -222,6 +222,34 @@ def test_an_error_while_reaching_gearmand_closes_that_worker_and_the_proxy_serve
     assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
 
 
+def test_an_error_while_moving_a_worker_to_a_fresh_connection_closes_that_worker_and_the_proxy_serves_on(
+    gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The move's dial (a CANT_DO while gproxy holds a job of the worker's) fails with a bug:
+    that worker's pair closes with the reason, and the process serves on."""
+    from gproxy.dialer import Dialer
+
+    with ProxyThread.to(gearmand.address, FAST, frozen=True) as proxy, PeerSet() as peers:
+        peers.add(start_perlworker(proxy.address, state_dir=tmp_path))
+        peers.add(start_pyclient(gearmand.address, "flaky", "1:moved"))
+        wait_for(lambda: len(proxy.held()) == 1, 15, "the job to be held")
+        calls = _failing_once(monkeypatch, Dialer, "transport")
+        assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
+        wait_for(lambda: any(r.exc_info for r in caplog.records), 15, "the move's failure")
+        echo = socket.create_connection(proxy.address)  # the process serves on
+        echo.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
+        echo.settimeout(10)
+        assert echo.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
+        echo.close()
+    assert len(calls) >= 1
+    (traceback,) = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert re.fullmatch(r"move to a fresh gearmand connection: internal error; closing peer 127\.0\.0\.1:\d+ .*", traceback)
+    assert any(
+        re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in the move to a fresh gearmand connection", r.getMessage())
+        for r in caplog.records
+    )
+
+
 def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
     gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -273,7 +301,7 @@ def test_an_error_in_the_pair_an_action_is_delivered_to_closes_that_pair_not_the
             client.sendall(build_packet(REQ, PacketType.SUBMIT_JOB_BG, function=function, unique=b"sd-1", data=b"x"))
             assert _receive_packet(client)[:8] == build_packet(RES, PacketType.JOB_CREATED, handle=b"")[:8]
         receiver.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
-        while (packet := _receive_packet(receiver))[4:8] != PacketType.JOB_ASSIGN_UNIQ.to_bytes(4, "big"):
+        while _receive_packet(receiver)[4:8] != PacketType.JOB_ASSIGN_UNIQ.to_bytes(4, "big"):
             receiver.sendall(build_packet(REQ, PacketType.GRAB_JOB_UNIQ))
         gearmand.wait_for_queue(function.decode(), total=1, running=1)
         sender = socket.create_connection(proxy.address, timeout=10)  # A
