@@ -506,7 +506,7 @@ cdef class Gate:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(data)
         cdef uint32_t number, length
-        cdef bint answered_here, grab = False
+        cdef bint answered_here, upgrade, grab = False
         if size < _HEADER or memcmp(p, PyBytes_AS_STRING(self.magic), 4) != 0:
             return False
         number = (p[4] << 24) | (p[5] << 16) | (p[6] << 8) | p[7]

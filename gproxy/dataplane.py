@@ -242,7 +242,7 @@ class DataPlane:
         only this loop reads and writes it."""
         sock.setblocking(False)
         if tls is None:
-            endpoint = Endpoint(self, sock, handler, peer)
+            endpoint = EndpointPy(self, sock, handler, peer)  # (this module's, whichever is selected)
         else:
             from .tls_endpoint import TlsEndpoint  # (it is an Endpoint: imported once this module is)
 
