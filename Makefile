@@ -12,7 +12,7 @@ VENV := .venv
 APT_PACKAGES := gearman-job-server gearman-server gearman-tools libgearman-client-perl libio-socket-ssl-perl php-cli php-gearman php-mysql php-sqlite3 prometheus systemd iproute2 haproxy gcc python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo bench chaos fuzz system-deps apt-install clean
+.PHONY: test test-pure demo bench chaos fuzz system-deps apt-install clean
 
 # The whole suite on the compiled data plane, then the data plane's own tests and a few
 # end-to-end ones on the pure-Python one (GPROXY_NO_EXTENSIONS=1): both paths, every run.
@@ -24,6 +24,10 @@ test: system-deps $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 	GPROXY_NO_EXTENSIONS=1 $(VENV)/bin/python -m pytest -q $(PURE_TESTS)
+
+# The whole suite on the pure-Python data plane, beside `make test`'s part of it.
+test-pure: system-deps $(VENV)/.installed
+	GPROXY_NO_EXTENSIONS=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: system-deps $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
