@@ -16,12 +16,17 @@ def extensions() -> list[Extension]:
     except ImportError:
         return []
     checked = bool(os.environ.get("GPROXY_CHECKED_BUILD"))
+    macros = [("GPROXY_CHECKED_BUILD", "1")] if checked else []
     compiled = cythonize(
-        [Extension("gproxy._dataplane", ["gproxy/_dataplane.pyx"])],
+        [Extension("gproxy._dataplane", ["gproxy/_dataplane.pyx"], define_macros=macros)],
         compiler_directives={
             "language_level": 3, "boundscheck": checked, "wraparound": checked,
             "initializedcheck": checked, "nonecheck": checked,
         },
+        # Always: the directives are not among what cythonize compares, so a C file left by a
+        # build of the other kind would be compiled again as it is (a "checked" build that
+        # checks nothing, or the reverse).
+        force=True,
         quiet=True,
     )
     for extension in compiled:

@@ -73,6 +73,17 @@ cdef Py_ssize_t _RECEIVE_SIZE = RECEIVE_SIZE
 
 
 cdef class Gate
+
+cdef extern from *:
+    """
+    #ifndef GPROXY_CHECKED_BUILD
+    #define GPROXY_CHECKED_BUILD 0
+    #endif
+    """
+    const int GPROXY_CHECKED_BUILD
+
+CHECKED_BUILD = bool(GPROXY_CHECKED_BUILD)
+"""Built with Cython's bounds and None checks on (setup.py, GPROXY_CHECKED_BUILD=1)."""
 cdef enum:
     _MAX_EVENTS = 256  # (MAX_EVENTS of the pure module, checked at import below)
 

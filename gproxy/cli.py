@@ -24,7 +24,7 @@ from .config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, load_config, p
 from .control import Proxy
 from .core.fields import about
 from .core.held import table
-from .dataplane import DataPlane, fast_path
+from .dataplane import DataPlane, described
 from .reload import ConfigSource
 
 log = logging.getLogger("gproxy")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", default=env("GPROXY_METRICS_LISTEN"), help="where to serve /metrics, /healthz, /readyz [GPROXY_METRICS_LISTEN]")
     parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=env("GPROXY_LOG_LEVEL"), help="default INFO [GPROXY_LOG_LEVEL]")
     parser.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower, default=env("GPROXY_LOG_FORMAT"), help="text (default) or json: one object per line [GPROXY_LOG_FORMAT]")
-    parser.add_argument("--version", action="version", version=f"gproxy {__version__} ({fast_path()} data plane)")
+    parser.add_argument("--version", action="version", version=f"gproxy {__version__} ({described()})")
     return parser
 
 

@@ -27,6 +27,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
@@ -446,3 +447,12 @@ def fast_path() -> str:
     """Which data plane runs: "compiled" (gproxy/_dataplane.pyx) or "pure" (this module's:
     not built, or GPROXY_NO_EXTENSIONS set)."""
     return "pure" if DataPlane is DataPlanePy else "compiled"
+
+
+def described() -> str:
+    """The data plane that runs, in words (`gproxy --version`), a checked build named: the
+    fuzz tier's log shows that it ran on one."""
+    if DataPlane is DataPlanePy:
+        return "pure data plane"
+    checked = getattr(sys.modules[DataPlane.__module__], "CHECKED_BUILD", False)
+    return "compiled data plane, checked build" if checked else "compiled data plane"

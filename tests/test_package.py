@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -54,9 +55,11 @@ def test_the_sdist_and_wheel_build_and_pass_twine_check(tmp_path: Path) -> None:
 
 
 def test_a_wheel_built_without_a_compiler_runs_the_pure_data_plane(tmp_path: Path) -> None:
-    """No C compiler (CC=false): the extension is optional, the build goes on, gproxy works."""
+    """No C compiler (CC=false): the extension is optional, the build goes on, gproxy works.
+    (The wheel is built from the sdist, as pip builds one: an extension a build of the
+    checkout left in its build/ would otherwise be packed without being compiled.)"""
     built = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "CC": "false"},
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -75,6 +78,32 @@ def test_a_wheel_built_without_a_compiler_runs_the_pure_data_plane(tmp_path: Pat
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(unpacked)}, cwd=tmp_path,
     )
     assert ran.stdout.strip() == "pure", ran.stdout + ran.stderr
+
+
+def test_a_checked_build_makes_its_own_c_file_whatever_was_built_before(tmp_path: Path) -> None:
+    """GPROXY_CHECKED_BUILD=1 (the fuzz tier's build) turns Cython's checks on in the C it
+    generates: a C file left by an unchecked build must not be compiled again as it is, nor
+    the other way round. (CC=false: only the C file is made, the compile fails and the
+    extension is optional.)"""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "gproxy", source / "gproxy", ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+
+    def generated(checked: bool) -> bytes:
+        env = {name: value for name, value in os.environ.items() if name != "GPROXY_CHECKED_BUILD"}
+        env["CC"] = "false"
+        if checked:
+            env["GPROXY_CHECKED_BUILD"] = "1"
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                       cwd=source, env=env, capture_output=True, timeout=300)
+        return (source / "gproxy" / "_dataplane.c").read_bytes()
+
+    unchecked = generated(checked=False)
+    checked = generated(checked=True)
+    assert checked != unchecked
+    assert generated(checked=False) == unchecked
 
 
 def test_the_changelog_starts_with_this_release() -> None:

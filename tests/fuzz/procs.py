@@ -83,6 +83,13 @@ class Gproxy:
     def log_path(self) -> Path:
         return self.workdir / "gproxy.log"
 
+    def version(self) -> str:
+        """What `gproxy --version` says of the gproxy this runs: which data plane, and whether
+        it is a checked build."""
+        env = dict(os.environ, PYTHONPATH=str(self.src))
+        ran = subprocess.run([PYTHON, "-m", "gproxy", "--version"], env=env, capture_output=True, text=True, timeout=60)
+        return ran.stdout.strip() or ran.stderr.strip()
+
     def start(self, timeout: float = 15.0) -> Gproxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "gproxy.toml"

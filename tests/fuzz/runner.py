@@ -256,7 +256,8 @@ class Campaign:
             env = Env(gproxy.listen(gearmand.address), gproxy.listen(fake.address), gearmand.address, gproxy, fake,
                       o.max_packet_size)  # fmt: skip
             self.env, self.fake, self.gearmand = env, fake, gearmand
-            self.say(f"gproxy {gproxy.pid} ({o.src}): route A {env.route_a} -> gearmand {gearmand.address}, "
+            version = await trio.to_thread.run_sync(gproxy.version)
+            self.say(f"{version}, pid {gproxy.pid} ({o.src}): route A {env.route_a} -> gearmand {gearmand.address}, "
                      f"route B {env.route_b} -> fake {fake.address}; seed {o.seed}, {o.seconds:g}s")
             helper = RetryHelper(gearmand.address)
             nursery.start_soon(helper.run)
