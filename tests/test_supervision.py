@@ -181,43 +181,32 @@ async def test_a_process_wide_task_that_fails_is_started_again(
     ]
 
 
-def test_an_error_while_a_pair_starts_closes_that_worker_and_the_proxy_serves_on(
-    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def _serves_on(proxy: ProxyThread) -> None:
+    """A new worker connection is served: the process is still up."""
+    worker = socket.create_connection(proxy.address)
+    worker.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
+    worker.settimeout(10)
+    assert worker.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
+    worker.close()
+
+
+@pytest.mark.parametrize("failing", ["the pair's start", "reaching gearmand"])
+def test_an_error_while_a_worker_connects_closes_that_worker_and_the_proxy_serves_on(
+    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failing: str
 ) -> None:
+    """A bug in starting the pair, or in connecting for it (the dial, a TLS handshake), costs
+    the worker it was for."""
+    from gproxy.dialer import Dialer
     from gproxy.pair import Pair
 
-    calls = _failing_once(monkeypatch, Pair, "start")
+    cls, method = (Pair, "start") if failing == "the pair's start" else (Dialer, "transport")
+    calls = _failing_once(monkeypatch, cls, method)
     with ProxyThread.to(gearmand.address, FAST) as proxy:
         first = socket.create_connection(proxy.address)
         first.settimeout(10)
         assert first.recv(10) == b""  # closed by gproxy, not left hanging
         first.close()
-        second = socket.create_connection(proxy.address)  # the process serves on
-        second.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
-        second.settimeout(10)
-        assert second.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
-        second.close()
-    assert len(calls) == 2
-    assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
-
-
-def test_an_error_while_reaching_gearmand_closes_that_worker_and_the_proxy_serves_on(
-    gearmand: Gearmand, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A bug in connecting (the dial, a TLS handshake) costs the worker it was for."""
-    from gproxy.dialer import Dialer
-
-    calls = _failing_once(monkeypatch, Dialer, "transport")
-    with ProxyThread.to(gearmand.address, FAST) as proxy:
-        first = socket.create_connection(proxy.address)
-        first.settimeout(10)
-        assert first.recv(10) == b""  # closed by gproxy, not left hanging
-        first.close()
-        second = socket.create_connection(proxy.address)  # the process serves on
-        second.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
-        second.settimeout(10)
-        assert second.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
-        second.close()
+        _serves_on(proxy)
     assert len(calls) == 2
     assert [r.getMessage().split(": closed: ")[1] for r in caplog.records if r.exc_info] == ["internal error"]
 
@@ -237,19 +226,16 @@ def test_an_error_while_moving_a_worker_to_a_fresh_connection_closes_that_worker
         # frozen clock holds that back.)
         calls = _failing_once(monkeypatch, Dialer, "transport")
         assert run_pyclient(gearmand.address, "unregister", "flaky").stdout == b"unregistered"
-        wait_for(lambda: any("closed: internal error" in r.getMessage() for r in caplog.records), 15, "the move's failure")
-        echo = socket.create_connection(proxy.address)  # the process serves on
-        echo.sendall(build_packet(REQ, PacketType.ECHO_REQ, data=b"still here"))
-        echo.settimeout(10)
-        assert echo.recv(100) == build_packet(RES, PacketType.ECHO_RES, data=b"still here")
-        echo.close()
+        closed = "closed: internal error"
+        wait_for(lambda: any(closed in r.getMessage() for r in caplog.records), 15, "the move's failure")
+        _serves_on(proxy)
     assert len(calls) >= 1
+    move = "move to a fresh gearmand connection"
     (traceback,) = [r.getMessage() for r in caplog.records if r.exc_info]
-    assert re.fullmatch(r"move to a fresh gearmand connection: internal error; closing peer 127\.0\.0\.1:\d+ .*", traceback)
-    assert any(
-        re.fullmatch(r"peer 127\.0\.0\.1:\d+ .*: closed: internal error in the move to a fresh gearmand connection", r.getMessage())
-        for r in caplog.records
-    )
+    assert re.fullmatch(rf"{move}: internal error; closing peer 127\.0\.0\.1:\d+ .*", traceback)
+    closing = [r.getMessage() for r in caplog.records if not r.exc_info and closed in r.getMessage()]
+    (line,) = closing
+    assert re.fullmatch(rf"peer 127\.0\.0\.1:\d+ .*: {closed} in the {move}", line)
 
 
 def test_an_error_in_a_pairs_timer_closes_that_pair_and_the_proxy_serves_on(
