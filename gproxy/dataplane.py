@@ -452,7 +452,7 @@ def fast_path() -> str:
 def described() -> str:
     """The data plane that runs, in words (`gproxy --version`), a checked build named: the
     fuzz tier's log shows that it ran on one."""
-    if DataPlane is DataPlanePy:
+    if fast_path() == "pure":
         return "pure data plane"
     checked = getattr(sys.modules[DataPlane.__module__], "CHECKED_BUILD", False)
     return "compiled data plane, checked build" if checked else "compiled data plane"
